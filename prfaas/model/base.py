@@ -1,0 +1,53 @@
+"""What the executor hands every layer on each forward: batch metadata and this layer's cache.
+
+Layers read and write the cache tensors they are given (views of the executor's pools) at
+the positions the metadata names; they never allocate blocks or slots themselves.
+
+Tokens of all sequences in a step are packed along one dimension, `T = sum(query_lens)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardMeta:
+    positions: torch.Tensor          # (T,) int64: absolute position of each token
+    query_lens: list[int]            # new tokens per sequence; sum == T
+    context_lens: list[int]          # tokens per sequence after this step (cached + new)
+    block_tables: list[torch.Tensor]  # per sequence: (num_blocks_i,) int64 block ids
+    slot_mapping: torch.Tensor       # (T,) int64: flat index block_id * block_size + offset
+    state_slots: list[int]           # per sequence: its linear-state slot
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+@dataclass
+class FullAttnCache:
+    """One full-attention layer's paged pool. GQA: k and v, (num_blocks, block_size, Hkv, D).
+    MLA: k is the latent (num_blocks, block_size, kv_lora_rank + rope_dim) and v is None."""
+
+    k: torch.Tensor
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class LinearStateCache:
+    """One linear-attention layer's state slots: recurrent (num_slots, H, K, V) float32 and
+    conv (num_slots, conv_dim, kernel - 1)."""
+
+    recurrent: torch.Tensor
+    conv: torch.Tensor
+
+
+LayerCache = FullAttnCache | LinearStateCache
