@@ -8,9 +8,11 @@ Tokens of all sequences in a step are packed along one dimension, `T = sum(query
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from prfaas.model.ops.attention import AttentionBackend, TorchAttention
 
 
 @dataclass
@@ -21,7 +23,7 @@ class ForwardMeta:
     block_tables: list[torch.Tensor]  # per sequence: (num_blocks_i,) int64 block ids
     slot_mapping: torch.Tensor       # (T,) int64: flat index block_id * block_size + offset
     state_slots: list[int]           # per sequence: its linear-state slot
-    block_size: int
+    attn: AttentionBackend = field(default_factory=TorchAttention)
 
     @property
     def num_seqs(self) -> int:
@@ -30,6 +32,14 @@ class ForwardMeta:
     @property
     def is_decode(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    def seq_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of each sequence's tokens in the packed dimension."""
+        out, start = [], 0
+        for n in self.query_lens:
+            out.append((start, start + n))
+            start += n
+        return out
 
 
 @dataclass
@@ -44,7 +54,10 @@ class FullAttnCache:
 @dataclass
 class LinearStateCache:
     """One linear-attention layer's state slots: recurrent (num_slots, H, K, V) float32 and
-    conv (num_slots, conv_dim, kernel - 1)."""
+    conv (num_slots, conv_dim, kernel - 1).
+
+    A linear layer starts a sequence from the state in its slot: the executor zeroes a slot
+    when it hands it to a new request (or fills it from an imported / cached state)."""
 
     recurrent: torch.Tensor
     conv: torch.Tensor

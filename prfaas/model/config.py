@@ -237,7 +237,8 @@ def _parse_kimi_linear(raw: dict[str, Any]) -> ModelConfig:
             num_experts=num_experts,
             top_k=int(raw.get("num_experts_per_tok") or raw.get("num_experts_per_token") or 1),
             intermediate_size=int(raw["moe_intermediate_size"]),
-            shared_intermediate_size=int(raw["moe_intermediate_size"]) * int(raw.get("n_shared_experts", 1) or 0),
+            shared_intermediate_size=int(raw["moe_intermediate_size"])
+            * int(raw.get("n_shared_experts", raw.get("num_shared_experts", 1)) or 0),
             norm_topk_prob=bool(raw.get("norm_topk_prob", raw.get("moe_renormalize", True))),
             num_groups=int(raw.get("n_group", raw.get("num_expert_group", 1)) or 1),
             topk_groups=int(raw.get("topk_group", 1) or 1),

@@ -1,0 +1,116 @@
+"""A demo client: sends a small mixed-length workload to a router and prints, per request, the
+route taken, the prefill node, TTFT and decode tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from prfaas.rpc import insecure_channel
+from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+ROUTE_NAMES = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
+
+
+@dataclass
+class DemoResult:
+    request_id: str
+    prompt_tokens: int
+    route: str
+    prefill_node: str
+    decode_node: str
+    ttft_ms: float
+    output_tokens: int
+    decode_tok_s: float
+    finish_reason: str
+
+
+async def one_request(stub: router_pb2_grpc.RouterStub, prompt: list[int], max_tokens: int, rid: str) -> DemoResult:
+    t0 = time.monotonic()
+    first_at = None
+    out: list[int] = []
+    head = None
+    finish = ""
+    async for msg in stub.Generate(router_pb2.GenerateRequest(
+        request_id=rid, token_ids=prompt, max_tokens=max_tokens, temperature=0.0,
+    )):
+        if head is None:
+            head, first_at = msg, time.monotonic()
+        out += list(msg.token_ids)
+        finish = msg.finish_reason or finish
+    end = time.monotonic()
+    assert head is not None and first_at is not None
+    decode_s = end - first_at
+    return DemoResult(
+        rid, len(prompt), ROUTE_NAMES[head.route], head.prefill_node, head.decode_node,
+        (first_at - t0) * 1000, len(out), (len(out) - 1) / decode_s if decode_s > 0 and len(out) > 1 else 0.0,
+        finish,
+    )
+
+
+def workload(n: int, seed: int, vocab: int = 256) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [32, 96, 200, 600, 1200, 2000]
+    return [[rng.randrange(vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+async def run_demo(address: str, requests: int = 12, concurrency: int = 4, max_tokens: int = 24,
+                   seed: int = 0) -> list[DemoResult]:
+    channel = insecure_channel(address)
+    stub = router_pb2_grpc.RouterStub(channel)
+    sem = asyncio.Semaphore(concurrency)
+    prompts = workload(requests, seed)
+
+    async def run(i: int, p: list[int]) -> DemoResult:
+        async with sem:
+            r = await one_request(stub, p, max_tokens, f"demo-{i}")
+            print(f"  [{i + 1}/{requests}] {r.prompt_tokens:>5} tokens -> {r.route:<6} "
+                  f"ttft {r.ttft_ms:7.1f} ms, {r.output_tokens} tokens", flush=True)
+            return r
+
+    try:
+        results = await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
+    finally:
+        await channel.close()
+    return list(results)
+
+
+def print_table(results: list[DemoResult]) -> None:
+    print(f"{'request':<9} {'prompt':>6} {'route':<6} {'prefill node':<14} {'decode node':<12} "
+          f"{'TTFT ms':>8} {'tokens':>6} {'tok/s':>7}")
+    for r in results:
+        print(f"{r.request_id:<9} {r.prompt_tokens:>6} {r.route:<6} {r.prefill_node:<14} {r.decode_node:<12} "
+              f"{r.ttft_ms:>8.1f} {r.output_tokens:>6} {r.decode_tok_s:>7.1f}")
+    by_route: dict[str, list[DemoResult]] = {}
+    for r in results:
+        by_route.setdefault(r.route, []).append(r)
+    for route, rs in sorted(by_route.items()):
+        mean_ttft = sum(r.ttft_ms for r in rs) / len(rs)
+        print(f"{route}: {len(rs)} requests, mean prompt {sum(r.prompt_tokens for r in rs) / len(rs):.0f} tokens, "
+              f"mean TTFT {mean_ttft:.1f} ms")
+
+
+def demo_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="prfaas demo")
+    p.add_argument("--router", required=True, help="host:port of the router")
+    p.add_argument("--requests", type=int, default=12)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        results = asyncio.run(run_demo(a.router, a.requests, a.concurrency, a.max_tokens))
+    except grpc.aio.AioRpcError as e:
+        print(f"error: {e.code().name}: {e.details()}")
+        return 1
+    if a.json:
+        print(json.dumps([asdict(r) for r in results]))
+    else:
+        print_table(results)
+    return 0

@@ -1,0 +1,193 @@
+"""`prfaas up`: a local cluster as processes on loopback.
+
+Default shape: one cache pool, two prefill nodes in the "prfaas" cluster, one prefill and one
+decode node in the "local" cluster, one router. Every process binds port 0 and prints a JSON
+`listening` line that this launcher reads. Ctrl-C (or the end of `--demo`) stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from prfaas.model.presets import resolve_model
+
+
+@dataclass
+class ClusterSpec:
+    prfaas_prefill: int = 2
+    local_prefill: int = 1
+    local_decode: int = 1
+    policy: str = "prfaas"
+    threshold_tokens: int = 256
+    kv_connections: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, path: str) -> ClusterSpec:
+        raw = tomllib.loads(Path(path).read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known are {sorted(known)}")
+        return cls(**raw)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[str]
+    address: str = ""
+
+
+class LocalCluster:
+    """Starts and stops the processes; usable from tests as a context manager."""
+
+    def __init__(self, model: str, spec: ClusterSpec | None = None, log_dir: str | None = None,
+                 startup_timeout_s: float = 120.0) -> None:
+        self.model = str(resolve_model(model))
+        self.spec = spec or ClusterSpec()
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.startup_timeout_s = startup_timeout_s
+        self.procs: list[Proc] = []
+        self.router_address = ""
+        self.cachepool_address = ""
+
+    def _start(self, name: str, module: str, args: list[str]) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+        stderr: IO[str] | int = subprocess.DEVNULL
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+            start_new_session=True,
+        )
+        proc = Proc(name, popen)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_listening(self, proc: Proc) -> str:
+        deadline = time.monotonic() + self.startup_timeout_s
+        assert proc.popen.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.popen.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.wait()} before listening"
+                                   + (f"; see {self.log_dir}/{proc.name}.log" if self.log_dir else ""))
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if msg.get("event") == "listening":
+                proc.address = msg["address"]
+                return proc.address
+        raise TimeoutError(f"{proc.name} did not start listening within {self.startup_timeout_s:.0f} s")
+
+    def start(self) -> str:
+        s = self.spec
+        cp = self._start("cachepool", "services.cachepool", ["--listen", "127.0.0.1:0"])
+        self.cachepool_address = self._wait_listening(cp)
+        common = ["--cachepool", self.cachepool_address, "--model", self.model, "--listen", "127.0.0.1:0",
+                  "--kv-connections", str(s.kv_connections)]
+        nodes = [(f"prfaas-p{i}", "services.prefill", "prfaas") for i in range(s.prfaas_prefill)]
+        nodes += [(f"local-p{i}", "services.prefill", "local") for i in range(s.local_prefill)]
+        nodes += [(f"local-d{i}", "services.decode", "local") for i in range(s.local_decode)]
+        started = [self._start(n, mod, [*common, "--node-id", n, "--cluster", c]) for n, mod, c in nodes]
+        for p in started:
+            self._wait_listening(p)
+        router = self._start("router", "services.router", [
+            "--listen", "127.0.0.1:0", "--cachepool", self.cachepool_address, "--model", self.model,
+            "--policy", s.policy, "--threshold-tokens", str(s.threshold_tokens),
+        ])
+        self.router_address = self._wait_listening(router)
+        asyncio.run(self._wait_registered(len(nodes)))
+        return self.router_address
+
+    async def _wait_registered(self, n: int) -> None:
+        from prfaas.cluster.client import CachePoolClient
+
+        client = CachePoolClient(self.cachepool_address)
+        try:
+            deadline = time.monotonic() + self.startup_timeout_s
+            while time.monotonic() < deadline:
+                if len(await client.list_nodes()) >= n:
+                    return
+                await asyncio.sleep(0.1)
+            raise TimeoutError(f"only some of the {n} nodes registered with the cache pool")
+        finally:
+            await client.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+            if p.popen.stdout:
+                p.popen.stdout.close()
+        self.procs.clear()
+
+    def address_of(self, name: str) -> str:
+        return next(p.address for p in self.procs if p.name == name)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def up_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="prfaas up", description=__doc__)
+    p.add_argument("--model", default="builtin:qwen3_next-tiny", help="a model directory or builtin:FAMILY-PRESET")
+    p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections")
+    p.add_argument("--demo", action="store_true", help="serve a demo workload, print the results and stop")
+    p.add_argument("--demo-requests", type=int, default=12)
+    p.add_argument("--log-dir", default=".prfaas/logs")
+    a = p.parse_args(argv)
+    spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
+    print(f"[prfaas up] model {a.model}; starting cache pool, {spec.prfaas_prefill} PrfaaS prefill, "
+          f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...", flush=True)
+    cluster = LocalCluster(a.model, spec, log_dir=a.log_dir)
+    try:
+        with cluster:
+            print(json.dumps({"event": "ready", "router": cluster.router_address,
+                              "cachepool": cluster.cachepool_address}), flush=True)
+            print(f"[prfaas up] router listening on {cluster.router_address}; logs in {a.log_dir}/", flush=True)
+            if a.demo:
+                from prfaas.cluster.demo import print_table, run_demo
+
+                print(f"[prfaas up] sending {a.demo_requests} demo requests ...", flush=True)
+                results = asyncio.run(run_demo(cluster.router_address, a.demo_requests))
+                print_table(results)
+                return 0
+            print("[prfaas up] Ctrl-C stops the cluster", flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("[prfaas up] stopped", flush=True)
+    return 0

@@ -1,0 +1,308 @@
+"""The executor: owns the model, the paged KV pool and the state slots, and runs
+layer-wise prefill, batched decode, and export / import of a request's KV and state.
+
+Threading rule: allocation (add / reserve / prepare_decode / free) happens on one thread (the
+service's event loop); the heavy compute (prefill_layerwise, run_decode) may run on a worker
+thread, since it only touches the blocks and slots of the sequences it was handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from prfaas.engine.sampling import InvalidRequest, SamplingParams, make_generator, sample
+from prfaas.kv.allocator import BlockAllocator, OutOfCapacity, SlotAllocator
+from prfaas.kv.layout import STATE_DTYPE, KvLayout
+from prfaas.model.base import ForwardMeta, FullAttnCache, LayerCache, LinearStateCache
+from prfaas.model.hybrid import HybridForCausalLM
+from prfaas.model.ops.attention import AttentionBackend, TorchAttention, gather_context
+
+__all__ = ["Executor", "Sequence", "LayerKv", "ExportedKv", "InvalidRequest", "OutOfCapacity"]
+
+# Names of the tensors of one layer's KV, shared by export, import and the KV stream.
+FULL_K, FULL_V, FULL_LATENT, LINEAR_RECURRENT, LINEAR_CONV = "k", "v", "latent", "recurrent", "conv"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    block_table: list[int]
+    slot: int
+    num_cached: int = 0                  # tokens whose KV is in the pool
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class LayerKv:
+    """One layer's finished KV or state, yielded by layer-wise prefill as soon as it exists.
+    Full layers: tensors k and v (tokens, Hkv, D), or latent (tokens, R); the token range is
+    [token_start, token_end). Linear layers: recurrent (H, K, V) float32 and conv (C, W-1)."""
+
+    layer: int
+    tensors: dict[str, torch.Tensor]
+    token_start: int = 0
+    token_end: int = 0
+
+
+@dataclass
+class ExportedKv:
+    """A request's whole KV and state as plain tensors, enough for another executor to go on."""
+
+    prompt: list[int]
+    output: list[int]
+    layers: list[LayerKv]
+
+
+class Executor:
+    def __init__(
+        self,
+        model: HybridForCausalLM,
+        layout: KvLayout,
+        num_blocks: int,
+        num_slots: int,
+        attn: AttentionBackend | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if layout.config != model.config:
+            raise ValueError("the layout was built for another model config")
+        self.model, self.layout, self.device = model, layout, torch.device(device)
+        self.config = model.config
+        self.attn = attn or TorchAttention()
+        self.blocks = BlockAllocator(num_blocks)
+        self.slots = SlotAllocator(num_slots)
+        self.caches: list[LayerCache] = []
+        for i, kind in enumerate(self.config.layer_types):
+            if kind == "full":
+                f = layout.full_layer(i)
+                shape = layout.block_shape(i, num_blocks)
+                mk = lambda: torch.zeros(shape, dtype=layout.dtype, device=self.device)  # noqa: E731
+                self.caches.append(FullAttnCache(mk(), mk() if f.num_tensors == 2 else None))
+            else:
+                lin = layout.linear_layer(i)
+                self.caches.append(
+                    LinearStateCache(
+                        torch.zeros((num_slots, *lin.recurrent_shape), dtype=STATE_DTYPE, device=self.device),
+                        torch.zeros((num_slots, *lin.conv_shape), dtype=layout.dtype, device=self.device),
+                    )
+                )
+        self.stop_ids = frozenset(self.config.eos_token_ids)
+
+    # --- admission ----------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return min(self.config.max_position_embeddings, self.blocks.num_blocks * self.layout.block_size)
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt) + 1 > self.max_context:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens; this model serves at most {self.max_context - 1}"
+            )
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Validates and reserves blocks for the prompt and a state slot (zeroed)."""
+        self.validate(prompt, params)
+        need = self.layout.blocks_for(len(prompt))
+        if not self.blocks.can_allocate(need) or self.slots.num_free == 0:
+            raise OutOfCapacity(
+                f"request {request_id} needs {need} blocks and a state slot; "
+                f"{self.blocks.num_free} blocks and {self.slots.num_free} slots free"
+            )
+        block_table = self.blocks.allocate(need)
+        slot = self.slots.allocate()
+        self._zero_slot(slot)
+        return Sequence(request_id, list(prompt), params, block_table, slot, generator=make_generator(params))
+
+    def free(self, seq: Sequence) -> None:
+        """Returns the sequence's blocks and slot. Safe to call once per sequence."""
+        if seq.slot < 0:
+            return
+        self.blocks.free(seq.block_table)
+        self.slots.free(seq.slot)
+        seq.block_table, seq.slot = [], -1
+
+    def _zero_slot(self, slot: int) -> None:
+        for c in self.caches:
+            if isinstance(c, LinearStateCache):
+                c.recurrent[slot].zero_()
+                c.conv[slot].zero_()
+
+    # --- prefill ------------------------------------------------------------------------------
+    def _meta(self, seqs: list[Sequence], query_lens: list[int], positions: list[int]) -> ForwardMeta:
+        bs = self.layout.block_size
+        slot_mapping = []
+        for seq, n in zip(seqs, query_lens, strict=True):
+            start = seq.num_cached
+            table = seq.block_table
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        return ForwardMeta(
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            query_lens=query_lens,
+            context_lens=[s.num_cached + n for s, n in zip(seqs, query_lens, strict=True)],
+            block_tables=[torch.tensor(s.block_table, dtype=torch.long, device=self.device) for s in seqs],
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            state_slots=[s.slot for s in seqs],
+            attn=self.attn,
+        )
+
+    @torch.inference_mode()
+    def prefill_layerwise(self, seq: Sequence) -> Iterator[LayerKv | int]:
+        """Runs the uncached part of the prompt through layer 0, then layer 1, ...; after each
+        layer yields its finished LayerKv; finally yields the first sampled token (an int)."""
+        start, end = seq.num_cached, len(seq.prompt)
+        if start >= end:
+            raise InvalidRequest(f"request {seq.request_id}: nothing to prefill")
+        ids = torch.tensor(seq.prompt[start:end], dtype=torch.long, device=self.device)
+        meta = self._meta([seq], [end - start], list(range(start, end)))
+        x = self.model.embed(ids)
+        for i in range(self.model.num_layers):
+            x = self.model.layer(i, x, meta, self.caches[i])
+            yield self.read_layer(seq, i, start, end)
+        seq.num_cached = end
+        logits = self.model.logits(x[-1:])[0]
+        token = sample(logits, seq.params, seq.generator)
+        self.append_token(seq, token)
+        yield token
+
+    def prefill(self, seq: Sequence) -> int:
+        """Whole-prompt prefill; returns the first token."""
+        *_, token = self.prefill_layerwise(seq)
+        assert isinstance(token, int)
+        return token
+
+    # --- reading and writing one layer's KV ------------------------------------------------------
+    def read_layer(self, seq: Sequence, layer: int, token_start: int, token_end: int) -> LayerKv:
+        cache = self.caches[layer]
+        if isinstance(cache, LinearStateCache):
+            return LayerKv(layer, {LINEAR_RECURRENT: cache.recurrent[seq.slot].clone(), LINEAR_CONV: cache.conv[seq.slot].clone()})
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+        k = gather_context(cache.k, table, token_end)[token_start:]
+        if cache.v is None:
+            return LayerKv(layer, {FULL_LATENT: k}, token_start, token_end)
+        v = gather_context(cache.v, table, token_end)[token_start:]
+        return LayerKv(layer, {FULL_K: k, FULL_V: v}, token_start, token_end)
+
+    def write_full(self, seq: Sequence, layer: int, name: str, token_start: int, token_end: int, t: torch.Tensor) -> None:
+        """Writes tokens [token_start, token_end) of one full-attention tensor into the pool."""
+        cache = self.caches[layer]
+        if not isinstance(cache, FullAttnCache):
+            raise InvalidRequest(f"layer {layer} is not a full-attention layer")
+        target = cache.v if name == FULL_V else cache.k
+        if target is None or (name == FULL_LATENT) != (cache.v is None):
+            raise InvalidRequest(f"layer {layer} has no tensor {name!r}")
+        if token_end > len(seq.block_table) * self.layout.block_size or token_start < 0:
+            raise InvalidRequest(f"tokens [{token_start}, {token_end}) are outside the reserved blocks")
+        bs = self.layout.block_size
+        pos = torch.arange(token_start, token_end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        flat = (table[pos // bs] * bs + pos % bs).to(self.device)
+        target.view(-1, *target.shape[2:]).index_copy_(0, flat, t.to(target.dtype))
+
+    def write_linear(self, seq: Sequence, layer: int, name: str, t: torch.Tensor) -> None:
+        cache = self.caches[layer]
+        if not isinstance(cache, LinearStateCache):
+            raise InvalidRequest(f"layer {layer} is not a linear-attention layer")
+        target = cache.recurrent if name == LINEAR_RECURRENT else cache.conv
+        target[seq.slot].copy_(t)
+
+    # --- export / import ------------------------------------------------------------------------
+    def export(self, seq: Sequence) -> ExportedKv:
+        n = seq.num_cached
+        layers = [self.read_layer(seq, i, 0, n) for i in range(self.model.num_layers)]
+        return ExportedKv(list(seq.prompt), list(seq.output), layers)
+
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Decode side: blocks and a slot for a request whose KV will arrive from elsewhere."""
+        return self.add(request_id, prompt, params)
+
+    def complete_import(self, seq: Sequence, first_token: int) -> None:
+        """The KV of the whole prompt is in place: the sequence continues from `first_token`."""
+        seq.num_cached = len(seq.prompt)
+        self.append_token(seq, first_token)
+
+    def import_kv(self, request_id: str, exported: ExportedKv, params: SamplingParams) -> Sequence:
+        seq = self.reserve(request_id, exported.prompt, params)
+        try:
+            for lk in exported.layers:
+                for name, t in lk.tensors.items():
+                    if name in (LINEAR_RECURRENT, LINEAR_CONV):
+                        self.write_linear(seq, lk.layer, name, t)
+                    else:
+                        self.write_full(seq, lk.layer, name, lk.token_start, lk.token_end, t)
+            if len(exported.output) != 1:
+                raise InvalidRequest("import expects the KV right after prefill (one output token)")
+            self.complete_import(seq, exported.output[0])
+        except Exception:
+            self.free(seq)
+            raise
+        return seq
+
+    # --- decode ---------------------------------------------------------------------------------
+    def append_token(self, seq: Sequence, token: int) -> None:
+        seq.output.append(token)
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_context:
+            seq.finish_reason = "length"
+
+    def prepare_decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Makes room for one more token in each sequence. Sequences that cannot get a block are
+        finished with reason "length" (the pool is full) and left out of the step."""
+        ready = []
+        for seq in seqs:
+            if seq.finished:
+                continue
+            pos = seq.num_tokens - 1  # the position of the token this step feeds
+            if pos // self.layout.block_size >= len(seq.block_table):
+                if not self.blocks.can_allocate(1):
+                    seq.finish_reason = "length"
+                    continue
+                seq.block_table += self.blocks.allocate(1)
+            ready.append(seq)
+        return ready
+
+    @torch.inference_mode()
+    def run_decode(self, seqs: list[Sequence]) -> list[int]:
+        """One decode step for every sequence (all prepared); returns the sampled tokens and
+        appends them to the sequences."""
+        if not seqs:
+            return []
+        ids = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
+        positions = [s.num_tokens - 1 for s in seqs]
+        meta = self._meta(seqs, [1] * len(seqs), positions)
+        logits = self.model(ids, meta, self.caches)  # (B, vocab)
+        tokens = []
+        for seq, row in zip(seqs, logits, strict=True):
+            seq.num_cached += 1
+            tok = sample(row, seq.params, seq.generator)
+            self.append_token(seq, tok)
+            tokens.append(tok)
+        return tokens
+
+    def decode_step(self, seqs: list[Sequence]) -> list[int]:
+        return self.run_decode(self.prepare_decode(seqs))

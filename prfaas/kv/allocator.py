@@ -1,0 +1,82 @@
+"""Block and state-slot allocators: plain Python, no torch, deterministic.
+
+Blocks carry reference counts so that a cached prefix can be shared by several requests; a
+block returns to the free list when its last reference is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class OutOfCapacity(RuntimeError):
+    """Not enough free blocks or state slots for the request."""
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfCapacity(f"need {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+        out = [self._free.popleft() for _ in range(n)]
+        for b in out:
+            self._refs[b] = 1
+        return out
+
+    def incref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} is not allocated")
+            self._refs[b] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} freed twice")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+
+class SlotAllocator:
+    """Linear-attention state slots, one per running request."""
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfCapacity(f"all {self.num_slots} state slots are in use")
+        s = self._free.popleft()
+        self._used.add(s)
+        return s
+
+    def free(self, slot: int) -> None:
+        if slot not in self._used:
+            raise ValueError(f"state slot {slot} freed twice")
+        self._used.remove(slot)
+        self._free.append(slot)

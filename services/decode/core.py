@@ -1,0 +1,160 @@
+"""The decode node: reserves blocks and state slots for an announced request, receives its KV
+from a prefill node, then decodes it in a continuous batch and streams tokens.
+
+No gRPC here. `admit()` is an async generator whose lifetime is the request's: when the caller
+stops iterating (client cancel, router retry, deadline), everything reserved is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from prfaas.engine.executor import Executor, Sequence
+from prfaas.engine.sampling import SamplingParams
+from prfaas.obs.log import get_logger
+from prfaas.transport.receiver import KvReceiver
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    transfer_id: str
+    node_id: str
+    wire_dtype: str
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class _ExecutorSink:
+    """Writes received chunks straight into the executor's pool for one sequence."""
+
+    def __init__(self, executor: Executor, seq: Sequence) -> None:
+        self.executor, self.seq = executor, seq
+
+    def write_full(self, layer: int, kind: str, token_start: int, token_end: int, tensor: torch.Tensor) -> None:
+        self.executor.write_full(self.seq, layer, kind, token_start, token_end, tensor)
+
+    def write_linear(self, layer: int, kind: str, tensor: torch.Tensor) -> None:
+        self.executor.write_linear(self.seq, layer, kind, tensor)
+
+
+class DecodeNode:
+    def __init__(self, node_id: str, executor: Executor, receiver: KvReceiver, max_batch: int = 32,
+                 transfer_timeout_s: float = 30.0) -> None:
+        self.node_id, self.executor, self.receiver = node_id, executor, receiver
+        self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
+        self._running: dict[str, tuple[Sequence, asyncio.Queue[TokenBatch]]] = {}
+        self._pending = 0
+        self._stepping: set[int] = set()      # id() of sequences inside the running decode step
+        self._deferred_free: list[Sequence] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self.tokens_out = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    # --- the request's life -------------------------------------------------------------------------
+    async def admit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, transfer_timeout_s: float = 0.0,
+        wire_dtypes: tuple[str, ...] = (),
+    ) -> AsyncIterator[Reserved | TokenBatch]:
+        ex = self.executor
+        seq = ex.reserve(request_id, prompt, params)  # raises InvalidRequest / OutOfCapacity
+        transfer_id = f"{self.node_id}/{request_id}/{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        wire = "int8" if "int8" in wire_dtypes else ""
+        timeout = transfer_timeout_s or self.transfer_timeout_s
+        queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
+        self._pending += 1
+        try:
+            transfer = self.receiver.expect(
+                transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,
+                sink=_ExecutorSink(ex, seq), deadline_s=time.time() + timeout, wire_dtype=wire,
+            )
+            try:
+                yield Reserved(transfer_id, self.node_id, wire)
+                first = await transfer.wait()
+            finally:
+                self._pending -= 1
+                self.receiver.cancel(transfer_id)
+            ex.complete_import(seq, first)
+            self.tokens_out += 1
+            yield TokenBatch([first], seq.finish_reason)
+            if seq.finished:
+                return
+            self._running[transfer_id] = (seq, queue)
+            self._wake.set()
+            while True:
+                batch = await queue.get()
+                yield batch
+                if batch.finish_reason is not None:
+                    return
+        finally:
+            self._running.pop(transfer_id, None)
+            if id(seq) in self._stepping:
+                seq.finish_reason = seq.finish_reason or "cancelled"
+                self._deferred_free.append(seq)  # its blocks are in use by the worker thread
+            else:
+                ex.free(seq)
+
+    # --- continuous batching ----------------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        ex = self.executor
+        while True:
+            if not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+            entries = list(self._running.items())[: self.max_batch]
+            seqs = [s for _, (s, _q) in entries]
+            ready = ex.prepare_decode(seqs)  # allocation stays on the loop thread
+            self._stepping = {id(s) for s in ready}
+            try:
+                await asyncio.to_thread(ex.run_decode, ready)
+            except Exception as e:  # a failed step finishes its requests rather than hanging them
+                log.error("decode_step_failed", error=repr(e))
+                for s in ready:
+                    s.finish_reason = "error"
+            finally:
+                self._stepping = set()
+                for s in self._deferred_free:
+                    ex.free(s)
+                self._deferred_free.clear()
+            ready_ids = {id(s) for s in ready}
+            for key, (seq, queue) in entries:
+                if id(seq) in ready_ids or seq.finished:
+                    tok = [seq.output[-1]] if id(seq) in ready_ids else []
+                    self.tokens_out += len(tok)
+                    queue.put_nowait(TokenBatch(tok, seq.finish_reason))
+                    if seq.finished:
+                        self._running.pop(key, None)
+
+    # --- accounting -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        ex = self.executor
+        return {
+            "total_blocks": ex.blocks.num_blocks,
+            "free_blocks": ex.blocks.num_free,
+            "total_slots": ex.slots.num_slots,
+            "free_slots": ex.slots.num_free,
+            "pending_transfers": self._pending,
+            "running": len(self._running),
+        }

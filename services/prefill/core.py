@@ -1,0 +1,121 @@
+"""The prefill node: runs a prompt layer by layer and pushes each finished layer's KV to the
+decode node while the next layer computes. Stateless between requests: its blocks and slot are
+freed when the push is done (or fails, or is cancelled).
+
+No gRPC here: the KV sender is handed in as a factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prfaas.engine.executor import Executor, LayerKv
+from prfaas.engine.sampling import SamplingParams
+from prfaas.obs.log import get_logger
+
+log = get_logger(__name__)
+
+
+class KvPush(Protocol):
+    async def push_layer(self, layer_kv: LayerKv) -> None: ...
+
+    async def finish(self, first_token: int) -> dict[str, float]: ...
+
+    async def abort(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    request_id: str
+    transfer_id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode_address: str
+    num_connections: int = 0
+    wire_dtype: str = ""
+    deadline_unix_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Started:
+    node_id: str
+    queue_wait_ms: int
+
+
+@dataclass(frozen=True)
+class Done:
+    first_token: int
+    kv_bytes: int
+    prefill_s: float
+    transfer_s: float
+    chunks: int
+
+
+SenderFactory = Callable[[PrefillJob], KvPush]
+
+
+class PrefillNode:
+    def __init__(self, node_id: str, executor: Executor, sender_factory: SenderFactory) -> None:
+        self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
+        self._compute = asyncio.Lock()  # one prefill computes at a time; others queue
+        self.queue_depth = 0
+        self.running = 0
+        self.bytes_sent = 0
+
+    async def prefill(self, job: PrefillJob) -> AsyncIterator[Started | Done]:
+        ex = self.executor
+        ex.validate(job.prompt, job.params)
+        t_arrive = time.monotonic()
+        self.queue_depth += 1
+        try:
+            await self._compute.acquire()
+        finally:
+            self.queue_depth -= 1
+        self.running += 1
+        locked = True
+        seq = None
+        sender: KvPush | None = None
+        step: asyncio.Future[LayerKv | int] | None = None
+        try:
+            seq = ex.add(job.request_id, job.prompt, job.params)
+            yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
+            sender = self.sender_factory(job)
+            t0 = time.monotonic()
+            steps = ex.prefill_layerwise(seq)
+            first: int | None = None
+            while first is None:
+                # compute runs off the event loop; shielded so a cancel never frees blocks under it
+                step = asyncio.ensure_future(asyncio.to_thread(next, steps))
+                item = await asyncio.shield(step)
+                step = None
+                if isinstance(item, int):
+                    first = item
+                else:
+                    await sender.push_layer(item)  # queued; the sender streams while the next layer runs
+            prefill_s = time.monotonic() - t0
+            self._compute.release()  # the next prompt may compute while this KV drains
+            locked = False
+            stats = await sender.finish(first)
+            sender = None
+            self.bytes_sent += int(stats.get("bytes", 0))
+            yield Done(first, int(stats.get("bytes", 0)), prefill_s, float(stats.get("seconds", 0.0)),
+                       int(stats.get("chunks", 0)))
+        finally:
+            if step is not None:
+                await asyncio.gather(step, return_exceptions=True)
+            if sender is not None:
+                await asyncio.shield(sender.abort())
+            if seq is not None:
+                ex.free(seq)
+            self.running -= 1
+            if locked:
+                self._compute.release()
+
+    def stats(self) -> dict[str, int]:
+        ex = self.executor
+        return {"free_blocks": ex.blocks.num_free, "free_slots": ex.slots.num_free,
+                "queue_depth": self.queue_depth, "running": self.running}

@@ -1,0 +1,68 @@
+"""gRPC clients the router core is handed: Decode.Admit and Prefill.Prefill as async
+iterators of domain events. One channel per node address, reused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from prfaas.engine.sampling import SamplingParams
+from prfaas.rpc import insecure_channel
+from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.convert import sampling_to_pb
+from services.decode.core import Reserved, TokenBatch
+from services.prefill.core import Done, PrefillJob, Started
+
+
+class GrpcNodeClients:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = insecure_channel(address)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def admit(
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+    ) -> AsyncIterator[Reserved | TokenBatch]:
+        stub = decode_pb2_grpc.DecodeStub(self._channel(address))
+        call = stub.Admit(decode_pb2.AdmitRequest(
+            request_id=request_id, prompt_tokens=len(prompt), sampling=sampling_to_pb(params),
+            transfer_timeout_s=timeout_s, token_ids=prompt,
+        ))
+        try:
+            async for ev in call:
+                which = ev.WhichOneof("event")
+                if which == "reserved":
+                    r = ev.reserved
+                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype)
+                else:
+                    yield TokenBatch(list(ev.tokens.token_ids), ev.tokens.finish_reason or None)
+        finally:
+            call.cancel()
+
+    async def prefill(self, address: str, job: PrefillJob) -> AsyncIterator[Started | Done]:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+        call = stub.Prefill(prefill_pb2.PrefillRequest(
+            request_id=job.request_id, transfer_id=job.transfer_id, token_ids=job.prompt,
+            sampling=sampling_to_pb(job.params), decode_address=job.decode_address,
+            num_connections=job.num_connections, wire_dtype=job.wire_dtype,
+            deadline_unix_s=job.deadline_unix_s,
+        ))
+        try:
+            async for ev in call:
+                if ev.WhichOneof("event") == "started":
+                    yield Started(ev.started.node_id, ev.started.queue_wait_ms)
+                else:
+                    d = ev.done
+                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks)
+        finally:
+            call.cancel()

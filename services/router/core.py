@@ -1,0 +1,244 @@
+"""The router: validates a request, asks the cache pool who holds its prefix, lets the routing
+policy pick a prefill node (local PD-P or PrfaaS) and a decode node, wires the two together and
+streams the tokens back.
+
+Failure handling: if the prefill or the KV transfer fails before the first token, the decode
+reservation is dropped (closing its Admit stream frees everything) and the request is retried on
+another prefill node, falling back to the other cluster; a request is never lost silently.
+Client cancellation closes both streams, so both nodes free what they reserved.
+
+No gRPC here: the node clients and the directory are handed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prfaas.engine.sampling import InvalidRequest, SamplingParams
+from prfaas.engine.tokenizer import Tokenizer
+from prfaas.obs.log import get_logger
+from prfaas.scheduling.policy import NodeView, NoCapacityError, RouteDecision, RouteQuery, RoutingPolicy
+from services.decode.core import Reserved, TokenBatch
+from services.prefill.core import Done, PrefillJob, Started
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    cluster: str
+    role: str
+    address: str
+    queue_depth: int = 0
+    running: int = 0
+    free_blocks: int = 1 << 30
+
+
+class Directory(Protocol):
+    """Who is in the cluster, and who holds which prefix (the cache pool)."""
+
+    async def nodes(self) -> Sequence[Node]: ...
+
+    async def hits(self, token_ids: list[int]) -> dict[str, int]: ...
+
+
+class NodeClients(Protocol):
+    def admit(
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+    ) -> AsyncIterator[Reserved | TokenBatch]: ...
+
+    def prefill(self, address: str, job: PrefillJob) -> AsyncIterator[Started | Done]: ...
+
+
+class RouteFailed(RuntimeError):
+    """Every attempt to prefill the request failed."""
+
+
+@dataclass
+class GenerateInput:
+    request_id: str
+    prompt: str
+    token_ids: list[int]
+    params: SamplingParams
+    route: str = "auto"           # "auto", "local" or "prfaas"
+
+
+@dataclass
+class GenerateOutput:
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str = ""
+    route: str = ""
+    prefill_node: str = ""
+    decode_node: str = ""
+    request_id: str = ""
+    cached_tokens: int = 0
+
+
+@dataclass
+class RouterStats:
+    decisions: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    failures: int = 0
+
+
+class Router:
+    def __init__(
+        self,
+        directory: Directory,
+        clients: NodeClients,
+        policy: RoutingPolicy,
+        tokenizer: Tokenizer | None = None,
+        max_attempts: int = 3,
+        transfer_timeout_s: float = 30.0,
+        num_connections: int = 0,
+    ) -> None:
+        self.directory, self.clients, self.policy, self.tokenizer = directory, clients, policy, tokenizer
+        self.max_attempts, self.transfer_timeout_s, self.num_connections = max_attempts, transfer_timeout_s, num_connections
+        self.stats = RouterStats()
+        self._ids = itertools.count()
+        self.observers: list = []  # callables(decision, prompt_tokens, ttft_s): controllers, metrics
+
+    def _prompt_ids(self, req: GenerateInput) -> list[int]:
+        if req.prompt and req.token_ids:
+            raise InvalidRequest("give either prompt or token_ids, not both")
+        if req.prompt:
+            if self.tokenizer is None:
+                raise InvalidRequest("this router has no tokenizer: send token_ids")
+            return self.tokenizer.encode(req.prompt)
+        if not req.token_ids:
+            raise InvalidRequest("the prompt is empty: give prompt or token_ids")
+        return list(req.token_ids)
+
+    async def _views(self, prompt: list[int], exclude: set[str]) -> tuple[list[NodeView], dict[str, Node]]:
+        nodes = [n for n in await self.directory.nodes() if n.node_id not in exclude]
+        hits = await self.directory.hits(prompt) if nodes else {}
+        views = [
+            NodeView(n.node_id, n.cluster, n.role, n.queue_depth, n.running, n.free_blocks,  # type: ignore[arg-type]
+                     hits.get(n.node_id, 0))
+            for n in nodes if n.role in ("prefill", "decode") and n.cluster in ("prfaas", "local")
+        ]
+        return views, {n.node_id: n for n in nodes}
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
+        request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        prompt = self._prompt_ids(req)
+        req.params.validate()
+        if req.route not in ("auto", "local", "prfaas"):
+            raise InvalidRequest(f"unknown route {req.route!r}")
+        t0 = time.monotonic()
+        exclude: set[str] = set()
+        last_error: Exception | None = None
+        for attempt in range(self.max_attempts):
+            views, by_id = await self._views(prompt, exclude)
+            forced = req.route
+            if attempt > 0 and forced != "auto":
+                forced = "auto" if req.route == "prfaas" else forced  # a forced PrfaaS route may fall back
+            decision = self.policy.route(RouteQuery(request_id, len(prompt), forced), views)  # type: ignore[arg-type]
+            log.info("route", request_id=request_id, attempt=attempt, route=decision.route,
+                     prefill=decision.prefill_node, decode=decision.decode_node,
+                     uncached=decision.uncached_tokens, reason=decision.reason)
+            self.stats.decisions[decision.route] = self.stats.decisions.get(decision.route, 0) + 1
+            stream = self._serve(request_id, prompt, req.params, decision, by_id, t0)
+            try:
+                async with contextlib.aclosing(stream):
+                    first = await anext(stream)
+                    yield first
+                    async for out in stream:
+                        yield out
+                return
+            except _PrefillFailed as e:
+                last_error = e.__cause__ or e
+                exclude.add(decision.prefill_node)
+                self.stats.retries += 1
+                log.warning("prefill_failed_retrying", request_id=request_id, node=decision.prefill_node,
+                            error=repr(last_error))
+        self.stats.failures += 1
+        raise RouteFailed(f"request {request_id}: {self.max_attempts} prefill attempts failed: {last_error!r}")
+
+    async def _serve(
+        self, request_id: str, prompt: list[int], params: SamplingParams, d: RouteDecision,
+        by_id: dict[str, Node], t0: float,
+    ) -> AsyncIterator[GenerateOutput]:
+        prefill_node, decode_node = by_id[d.prefill_node], by_id[d.decode_node]
+        admit = self.clients.admit(decode_node.address, request_id, prompt, params, self.transfer_timeout_s)
+        prefill_task: asyncio.Task[Done] | None = None
+        async with contextlib.aclosing(admit):
+            try:
+                reserved = await anext(admit)
+            except (StopAsyncIteration, ConnectionError) as e:
+                raise _PrefillFailed("the decode node did not reserve") from e
+            assert isinstance(reserved, Reserved)
+            job = PrefillJob(
+                request_id, reserved.transfer_id, prompt, params, decode_node.address,
+                self.num_connections, reserved.wire_dtype, time.time() + self.transfer_timeout_s,
+            )
+            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job))
+            try:
+                first = await self._first_tokens(admit, prefill_task)
+            except BaseException:
+                prefill_task.cancel()
+                await asyncio.gather(prefill_task, return_exceptions=True)
+                raise
+            ttft = time.monotonic() - t0
+            for obs in self.observers:
+                obs(d, len(prompt), ttft)
+            yield GenerateOutput(
+                first.token_ids, self._text(first.token_ids), first.finish_reason or "", d.route,
+                d.prefill_node, d.decode_node, request_id, d.cached_tokens,
+            )
+            if first.finish_reason:
+                await asyncio.gather(prefill_task, return_exceptions=True)
+                return
+            async for batch in admit:
+                assert isinstance(batch, TokenBatch)
+                yield GenerateOutput(batch.token_ids, self._text(batch.token_ids), batch.finish_reason or "")
+                if batch.finish_reason:
+                    break
+            await asyncio.gather(prefill_task, return_exceptions=True)
+
+    async def _run_prefill(self, address: str, job: PrefillJob) -> Done:
+        done: Done | None = None
+        async for ev in self.clients.prefill(address, job):
+            if isinstance(ev, Done):
+                done = ev
+        if done is None:
+            raise ConnectionError("the prefill stream ended without a result")
+        return done
+
+    async def _first_tokens(self, admit: AsyncIterator[Reserved | TokenBatch], prefill: asyncio.Task[Done]) -> TokenBatch:
+        """Waits for the decode node's first tokens, watching the prefill: if the prefill fails
+        first, the attempt fails (and is retried) instead of waiting for the transfer deadline."""
+        first = asyncio.ensure_future(anext(admit))
+        try:
+            done, _ = await asyncio.wait({first, prefill}, return_when=asyncio.FIRST_COMPLETED)
+            if first not in done:
+                exc = prefill.exception()
+                if exc is not None:
+                    raise _PrefillFailed("prefill failed") from exc
+                await asyncio.wait({first})
+            try:
+                out = first.result()
+            except Exception as e:
+                raise _PrefillFailed("the KV transfer failed") from e
+            assert isinstance(out, TokenBatch)
+            return out
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+
+class _PrefillFailed(Exception):
+    pass

@@ -1,0 +1,52 @@
+"""The Router servicer: request message in, the core's stream out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from prfaas.engine.sampling import SamplingParams
+from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.common.errors import grpc_errors
+from services.router.core import GenerateInput, Router
+
+_ROUTE_IN = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
+_ROUTE_OUT = {"local": common_pb2.LOCAL, "prfaas": common_pb2.PRFAAS, "": common_pb2.AUTO}
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        async with grpc_errors(context):
+            if request.route not in _ROUTE_IN:
+                raise_invalid(f"unknown route {request.route}")
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p if request.top_p > 0 else 1.0,
+                top_k=request.top_k,
+                seed=request.seed if request.HasField("seed") else None,
+                stop_token_ids=tuple(request.stop_token_ids),
+            )
+            req = GenerateInput(request.request_id, request.prompt, list(request.token_ids), params,
+                                _ROUTE_IN[request.route])
+            async with contextlib.aclosing(self.router.generate(req)) as stream:
+                async for out in stream:
+                    yield router_pb2.GenerateResponse(
+                        token_ids=out.token_ids, text=out.text, finish_reason=out.finish_reason,
+                        route=_ROUTE_OUT[out.route], prefill_node=out.prefill_node,
+                        decode_node=out.decode_node, request_id=out.request_id,
+                        cached_tokens=out.cached_tokens,
+                    )
+
+
+def raise_invalid(msg: str) -> None:
+    from prfaas.engine.sampling import InvalidRequest
+
+    raise InvalidRequest(msg)
