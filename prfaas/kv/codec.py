@@ -123,14 +123,15 @@ def tensor_dtype(layout: KvLayout, kind: KvKind) -> torch.dtype:
 
 
 def tokens_per_chunk(layout: KvLayout, layer: int, wire_dtype: str, max_chunk_bytes: int) -> int:
-    """Tokens per full-attention chunk: as many as fit, in whole blocks when a block fits."""
+    """Tokens per full-attention chunk: the largest power of two that fits (so that pieces of
+    power-of-two token counts, as a chunked prefill makes them, fall on the chunk grid)."""
     row = prod(layout.full_layer(layer).token_shape)
     if wire_dtype == WIRE_INT8:
         per_token = row + 4 * row // layout.full_layer(layer).token_shape[-1]
     else:
         per_token = row * layout.elem_size
     n = max(1, max_chunk_bytes // per_token)
-    return n - n % layout.block_size if n >= layout.block_size else n
+    return 1 << (n.bit_length() - 1)
 
 
 def plan_total_chunks(
@@ -255,6 +256,8 @@ def parse_chunk(data: bytes) -> WireChunk:
             i += 4
         elif wire == 2:
             n, i = _read_varint(buf, i)
+            if i + n > len(buf):
+                raise CodecError("INVALID_ARGUMENT", "truncated KvChunk")
             if field in (10, 12):
                 views[field] = buf[i : i + n]
                 i += n

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 from prfaas.kv.prefix import block_hashes
 
+_ByHash = dict[int, set[str]]      # block hash -> node ids
+_ByNode = dict[str, set[int]]      # node id -> block hashes
+
 
 class CacheEventKind(enum.Enum):
     BLOCK_STORED = "block_stored"        # full-attention block with this chained hash is held
@@ -44,10 +47,10 @@ class PrefixIndex:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.requires_state = requires_state
-        self._block_nodes: dict[int, set[str]] = {}
-        self._state_nodes: dict[int, set[str]] = {}
-        self._node_blocks: dict[str, set[int]] = {}
-        self._node_states: dict[str, set[int]] = {}
+        self._block_nodes: _ByHash = {}
+        self._state_nodes: _ByHash = {}
+        self._node_blocks: _ByNode = {}
+        self._node_states: _ByNode = {}
 
     # --- updates ---------------------------------------------------------------------------------
     def apply(self, event: CacheEvent) -> None:
@@ -68,14 +71,14 @@ class PrefixIndex:
         self._remove(self._state_nodes, self._node_states, node_id, list(self._node_states.get(node_id, ())))
 
     @staticmethod
-    def _add(by_hash: dict[int, set[str]], by_node: dict[str, set[int]], node: str, hashes: Iterable[int]) -> None:
+    def _add(by_hash: _ByHash, by_node: _ByNode, node: str, hashes: Iterable[int]) -> None:
         held = by_node.setdefault(node, set())
         for h in hashes:
             by_hash.setdefault(h, set()).add(node)
             held.add(h)
 
     @staticmethod
-    def _remove(by_hash: dict[int, set[str]], by_node: dict[str, set[int]], node: str, hashes: Iterable[int]) -> None:
+    def _remove(by_hash: _ByHash, by_node: _ByNode, node: str, hashes: Iterable[int]) -> None:
         held = by_node.get(node)
         if held is None:
             return

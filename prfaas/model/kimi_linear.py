@@ -98,10 +98,17 @@ class KimiDeltaAttention(nn.Module):
             outs = []
             for i, (s, e) in enumerate(meta.seq_ranges()):
                 slot = meta.state_slots[i]
-                y, new_conv = causal_conv1d_prefill(mixed[s:e].T.unsqueeze(0), weight, cache.conv[slot : slot + 1])
+                y, new_conv = causal_conv1d_prefill(
+                    mixed[s:e].T.unsqueeze(0), weight, cache.conv[slot : slot + 1]
+                )
                 q, k, v = self._heads(y[0].T.unsqueeze(0))  # (1, L, H, K)
                 o_i, state = chunk_delta_rule(
-                    q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
+                    q,
+                    k,
+                    v,
+                    g[s:e].unsqueeze(0),
+                    beta[s:e].unsqueeze(0),
+                    scale,
                     initial_state=cache.recurrent[slot : slot + 1],
                 )
                 cache.conv[slot].copy_(new_conv[0])
@@ -126,7 +133,10 @@ class KimiMLA(nn.Module):
         spec = cfg.full
         self.num_heads = spec.num_heads
         self.rank, self.nope, self.rope, self.v_dim = (
-            spec.kv_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
+            spec.kv_lora_rank,
+            spec.qk_nope_head_dim,
+            spec.qk_rope_head_dim,
+            spec.v_head_dim,
         )
         self.qk_dim = self.nope + self.rope
         self.scale = self.qk_dim**-0.5
@@ -173,12 +183,20 @@ class KimiMLA(nn.Module):
         return meta.attn.attend(q, k, v, self.scale)
 
     def attend_absorbed(self, q: torch.Tensor, ctx: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
-        """Same result as attend_expanded, computed in latent space (MQA over one latent head)."""
+        """Same result as attend_expanded, computed in latent space: every head attends over the
+        one shared latent sequence, so the context is read once and never up-projected. Plain
+        matmuls (the GQA backends would copy the latent once per head)."""
         w_uk, w_uv = self._up_weights()
         q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
         q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # (L, H, R)
         q_full = torch.cat((q_lat, q_rot), dim=-1)  # (L, H, R + P)
-        o_lat = meta.attn.attend(q_full, ctx[:, None, :], ctx[:, None, : self.rank], self.scale)  # (L, H, R)
+        scores = torch.einsum("thc,sc->ths", q_full, ctx) * self.scale  # (L, H, S)
+        t, s = q.shape[0], ctx.shape[0]
+        if t > 1:  # queries sit at positions s-t .. s-1
+            visible = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(ctx.dtype)
+        o_lat = torch.einsum("ths,sr->thr", probs, ctx[:, : self.rank])  # (L, H, R)
         return torch.einsum("thr,hvr->thv", o_lat, w_uv)  # (L, H, v)
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cache: FullAttnCache) -> torch.Tensor:
@@ -188,7 +206,9 @@ class KimiMLA(nn.Module):
         attend = self.attend_absorbed if meta.is_decode and self.absorb_decode else self.attend_expanded
         out = x.new_empty(t, self.num_heads, self.v_dim)
         for i, (s, e) in enumerate(meta.seq_ranges()):
-            ctx = gather_context(cache.k, meta.block_tables[i], meta.context_lens[i]).to(x.dtype)  # (S, R + P)
+            ctx = gather_context(cache.k, meta.block_tables[i], meta.context_lens[i]).to(
+                x.dtype
+            )  # (S, R + P)
             out[s:e] = attend(q[s:e], ctx, meta)
         return self.o_proj(out.reshape(t, -1))
 
@@ -217,6 +237,8 @@ class KimiRouter(nn.Module):
     """Sigmoid scores; experts are chosen by score + correction bias within the best groups
     (a group's score is the sum of its two best experts); weights are the plain sigmoid scores,
     optionally renormalised, times routed_scaling_factor."""
+
+    e_score_correction_bias: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -22,7 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prfaas.scheduling.controller import (
-    LinkObservation, LongTermController, ShortTermController, StageObservation,
+    LinkObservation,
+    LongTermController,
+    ShortTermController,
+    StageObservation,
 )
 from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.policy import NodeView, RouteQuery, RoutingPolicy

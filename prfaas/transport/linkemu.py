@@ -368,6 +368,7 @@ class _End(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=1 << 20)
+
         self.outbound.src = self.inbound.dst = transport
         if self.on_made is not None:
             self.on_made(transport)

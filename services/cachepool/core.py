@@ -9,9 +9,9 @@ heartbeated for `heartbeat_timeout_s` is dropped from membership and from the in
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable, Sequence
-import struct
 from dataclasses import dataclass, replace
 
 from prfaas.cluster import (
@@ -136,7 +136,7 @@ class CachePool:
         return [
             NodeStatus(m.info, m.load, now - m.last_seen)
             for node_id, m in sorted(self._members.items())
-            if (not cluster or m.info.cluster == cluster) and (role is Role.UNSPECIFIED or m.info.role is role)
+            if cluster in ("", m.info.cluster) and role in (Role.UNSPECIFIED, m.info.role)
         ]
 
     # --- prefix index ----------------------------------------------------------------------------

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
 
+from prfaas.engine import executor as names
 from prfaas.engine.executor import Executor, Sequence
 from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.codec import KvKind
 from prfaas.obs.log import get_logger
 from prfaas.transport.receiver import KvReceiver
 
@@ -37,17 +38,30 @@ class TokenBatch:
     finish_reason: str | None
 
 
+KIND_NAMES = {
+    KvKind.FULL_K: names.FULL_K,
+    KvKind.FULL_V: names.FULL_V,
+    KvKind.FULL_LATENT: names.FULL_LATENT,
+    KvKind.LINEAR_RECURRENT: names.LINEAR_RECURRENT,
+    KvKind.LINEAR_CONV: names.LINEAR_CONV,
+}
+
+
 class _ExecutorSink:
-    """Writes received chunks straight into the executor's pool for one sequence."""
+    """Writes received chunks straight into the executor's pool for one sequence. Freeing is the
+    admit generator's job (it outlives the transfer), so `release` has nothing to do."""
 
     def __init__(self, executor: Executor, seq: Sequence) -> None:
         self.executor, self.seq = executor, seq
 
-    def write_full(self, layer: int, kind: str, token_start: int, token_end: int, tensor: torch.Tensor) -> None:
-        self.executor.write_full(self.seq, layer, kind, token_start, token_end, tensor)
+    def write_full(self, layer: int, kind: KvKind, token_start: int, token_end: int, tensor: torch.Tensor) -> None:
+        self.executor.write_full(self.seq, layer, KIND_NAMES[kind], token_start, token_end, tensor)
 
-    def write_linear(self, layer: int, kind: str, tensor: torch.Tensor) -> None:
-        self.executor.write_linear(self.seq, layer, kind, tensor)
+    def write_linear(self, layer: int, kind: KvKind, tensor: torch.Tensor) -> None:
+        self.executor.write_linear(self.seq, layer, KIND_NAMES[kind], tensor)
+
+    def release(self) -> None:
+        pass
 
 
 class DecodeNode:
@@ -88,7 +102,7 @@ class DecodeNode:
         try:
             transfer = self.receiver.expect(
                 transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,
-                sink=_ExecutorSink(ex, seq), deadline_s=time.time() + timeout, wire_dtype=wire,
+                sink=_ExecutorSink(ex, seq), deadline_s=timeout, wire_dtype=wire,
             )
             try:
                 yield Reserved(transfer_id, self.node_id, wire)

@@ -102,62 +102,51 @@ def chunk_delta_rule(
     N = -(-T // C)
     G = B * H
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, ...) -> (G, N, C, ...) float32
-        x = x.float().movedim(2, 1)  # (B, H, T, ...)
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, ...) -> (N, G, C, ...) float32
         tail = x.shape[3:]
-        x = F.pad(x, (0, 0) * len(tail) + (0, N * C - T))  # zero k, beta, g: padding leaves S alone
-        return x.reshape(G, N, C, *tail)
+        x = F.pad(x.float(), (0, 0) * (len(tail) + 1) + (0, N * C - T))  # zero k, beta, g: S untouched
+        x = x.view(B, N, C, H, *tail).movedim((1, 3), (0, 2))  # (N, B, H, C, ...)
+        return x.reshape(N, G, C, *tail)
 
     q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta))
-    b = g.cumsum(2)  # (G, N, C) or (G, N, C, K): decay from the chunk start, inclusive
-
-    # Per chunk: the maps from its start state to its outputs (o = PU + QW S0) and to its end
-    # state (S1 = M S0 + R). Filled a slab of chunks at a time to bound the temporaries.
-    PU = q.new_empty(G, N, C, V)
-    QW = q.new_empty(G, N, C, K)
-    M = q.new_empty(G, N, K, K)
-    R = q.new_empty(G, N, K, V)
-    per_chunk = C * (K * (SUB_CHUNK + C // SUB_CHUNK) if per_channel else 3 * C + 2 * (K + V))
-    slab = max(1, SLAB_ELEMENTS // (G * per_chunk))
-    for n0 in range(0, N, slab):
-        n1 = min(N, n0 + slab)
-        _chunk_maps(
-            q[:, n0:n1] * scale, k[:, n0:n1], v[:, n0:n1], b[:, n0:n1], beta[:, n0:n1],
-            PU[:, n0:n1], QW[:, n0:n1], M[:, n0:n1], R[:, n0:n1],
-        )
-
-    # The only sequential part: carry the state across chunk boundaries.
-    S = q.new_zeros(G, K, V) if initial_state is None else initial_state.float().reshape(G, K, V).clone()
-    starts = q.new_empty(G, N, K, V)
-    for n in range(N):
-        starts[:, n] = S
-        S = torch.baddbmm(R[:, n], M[:, n], S)
-
-    o = torch.baddbmm(PU.view(G * N, C, V), QW.view(G * N, C, K), starts.view(G * N, K, V))
-    o = o.view(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
-    return o.to(out_dtype), S.view(B, H, K, V)
-
-
-def _chunk_maps(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor, beta: torch.Tensor,
-    PU: torch.Tensor, QW: torch.Tensor, M: torch.Tensor, R: torch.Tensor,
-) -> None:
-    """For chunks given as (G, n, C, ...) with q already scaled, write the affine maps of each
-    chunk's start state S0: outputs o = PU + QW S0 (C, V) and end state S1 = M S0 + R (K, V)."""
-    V = v.shape[-1]
+    q = q * scale
+    b = g.cumsum(2)  # (N, G, C) or (N, G, C, K): decay from the chunk start, inclusive
+    bk = b if per_channel else b.unsqueeze(-1)  # broadcasts over key channels
     kb = k * beta.unsqueeze(-1)
-    A, P = _pairwise_per_channel(q, k, kb, b) if b.dim() == 4 else _pairwise_per_head(q, k, kb, b)
-    bk = b if b.dim() == 4 else b.unsqueeze(-1)  # (G, n, C, K) or (G, n, C, 1)
-    rhs = torch.cat([v * beta.unsqueeze(-1), kb * bk.exp()], dim=-1)  # (G, n, C, V + K)
-    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [U | W]
-    PUW = P @ UW
-    PU.copy_(PUW[..., :V])
-    torch.sub(q * bk.exp(), PUW[..., V:], out=QW)
-    b_end = bk[:, :, -1:]  # (G, n, 1, K or 1)
-    KUW = (k * (b_end - bk).exp()).transpose(-1, -2) @ UW  # (G, n, K, V + K)
-    R.copy_(KUW[..., :V])
-    torch.neg(KUW[..., V:], out=M)
-    M.diagonal(dim1=-2, dim2=-1).add_(b_end.squeeze(-2).exp())
+
+    # Intra-chunk, every chunk at once (a slab at a time, to bound the temporaries):
+    # delta = U - W S0 with (I + A) [U | W] = [beta v | kb e^b].
+    P = q.new_empty(N, G, C, C)
+    U = q.new_empty(N, G, C, V)
+    W = q.new_empty(N, G, C, K)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    per_chunk = G * C * (K * (SUB_CHUNK + C // SUB_CHUNK) if per_channel else 3 * C + 2 * (K + V))
+    slab = max(1, SLAB_ELEMENTS // per_chunk)
+    pairwise = _pairwise_per_channel if per_channel else _pairwise_per_head
+    for n0 in range(0, N, slab):
+        n = slice(n0, n0 + slab)
+        A, P[n] = pairwise(q[n], k[n], kb[n], b[n])
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (I + A)^-1
+        torch.matmul(inverse, v[n] * beta[n].unsqueeze(-1), out=U[n])
+        torch.matmul(inverse, kb[n] * bk[n].exp(), out=W[n])
+
+    # Inter-chunk, the only sequential part: S1 = e^b_end S0 + (k e^(b_end - b))^T delta.
+    b_end = bk[:, :, -1:]  # (N, G, 1, K or 1)
+    end_decay = b_end.exp().transpose(-1, -2)  # (N, G, K or 1, 1): scales the rows of S
+    k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2).contiguous()  # (N, G, K, C)
+    S = q.new_zeros(G, K, V) if initial_state is None else initial_state.float().reshape(G, K, V).clone()
+    starts = q.new_empty(N, G, K, V)
+    delta = q.new_empty(N, G, C, V)
+    for i in range(N):
+        starts[i] = S
+        torch.baddbmm(U[i], W[i], S, alpha=-1, out=delta[i])
+        S = torch.baddbmm(S * end_decay[i], k_to_end[i], delta[i])
+
+    # Outputs of every chunk at once: o = (q e^b) S0 + P delta.
+    o = (q * bk.exp()).view(N * G, C, K).bmm(starts.view(N * G, K, V))
+    o = o.baddbmm_(P.view(N * G, C, C), delta.view(N * G, C, V))
+    o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]  # (B, T, H, V)
+    return o.to(out_dtype).contiguous(), S.view(B, H, K, V)
 
 
 def _pairwise_per_head(

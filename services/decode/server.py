@@ -1,0 +1,48 @@
+"""The Decode servicer: Admit (reserve, then stream tokens), PushKv (the KV stream, delegated to
+the transport's servicer) and Stats."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from prfaas.transport.servicer import PushKvServicer
+from prfaas.v1 import decode_pb2, decode_pb2_grpc
+from services.common.convert import sampling_from_pb
+from services.common.errors import grpc_errors
+from services.decode.core import DecodeNode, Reserved
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, node: DecodeNode) -> None:
+        self.node = node
+        self.push = PushKvServicer(node.receiver)
+
+    async def Admit(  # noqa: N802 - gRPC method name
+        self, request: decode_pb2.AdmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.AdmitEvent]:
+        async with grpc_errors(context):
+            stream = self.node.admit(
+                request.request_id, list(request.token_ids), sampling_from_pb(request.sampling),
+                request.transfer_timeout_s, tuple(request.accept_wire_dtypes),
+            )
+            async with contextlib.aclosing(stream):
+                async for ev in stream:
+                    if isinstance(ev, Reserved):
+                        yield decode_pb2.AdmitEvent(reserved=decode_pb2.Reserved(
+                            transfer_id=ev.transfer_id, node_id=ev.node_id, wire_dtype=ev.wire_dtype))
+                    else:
+                        yield decode_pb2.AdmitEvent(tokens=decode_pb2.Tokens(
+                            token_ids=ev.token_ids, finish_reason=ev.finish_reason or ""))
+
+    async def PushKv(  # noqa: N802
+        self, request_iterator: AsyncIterator[decode_pb2.KvChunk], context: grpc.aio.ServicerContext
+    ) -> decode_pb2.KvAck:
+        return await self.push.PushKv(request_iterator, context)
+
+    async def Stats(  # noqa: N802
+        self, request: decode_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> decode_pb2.StatsResponse:
+        return decode_pb2.StatsResponse(node_id=self.node.node_id, **self.node.stats())
