@@ -1,6 +1,9 @@
 """Time our chunked delta rule against transformers' torch fallbacks on the same inputs.
 
-    .venv/bin/python bench/ops.py [--T 4096] [--repeats 3] [--chunk-size 64]
+    PYTHONPATH=. .venv/bin/python bench/ops.py [--T 4096] [--repeats 5] [--threads 1] [--chunk-size 64]
+
+Each case alternates ours and the reference and keeps the best time of each, which is what
+matters on a shared machine.
 """
 
 from __future__ import annotations
@@ -19,27 +22,28 @@ from prfaas.model.ops.delta_rule import chunk_delta_rule
 SHAPES = [(4, 128), (8, 64)]  # (H, K = V)
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--T", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--gate", choices=["both", "head", "channel"], default="both")
     parser.add_argument("--skip-reference", action="store_true", help="time only ours")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()} T={args.T} chunk_size={args.chunk_size}")
-    print(f"{'gate':<12}{'dtype':<10}{'H':>3}{'K':>5}{'ours ms':>10}{'hf ms':>10}{'speedup':>9}")
-    for per_channel in (False, True):
+    print(f"{'gate':<13}{'dtype':<10}{'H':>3}{'K':>5}{'ours ms':>10}{'hf ms':>10}{'speedup':>9}")
+    gates = {"both": (False, True), "head": (False,), "channel": (True,)}[args.gate]
+    for per_channel in gates:
         for dtype in (torch.float32, torch.bfloat16):
             for H, K in SHAPES:
                 T = args.T
@@ -48,17 +52,23 @@ def main() -> None:
                 v = torch.randn(1, T, H, K, dtype=dtype)
                 g = -torch.rand(1, T, H, *((K,) if per_channel else ())).to(dtype)
                 beta = torch.rand(1, T, H, dtype=dtype)
-                ours = best_of(
-                    lambda: chunk_delta_rule(q, k, v, g, beta, K**-0.5, chunk_size=args.chunk_size),
-                    args.repeats,
-                )
-                reference = torch_chunk_gated_delta_rule if not per_channel else chunk_kimi_delta_attention
-                hf = float("nan") if args.skip_reference else best_of(
-                    lambda: reference(q, k, v, g, beta, output_final_state=True), args.repeats
-                )
+                reference = chunk_kimi_delta_attention if per_channel else torch_chunk_gated_delta_rule
+
+                def ours() -> object:
+                    return chunk_delta_rule(q, k, v, g, beta, K**-0.5, chunk_size=args.chunk_size)
+
+                def hf() -> object:
+                    return reference(q, k, v, g, beta, output_final_state=True)
+
+                ours()
+                t_ours, t_hf = float("inf"), float("inf")
+                for _ in range(args.repeats):
+                    t_ours = min(t_ours, timed(ours))
+                    if not args.skip_reference:
+                        t_hf = min(t_hf, timed(hf))
                 name = "per-channel" if per_channel else "per-head"
-                print(f"{name:<12}{str(dtype)[6:]:<10}{H:>3}{K:>5}{ours * 1e3:>10.1f}{hf * 1e3:>10.1f}"
-                      f"{hf / ours:>9.1f}")
+                print(f"{name:<13}{str(dtype)[6:]:<10}{H:>3}{K:>5}{t_ours * 1e3:>10.1f}{t_hf * 1e3:>10.1f}"
+                      f"{t_hf / t_ours:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

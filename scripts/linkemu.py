@@ -26,17 +26,26 @@ def _measure(link: EmulatedLink, seconds: float) -> dict[str, float]:
     local = link.address("local")
     result: dict[str, float] = {"rate_mbit": link.rate_mbit, "delay_ms": link.delay_ms}
     for name, via_proxy in (("direct", False), ("proxied", True)):
-        sink = link.run_tool("local", ["sink", "--listen", "0.0.0.0:0", "--seconds", str(4 * seconds + 5)],
-                             stdout=subprocess.PIPE, text=True)
+        sink = link.run_tool(
+            "local",
+            ["sink", "--listen", "0.0.0.0:0", "--seconds", str(4 * seconds + 5)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         port = read_ready_line(sink, 10)["port"]
         target = link.start_delay_proxy("prfaas", 0, local, port) if via_proxy else f"{local}:{port}"
         nbytes = int(link.rate_mbit * 1e6 / 8 * seconds) if link.rate_mbit > 0 else 1 << 40
-        link.run_tool("prfaas", ["source", "--connect", target, "--bytes", str(nbytes), "--seconds", str(seconds)],
-                      stdout=subprocess.DEVNULL).wait()
+        link.run_tool(
+            "prfaas",
+            ["source", "--connect", target, "--bytes", str(nbytes), "--seconds", str(seconds)],
+            stdout=subprocess.DEVNULL,
+        ).wait()
         result[f"{name}_goodput_mbit"] = json.loads(sink.communicate()[0])["mbit_s"]
     echo = link.run_tool("local", ["echo", "--listen", "0.0.0.0:0"], stdout=subprocess.PIPE, text=True)
     via = link.start_delay_proxy("prfaas", 0, local, read_ready_line(echo, 10)["port"])
-    ping = link.run_tool("prfaas", ["ping", "--connect", via, "--count", "20"], stdout=subprocess.PIPE, text=True)
+    ping = link.run_tool(
+        "prfaas", ["ping", "--connect", via, "--count", "20"], stdout=subprocess.PIPE, text=True
+    )
     result.update({f"rtt_{k}": v for k, v in json.loads(ping.communicate()[0]).items()})
     return result
 
@@ -49,8 +58,13 @@ def main() -> int:
     ap.add_argument("--prefix", default="prfaas-link")
     ap.add_argument("--mtu", type=int, default=9000)
     ap.add_argument("--seconds", type=float, default=3.0, help="measure: length of each goodput run")
-    ap.add_argument("--proxy", action="append", default=[], metavar="LISTEN_PORT:HOST:PORT",
-                    help="up: a delay proxy in the prfaas namespace (repeatable)")
+    ap.add_argument(
+        "--proxy",
+        action="append",
+        default=[],
+        metavar="LISTEN_PORT:HOST:PORT",
+        help="up: a delay proxy in the prfaas namespace (repeatable)",
+    )
     args = ap.parse_args()
     ok, why = link_supported()
     if not ok:
@@ -64,8 +78,16 @@ def main() -> int:
         for spec in args.proxy:
             listen, host, port = spec.split(":")
             proxies.append(link.start_delay_proxy("prfaas", int(listen), host, int(port)))
-        print(json.dumps({"prfaas": [link.namespace("prfaas"), link.address("prfaas")],
-                          "local": [link.namespace("local"), link.address("local")], "proxies": proxies}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "prfaas": [link.namespace("prfaas"), link.address("prfaas")],
+                    "local": [link.namespace("local"), link.address("local")],
+                    "proxies": proxies,
+                }
+            ),
+            flush=True,
+        )
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             signal.pause()

@@ -26,6 +26,7 @@ class FamilyParts:
     mixer: Callable[[ModelConfig, int], tuple[str, nn.Module]]
     mlp: Callable[[ModelConfig, int], nn.Module]
     zero_centered_norm: bool
+    checkpoint_name: Callable[[str], str] = lambda name: name  # a checkpoint tensor name -> ours
 
 
 class DecoderLayer(nn.Module):

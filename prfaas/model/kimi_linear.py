@@ -124,9 +124,10 @@ class KimiMLA(nn.Module):
     """Multi-head latent attention without rotary embedding: the cache holds, per token, the
     normalised latent (kv_lora_rank) and the shared key part k_rot (qk_rope_head_dim), unrotated.
 
-    Prefill expands the context latents to per-head keys and values with kv_b_proj; decode
-    uses the absorbed form (queries mapped into latent space, attention over the latents, then
-    the value up-projection), which never materialises per-head keys for the context."""
+    Prefill expands the context latents to per-head keys and values with kv_b_proj and uses the
+    attention backend; a sequence decoding one token uses the absorbed form (queries mapped into
+    latent space, attention over the latents, then the value up-projection), which never
+    materialises per-head keys for the context."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -203,9 +204,9 @@ class KimiMLA(nn.Module):
         t = x.shape[0]
         q = self._queries(x)
         store_tokens(cache.k, meta.slot_mapping, self.latents(x))
-        attend = self.attend_absorbed if meta.is_decode and self.absorb_decode else self.attend_expanded
         out = x.new_empty(t, self.num_heads, self.v_dim)
         for i, (s, e) in enumerate(meta.seq_ranges()):
+            attend = self.attend_absorbed if e - s == 1 and self.absorb_decode else self.attend_expanded
             ctx = gather_context(cache.k, meta.block_tables[i], meta.context_lens[i]).to(
                 x.dtype
             )  # (S, R + P)
@@ -293,4 +294,4 @@ def _mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     return MLP(cfg.hidden_size, cfg.intermediate_size)
 
 
-PARTS = FamilyParts(mixer=_mixer, mlp=_mlp, zero_centered_norm=False)
+PARTS = FamilyParts(mixer=_mixer, mlp=_mlp, zero_centered_norm=False, checkpoint_name=checkpoint_name)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from prfaas.model.config import ModelConfig, ModelConfigError
-from prfaas.model.hybrid import HybridForCausalLM
+from prfaas.model.hybrid import HybridForCausalLM, family_parts
 
 
 class CheckpointError(ValueError):
@@ -36,15 +36,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         model = HybridForCausalLM(cfg)
     expected = model.state_dict(keep_vars=True)
     tied = cfg.tie_word_embeddings
+    rename = family_parts(cfg.family).checkpoint_name
     loaded: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            for stored in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                name = rename(stored)
                 if name not in expected:
                     if tied and name == "lm_head.weight":
                         continue
                     raise CheckpointError(f"unexpected tensor {name!r} in {file.name} (not part of a {cfg.family} model)")
-                t = f.get_tensor(name)
+                t = f.get_tensor(stored)
                 want = tuple(expected[name].shape)
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name!r}: shape {tuple(t.shape)} in {file.name}, model expects {want}")

@@ -69,8 +69,23 @@ def _probe_support() -> tuple[bool, str]:
     steps = [
         ["ip", "netns", "add", ns],
         ["ip", "-n", ns, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"],
-        ["tc", "-n", ns, "qdisc", "add", "dev", "probe0", "root", "tbf", "rate", "1mbit",
-         "burst", "32768", "limit", "65536"],
+        [
+            "tc",
+            "-n",
+            ns,
+            "qdisc",
+            "add",
+            "dev",
+            "probe0",
+            "root",
+            "tbf",
+            "rate",
+            "1mbit",
+            "burst",
+            "32768",
+            "limit",
+            "65536",
+        ],
     ]
     try:
         for argv in steps:
@@ -186,8 +201,20 @@ class EmulatedLink:
         p, loc = self.namespace("prfaas"), self.namespace("local")
         _ip("netns", "add", p)
         _ip("netns", "add", loc)
-        _ip("link", "add", self.device("prfaas"), "netns", p, "type", "veth",
-            "peer", "name", self.device("local"), "netns", loc)
+        _ip(
+            "link",
+            "add",
+            self.device("prfaas"),
+            "netns",
+            p,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.device("local"),
+            "netns",
+            loc,
+        )
         for side in SIDES:
             ns, dev = self.namespace(side), self.device(side)
             _ip("-n", ns, "link", "set", "lo", "up")
@@ -196,9 +223,26 @@ class EmulatedLink:
             if self.rate_mbit > 0:
                 burst, limit = tbf_params(self.rate_mbit, self.mtu, self.queue_ms)
                 subprocess.run(
-                    ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                     "rate", f"{int(self.rate_mbit * 1e6)}bit", "burst", str(burst), "limit", str(limit)],
-                    capture_output=True, text=True, check=True,
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{int(self.rate_mbit * 1e6)}bit",
+                        "burst",
+                        str(burst),
+                        "limit",
+                        str(limit),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
 
     def down(self) -> None:
@@ -245,8 +289,14 @@ class EmulatedLink:
         return self.run_in(side, [sys.executable, os.path.abspath(__file__), *tool_args], **popen_kwargs)
 
     def start_delay_proxy(
-        self, listen_side: Side, listen_port: int, target_host: str, target_port: int,
-        *, delay_ms: float | None = None, timeout_s: float = 10.0,
+        self,
+        listen_side: Side,
+        listen_port: int,
+        target_host: str,
+        target_port: int,
+        *,
+        delay_ms: float | None = None,
+        timeout_s: float = 10.0,
     ) -> str:
         """Starts a delay proxy listening on `listen_port` (0: any free port) in `listen_side`,
         forwarding to target_host:target_port; returns the "host:port" that processes in
@@ -254,9 +304,19 @@ class EmulatedLink:
         delay = self.delay_ms if delay_ms is None else delay_ms
         proc = self.run_tool(
             listen_side,
-            ["proxy", "--listen", f"0.0.0.0:{listen_port}", "--target", f"{target_host}:{target_port}",
-             "--delay-ms", str(delay), "--max-buffer", str(self.proxy_buffer_bytes)],
-            stdout=subprocess.PIPE, text=True,
+            [
+                "proxy",
+                "--listen",
+                f"0.0.0.0:{listen_port}",
+                "--target",
+                f"{target_host}:{target_port}",
+                "--delay-ms",
+                str(delay),
+                "--max-buffer",
+                str(self.proxy_buffer_bytes),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         ready = read_ready_line(proc, timeout_s)
         return f"{self.address(listen_side)}:{ready['port']}"
@@ -269,10 +329,10 @@ def read_ready_line(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, 
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout_s):
             proc.kill()
-            raise TimeoutError(f"{proc.args} did not report ready within {timeout_s}s")
+            raise TimeoutError(f"{proc.args!r} did not report ready within {timeout_s}s")
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"{proc.args} exited with {proc.wait()} before it was ready")
+        raise RuntimeError(f"{proc.args!r} exited with {proc.wait()} before it was ready")
     return dict(json.loads(line))
 
 
@@ -367,7 +427,7 @@ class _End(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=1 << 20)
+        transport.set_write_buffer_limits(high=8 << 20)
 
         self.outbound.src = self.inbound.dst = transport
         if self.on_made is not None:
@@ -392,7 +452,9 @@ class _End(asyncio.Protocol):
 
 
 class _ProxiedConnection:
-    def __init__(self, loop: asyncio.AbstractEventLoop, target: tuple[str, int], delay: float, max_buffer: int):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, target: tuple[str, int], delay: float, max_buffer: int
+    ):
         self.loop, self.target = loop, target
         self.up = _Pipe(loop, delay, max_buffer, self._pipe_done)  # client -> target
         self.down = _Pipe(loop, delay, max_buffer, self._pipe_done)  # target -> client
@@ -448,7 +510,9 @@ def _listen(addr: str) -> socket.socket:
 
 
 async def _proxy_main(args: argparse.Namespace) -> None:
-    server = await serve_delay_proxy(_hostport(args.listen), _hostport(args.target), args.delay_ms, args.max_buffer)
+    server = await serve_delay_proxy(
+        _hostport(args.listen), _hostport(args.target), args.delay_ms, args.max_buffer
+    )
     _ready(port=server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()
@@ -473,7 +537,11 @@ def _sink(args: argparse.Namespace) -> None:
             total += n
     conn.close()
     seconds = last - first
-    print(json.dumps({"bytes": total, "seconds": seconds, "mbit_s": total * 8 / 1e6 / seconds if seconds else 0.0}))
+    print(
+        json.dumps(
+            {"bytes": total, "seconds": seconds, "mbit_s": total * 8 / 1e6 / seconds if seconds else 0.0}
+        )
+    )
 
 
 def _source(args: argparse.Namespace) -> None:

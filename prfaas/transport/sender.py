@@ -246,17 +246,24 @@ class KvSender:
                     self._stats.record_sent(conn.link, len(data))
             await conn.call.done_writing()
             return await conn.call
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # abort() stops this writer
+                raise
+            error = TransferError("CANCELLED", f"transfer {self.transfer_id}: stream cancelled")
+            await self._fail(conn, error if self._error is None else self._error)
+            return None
         except Exception as e:
-            error = await self._status_error(conn, e)
-            if self._error is None:
-                self._error = error
+            await self._fail(conn, await self._status_error(conn, e))
+            return None
+
+    async def _fail(self, conn: _Connection, error: TransferError) -> None:
+        if self._error is None:
+            self._error = error
             for c in self._conns:  # the transfer is lost: stop the other streams too
                 c.call.cancel()
-            while await conn.queue.get() is not None:  # unblock a `push` waiting on this queue
-                pass
-            return None
+        while await conn.queue.get() is not None:  # unblock a `push` waiting on this queue
+            pass
 
     async def _status_error(self, conn: _Connection, e: Exception) -> TransferError:
         if isinstance(e, grpc.aio.AioRpcError):

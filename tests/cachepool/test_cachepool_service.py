@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from prfaas.cluster import (
     CacheEvent,
@@ -90,6 +91,12 @@ async def test_health_reports_serving(pool: tuple[str, int]) -> None:
         for service in ("", "prfaas.v1.CachePool"):
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(pool: tuple[str, int]) -> None:
+    with grpc.insecure_channel(pool[0]) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"prfaas.v1.CachePool", "grpc.health.v1.Health"} <= services
 
 
 async def test_register_heartbeat_list_publish_match(pool: tuple[str, int]) -> None:

@@ -321,9 +321,6 @@ def test_executor_greedy_matches_transformers(pair):
     assert ex.blocks.num_free == ex.blocks.num_blocks
 
 
-@pytest.mark.xfail(
-    raises=CheckpointError, strict=True, reason="loader does not map block_sparse_moe -> mlp yet"
-)
 def test_loader_reads_transformers_checkpoint(tmp_path):
     path, _ = make_checkpoint(tmp_path, "moe_groups")
     model = load_model(path)

@@ -12,6 +12,7 @@ import pytest
 
 from prfaas.transport.linkemu import (
     EmulatedLink,
+    Side,
     link_supported,
     read_ready_line,
     serve_delay_proxy,
@@ -32,8 +33,10 @@ def _namespaces() -> set[str]:
 def _goodput_mbit(link: EmulatedLink, target: str, sink: subprocess.Popen[str], seconds: float) -> float:
     nbytes = int(RATE_MBIT * 1e6 / 8 * seconds)
     source = link.run_tool(
-        "prfaas", ["source", "--connect", target, "--bytes", str(nbytes), "--seconds", str(4 * seconds)],
-        stdout=subprocess.PIPE, text=True,
+        "prfaas",
+        ["source", "--connect", target, "--bytes", str(nbytes), "--seconds", str(4 * seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     source.communicate(timeout=8 * seconds)
     report = json.loads(sink.communicate(timeout=8 * seconds)[0])
@@ -41,9 +44,15 @@ def _goodput_mbit(link: EmulatedLink, target: str, sink: subprocess.Popen[str], 
     return float(report["mbit_s"])
 
 
-def _start(link: EmulatedLink, side: str, tool: str) -> tuple[subprocess.Popen[str], int]:
-    proc = link.run_tool(side, [tool, "--listen", "0.0.0.0:0", "--seconds", "20"] if tool == "sink"
-                         else [tool, "--listen", "0.0.0.0:0"], stdout=subprocess.PIPE, text=True)
+def _start(link: EmulatedLink, side: Side, tool: str) -> tuple[subprocess.Popen[str], int]:
+    proc = link.run_tool(
+        side,
+        [tool, "--listen", "0.0.0.0:0", "--seconds", "20"]
+        if tool == "sink"
+        else [tool, "--listen", "0.0.0.0:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, int(read_ready_line(proc, 10)["port"])
 
 
@@ -66,7 +75,9 @@ def test_link_rate_and_delay_then_teardown() -> None:
 
         echo, port = _start(link, "local", "echo")
         via = link.start_delay_proxy("prfaas", 0, local, port)
-        ping = link.run_tool("prfaas", ["ping", "--connect", via, "--count", "10"], stdout=subprocess.PIPE, text=True)
+        ping = link.run_tool(
+            "prfaas", ["ping", "--connect", via, "--count", "10"], stdout=subprocess.PIPE, text=True
+        )
         rtt = json.loads(ping.communicate(timeout=20)[0])
         assert rtt["min_ms"] >= 2 * DELAY_MS, rtt
         assert rtt["median_ms"] < 2 * DELAY_MS + 20, rtt

@@ -102,13 +102,7 @@ def chunk_delta_rule(
     N = -(-T // C)
     G = B * H
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, ...) -> (N, G, C, ...) float32
-        tail = x.shape[3:]
-        x = F.pad(x.float(), (0, 0) * (len(tail) + 1) + (0, N * C - T))  # zero k, beta, g: S untouched
-        x = x.view(B, N, C, H, *tail).movedim((1, 3), (0, 2))  # (N, B, H, C, ...)
-        return x.reshape(N, G, C, *tail)
-
-    q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (_chunked(x, C) for x in (q, k, v, g, beta))
     q = q * scale
     b = g.cumsum(2)  # (N, G, C) or (N, G, C, K): decay from the chunk start, inclusive
     bk = b if per_channel else b.unsqueeze(-1)  # broadcasts over key channels
@@ -134,19 +128,43 @@ def chunk_delta_rule(
     b_end = bk[:, :, -1:]  # (N, G, 1, K or 1)
     end_decay = b_end.exp().transpose(-1, -2)  # (N, G, K or 1, 1): scales the rows of S
     k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2).contiguous()  # (N, G, K, C)
-    S = q.new_zeros(G, K, V) if initial_state is None else initial_state.float().reshape(G, K, V).clone()
-    starts = q.new_empty(N, G, K, V)
+    starts = q.new_empty(N + 1, G, K, V)  # the state entering each chunk, and the final one
+    starts[0] = 0 if initial_state is None else initial_state.reshape(G, K, V)
     delta = q.new_empty(N, G, C, V)
     for i in range(N):
-        starts[i] = S
-        torch.baddbmm(U[i], W[i], S, alpha=-1, out=delta[i])
-        S = torch.baddbmm(S * end_decay[i], k_to_end[i], delta[i])
+        torch.baddbmm(U[i], W[i], starts[i], alpha=-1, out=delta[i])
+        torch.baddbmm(starts[i] * end_decay[i], k_to_end[i], delta[i], out=starts[i + 1])
 
     # Outputs of every chunk at once: o = (q e^b) S0 + P delta.
-    o = (q * bk.exp()).view(N * G, C, K).bmm(starts.view(N * G, K, V))
+    o = (q * bk.exp()).view(N * G, C, K).bmm(starts[:N].view(N * G, K, V))
     o = o.baddbmm_(P.view(N * G, C, C), delta.view(N * G, C, V))
-    o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]  # (B, T, H, V)
-    return o.to(out_dtype).contiguous(), S.view(B, H, K, V)
+    return _unchunked(o.view(N, B, H, C, V), T, out_dtype), starts[N].view(B, H, K, V).clone()
+
+
+def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
+    """(B, T, H, ...) -> (N, B * H, C, ...) float32, zero-padded to N * C tokens (zero k, beta
+    and g leave the state as it is)."""
+    B, T, H, *tail = x.shape
+    N, full = -(-T // C), T // C
+    out = torch.empty(N, B, H, C, *tail, dtype=torch.float32, device=x.device)
+    dst = out.movedim((0, 2), (1, 3))  # (B, N, C, H, ...) view
+    dst[:, :full].copy_(x[:, : full * C].reshape(B, full, C, H, *tail))
+    if full < N:
+        dst[:, full, : T - full * C].copy_(x[:, full * C :])
+        dst[:, full, T - full * C :].zero_()
+    return out.view(N, B * H, C, *tail)
+
+
+def _unchunked(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, B, H, C, V) -> (B, T, H, V) in `dtype`, dropping the padding."""
+    N, B, H, C, V = o.shape
+    full = T // C
+    out = torch.empty(B, T, H, V, dtype=dtype, device=o.device)
+    src = o.movedim((0, 2), (1, 3))  # (B, N, C, H, V) view
+    out[:, : full * C].view(B, full, C, H, V).copy_(src[:, :full])
+    if full < N:
+        out[:, full * C :].copy_(src[:, full, : T - full * C])
+    return out
 
 
 def _pairwise_per_head(
@@ -155,10 +173,10 @@ def _pairwise_per_head(
     """A_ij = kb_i . k_j e^(b_i - b_j) and P_ij = q_i . k_j e^(b_i - b_j) for j <= i, (G, n, C, C);
     b is (G, n, C). The diagonal of A is left in: the solve takes it as one."""
     C = q.shape[2]
-    dots = torch.cat([kb, q], dim=2) @ k.transpose(-1, -2)  # (G, n, 2C, C)
     upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()  # (G, n, C, C)
-    return dots[..., :C, :] * decay, dots[..., C:, :] * decay
+    kt = k.transpose(-1, -2)
+    return (kb @ kt).mul_(decay), (q @ kt).mul_(decay)
 
 
 def _pairwise_per_channel(

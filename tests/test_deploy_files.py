@@ -1,0 +1,161 @@
+"""compose.yaml, deploy/Dockerfile and deploy/k8s/: every service is configured by the same
+PRFAAS_* variables and probed through the gRPC health service."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML (a dev dependency) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+K8S = ROOT / "deploy" / "k8s"
+
+SERVING = {
+    "cachepool": "cachepool",
+    "router": "router",
+    "prefill-prfaas-0": "prefill",
+    "prefill-prfaas-1": "prefill",
+    "prefill-local-0": "prefill",
+    "decode-local-0": "decode",
+}
+COMMON_ENV = {"PRFAAS_NODE_ID", "PRFAAS_LISTEN", "PRFAAS_METRICS_PORT", "PRFAAS_LOG_LEVEL"}
+NODE_ENV = COMMON_ENV | {
+    "PRFAAS_CLUSTER",
+    "PRFAAS_ROLE",
+    "PRFAAS_ADVERTISE",
+    "PRFAAS_CACHEPOOL",
+    "PRFAAS_MODEL",
+    "PRFAAS_KV_CONNECTIONS",
+}
+ROUTER_ENV = COMMON_ENV | {
+    "PRFAAS_CACHEPOOL",
+    "PRFAAS_MODEL",
+    "PRFAAS_KV_CONNECTIONS",
+    "PRFAAS_POLICY",
+    "PRFAAS_THRESHOLD_TOKENS",
+}
+REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_ENV, "decode": NODE_ENV}
+
+
+def _compose() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE.read_text()))  # merge keys (<<) resolved by PyYAML
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_compose_services_env_and_healthchecks() -> None:
+    services = _compose()["services"]
+    assert set(SERVING) <= set(services)
+    for name, module in SERVING.items():
+        svc = services[name]
+        env = _env(svc)
+        missing = REQUIRED_ENV[module] - set(env)
+        assert not missing, f"{name} lacks {sorted(missing)}"
+        assert svc["command"] == ["python", "-m", f"services.{module}"], name
+        assert svc["image"] == "prfaas:local" and svc["build"]["dockerfile"] == "deploy/Dockerfile", name
+        assert "grpc_health" in " ".join(svc["healthcheck"]["test"]), name
+        if module in ("prefill", "decode"):
+            assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == f"{name}:50051"
+            assert env["PRFAAS_ROLE"] == module and env["PRFAAS_CLUSTER"] == name.split("-")[1]
+            assert env["PRFAAS_CACHEPOOL"] == "cachepool:50050"
+
+
+def test_compose_topology() -> None:
+    services = _compose()["services"]
+    nets = {name: set(services[name]["networks"]) for name in SERVING}
+    assert nets["router"] == nets["cachepool"] == {"dc-prfaas", "dc-local"}
+    assert nets["prefill-prfaas-0"] == nets["prefill-prfaas-1"] == {"dc-prfaas"}
+    assert "dc-local" in nets["prefill-local-0"] and "dc-local" in nets["decode-local-0"]
+    assert "dc-prfaas" in nets["decode-local-0"], "PrfaaS prefill nodes must reach the decode node"
+    assert services["router"]["ports"] == ["50052:50052"]
+    assert all("models:/models" in v for n in SERVING if n != "cachepool" for v in services[n]["volumes"])
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_compose_config_validates() -> None:
+    r = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_compose_healthcheck_probe_talks_grpc_health() -> None:
+    """Runs the compose healthcheck command against a real health service, serving then not."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from prfaas.rpc import add_health_and_reflection, new_server
+
+    argv = _compose()["services"]["router"]["healthcheck"]["test"][1:]
+    argv[0] = sys.executable
+
+    async def probe(port: int) -> int:
+        env = {**os.environ, "PRFAAS_LISTEN": f"0.0.0.0:{port}"}
+        proc = await asyncio.create_subprocess_exec(*argv, env=env)
+        return await proc.wait()
+
+    async def main() -> tuple[int, int]:
+        server = new_server()
+        health = add_health_and_reflection(server, [])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        serving = await probe(port)
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        not_serving = await probe(port)
+        await server.stop(None)
+        return serving, not_serving
+
+    assert asyncio.run(main()) == (0, 1)
+
+
+def test_dockerfile_builds_one_cpu_image() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert [line for line in text.splitlines() if line.startswith("FROM")] == ["FROM python:3.11-slim"]
+    assert "--extra-index-url" in text and "https://download.pytorch.org/whl/cpu" in text
+
+
+def _manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_k8s_manifests_shape() -> None:
+    docs = _manifests()
+    assert all("namespace" not in d["metadata"] for d in docs), "manifests must be namespace-free"
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    kinds = {"cachepool", "router", "prefill-prfaas", "prefill-local", "decode-local"}
+    assert set(deployments) == services == {f"prfaas-{k}" for k in kinds}
+    for name, dep in deployments.items():
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        module = c["command"][-1].removeprefix("services.")
+        env = set(config["data"]) | {e["name"] for e in c.get("env", [])}
+        missing = REQUIRED_ENV[module] - env
+        assert not missing, f"{name} lacks {sorted(missing)}"
+        assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+        port = int(next(e["value"] for e in c["env"] if e["name"] == "PRFAAS_LISTEN").rsplit(":", 1)[1])
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == port, f"{name} {probe}"
+
+
+def test_k8s_manifests_validate() -> None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (a dev dependency) is not installed"
+    )
+    for doc in _manifests():
+        kv.validate(doc, desired_version=kv.latest_version(), strict=True)
