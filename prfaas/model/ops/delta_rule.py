@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUB_CHUNK = 16  # per-channel decay: block of tokens whose pairwise decays are taken exactly
+SUB_CHUNKS = (16, 4)  # per-channel decay: nested block sizes inside a chunk (see _decayed_dots)
 SLAB_ELEMENTS = 1 << 24  # bound on the largest intra-chunk temporary, in float32 elements
 
 
@@ -96,8 +96,8 @@ def chunk_delta_rule(
     V = v.shape[-1]
     out_dtype = q.dtype
     per_channel = g.dim() == 4
-    if per_channel and chunk_size % SUB_CHUNK:
-        raise ValueError(f"chunk_size {chunk_size} is not a multiple of {SUB_CHUNK}")
+    if per_channel and chunk_size % SUB_CHUNKS[0]:
+        raise ValueError(f"chunk_size {chunk_size} is not a multiple of {SUB_CHUNKS[0]}")
     C = chunk_size
     N = -(-T // C)
     G = B * H
@@ -114,7 +114,7 @@ def chunk_delta_rule(
     U = q.new_empty(N, G, C, V)
     W = q.new_empty(N, G, C, K)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    per_chunk = G * C * (K * (SUB_CHUNK + C // SUB_CHUNK) if per_channel else 3 * C + 2 * (K + V))
+    per_chunk = G * C * (K * (2 * C // SUB_CHUNKS[0] + 8) if per_channel else 3 * C + 2 * (K + V))
     slab = max(1, SLAB_ELEMENTS // per_chunk)
     pairwise = _pairwise_per_channel if per_channel else _pairwise_per_head
     for n0 in range(0, N, slab):
@@ -130,10 +130,10 @@ def chunk_delta_rule(
     k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2).contiguous()  # (N, G, K, C)
     starts = q.new_empty(N + 1, G, K, V)  # the state entering each chunk, and the final one
     starts[0] = 0 if initial_state is None else initial_state.reshape(G, K, V)
-    delta = q.new_empty(N, G, C, V)
+    delta = U  # overwritten in place: delta = U - W S0
     for i in range(N):
-        torch.baddbmm(U[i], W[i], starts[i], alpha=-1, out=delta[i])
-        torch.baddbmm(starts[i] * end_decay[i], k_to_end[i], delta[i], out=starts[i + 1])
+        delta[i].baddbmm_(W[i], starts[i], alpha=-1)
+        torch.mul(starts[i], end_decay[i], out=starts[i + 1]).baddbmm_(k_to_end[i], delta[i])
 
     # Outputs of every chunk at once: o = (q e^b) S0 + P delta.
     o = (q * bk.exp()).view(N * G, C, K).bmm(starts[:N].view(N * G, K, V))
@@ -182,33 +182,40 @@ def _pairwise_per_head(
 def _pairwise_per_channel(
     q: torch.Tensor, k: torch.Tensor, kb: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `_pairwise_per_head` with b (G, n, C, K): the decay e^(b_ic - b_jc) differs per channel.
-
-    Splitting it as e^(b_i) e^(-b_j) overflows for strong decays, so every factor is taken
-    relative to a point between the two tokens: for j in an earlier sub-chunk than i, the start
-    r of i's sub-chunk (e^(b_i - b_r) e^(b_r - b_j), both exponents <= 0, one matmul); for j in
-    the same sub-chunk, the pairwise differences directly (a (s, s, K) tensor per sub-chunk)."""
-    G, n, C, K = q.shape
-    s = SUB_CHUNK
-    m = C // s
-    sub = (G, n, m, s, K)
-    bs = b.view(sub)
-    ref = bs[..., :1, :]  # (G, n, m, 1, K): decay at each sub-chunk's first token
-
-    # Earlier sub-chunks: (G, n, m, 2s, K) @ (G, n, m, K, C)
-    to_ref = (bs - ref).exp()
-    X = torch.cat([kb.view(sub) * to_ref, q.view(sub) * to_ref], dim=-2)
-    Y = k.unsqueeze(2) * (ref - b.unsqueeze(2)).clamp_(max=0).exp_()  # (G, n, m, C, K), j < r exact
-    XY = X @ Y.transpose(-1, -2)  # (G, n, m, 2s, C)
-    pos = torch.arange(C, device=q.device)
-    earlier = (pos.unsqueeze(0) < (pos // s * s).unsqueeze(1)).view(m, s, C)
-    A = XY[..., :s, :].mul(earlier).view(G, n, C, C)
-    P = XY[..., s:, :].mul(earlier).view(G, n, C, C)
-
-    # Same sub-chunk: (G, n, m, s, s, K)
-    kD = (bs.unsqueeze(-2) - bs.unsqueeze(-3)).clamp_(max=0).exp_().mul_(k.view(G, n, m, 1, s, K))
-    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    for out, x in ((A, kb), (P, q)):
-        block = (x.view(sub).unsqueeze(-2) * kD).sum(-1).mul_(causal)  # (G, n, m, s, s)
-        torch.diagonal(out.view(G, n, m, s, m, s), dim1=2, dim2=4).copy_(block.permute(0, 1, 3, 4, 2))
+    """As `_pairwise_per_head` with b (G, n, C, K): the decay e^(b_ic - b_jc) differs per channel."""
+    A, P = _decayed_dots([kb, q], k, b, SUB_CHUNKS)
     return A, P
+
+
+def _decayed_dots(
+    xs: list[torch.Tensor], y: torch.Tensor, b: torch.Tensor, sizes: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """For each x in xs (..., L, K): M_ij = sum_c x_ic y_jc e^(b_ic - b_jc) for j <= i, else 0 (..., L, L).
+
+    Splitting the decay as e^(b_i) e^(-b_j) overflows for strong decays, so it is split at a
+    point r between the tokens instead: e^(b_i - b_r) e^(b_r - b_j), both exponents <= 0 since b
+    falls along the chunk. The L tokens are cut into blocks of sizes[0]; a token pair in different
+    blocks uses r = the start of i's block (one matmul per block); pairs within a block recurse
+    on sizes[1:], and the last level takes its pairwise decays directly."""
+    *lead, L, K = y.shape
+    if not sizes:
+        decay = (b.unsqueeze(-2) - b.unsqueeze(-3)).clamp_(max=0).exp_()  # (..., L, L, K): [i, j, c]
+        yd = decay.mul_(y.unsqueeze(-3))
+        causal = torch.ones(L, L, dtype=torch.bool, device=y.device).tril()
+        return [(yd @ x.unsqueeze(-1)).squeeze(-1).mul_(causal) for x in xs]
+    s = sizes[0]
+    m = L // s
+    bs = b.view(*lead, m, s, K)
+    ref = bs[..., :1, :]  # (..., m, 1, K): b at each block's first token
+    to_ref = (bs - ref).exp_()  # (..., m, s, K)
+    from_ref = y.unsqueeze(-3) * (ref - b.unsqueeze(-3)).clamp_(max=0).exp_()  # (..., m, L, K); exact for j < r
+    pos = torch.arange(L, device=y.device)
+    earlier = (pos.unsqueeze(0) < (pos // s * s).unsqueeze(1)).view(m, s, L)
+    outs = [
+        ((x.view(*lead, m, s, K) * to_ref) @ from_ref.transpose(-1, -2)).mul_(earlier).view(*lead, L, L)
+        for x in xs
+    ]
+    inner = _decayed_dots([x.view(*lead, m, s, K) for x in xs], y.view(*lead, m, s, K), bs, sizes[1:])
+    for out, block in zip(outs, inner):  # block: (..., m, s, s) -> the diagonal blocks of out
+        torch.diagonal(out.view(*lead, m, s, m, s), dim1=-4, dim2=-2).copy_(block.movedim(-3, -1))
+    return outs

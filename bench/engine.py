@@ -1,0 +1,309 @@
+"""Our executor against transformers on the same tiny random checkpoint, one per family.
+
+    .venv/bin/python bench/engine.py [--families qwen3_next,kimi_linear] [--dtype fp32,bf16] [--quick]
+
+Each family's checkpoint is written by transformers' own class (8 layers, hidden 256, vocab 1000,
+3 linear : 1 full layers) and loaded by both sides. Measured, ours and transformers interleaved in
+every repeat, median of the repeats after a warmup:
+  prefill   one forward of the whole prompt (use_cache on, logits of the last token only)
+  decode    tokens/s of steady decode steps: ours at batch 1 and as one continuous batch of 16
+            requests of different prompt lengths; transformers at batch 1 (a manual loop over
+            its own cache) and at batch 16 of equal-length prompts (for reference)
+  peak      torch matmul 2048^3 GFLOP/s, and the fraction of it our prefill reaches (model FLOPs:
+            2 * active non-embedding params * tokens, plus attention)
+The machine is shared: compare the ratios of one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from prfaas.engine.executor import Executor, Sequence
+from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.layout import KvLayout
+from prfaas.model.loader import load_model
+
+FAMILIES = ("qwen3_next", "kimi_linear")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYER_TYPES = ["linear_attention"] * 3 + ["full_attention"]
+CHUNK = 64  # chunk of the chunked delta rule, for the FLOP estimate
+# Targets from the issue: prefill speedup at 4096 tokens, and batch-16 decode over transformers' batch 1.
+PREFILL_TARGET = {"qwen3_next": 2.0, "kimi_linear": 4.0}
+DECODE_B16_TARGET = 8.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prefill_lens: tuple[int, ...]
+    decode_steps: int
+    decode_prompt: int               # prompt length of the batch-1 decode runs
+    batch_prompts: tuple[int, ...]   # prompt lengths of the batch-16 continuous batch
+    repeats: int
+
+
+FULL = Sizes((512, 4096), 48, 128, tuple(64 + 29 * i for i in range(16)), 3)
+QUICK = Sizes((128, 512), 8, 32, tuple(16 + 7 * i for i in range(16)), 2)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def hf_config(family: str) -> transformers.PretrainedConfig:
+    common = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                  max_position_embeddings=8192, initializer_range=0.02, layer_types=LAYER_TYPES * 2)
+    if family == "qwen3_next":
+        return transformers.Qwen3NextConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+            decoder_sparse_step=1,
+        )
+    return transformers.KimiLinearConfig(
+        **common, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, linear_num_heads=4, linear_head_dim=64, linear_conv_kernel_dim=4,
+        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        mlp_layer_types=["dense"] + ["sparse"] * 7, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def hf_class(family: str) -> type:
+    return transformers.Qwen3NextForCausalLM if family == "qwen3_next" else transformers.KimiLinearForCausalLM
+
+
+def make_checkpoint(family: str, path: Path) -> None:
+    torch.manual_seed(0)
+    hf_class(family)(hf_config(family)).eval().save_pretrained(path)
+
+
+# --- FLOPs and the machine's peak ---------------------------------------------------------------
+def active_params(model: torch.nn.Module, cfg: transformers.PretrainedConfig) -> float:
+    """Parameters a prefill token touches: no embedding or lm_head (one row / one token), routed
+    experts scaled by top_k / num_experts."""
+    num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    share = cfg.num_experts_per_tok / num_experts
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        total += p.numel() * (share if ".experts." in name else 1.0)
+    return total
+
+
+def prefill_flops(family: str, cfg: transformers.PretrainedConfig, params: float, T: int) -> float:
+    flops = 2.0 * params * T
+    n_full = cfg.layer_types.count("full_attention")
+    n_linear = cfg.num_hidden_layers - n_full
+    H = cfg.num_attention_heads
+    if family == "qwen3_next":
+        qk, v = cfg.head_dim, cfg.head_dim
+        lh, lk, lv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    else:
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        lh, lk, lv = cfg.linear_num_heads, cfg.linear_head_dim, cfg.linear_head_dim
+    flops += n_full * H * T * T * (qk + v)  # causal QK^T and PV: 2 * T^2 / 2 * (qk + v)
+    # chunked delta rule, per token and head: intra-chunk scores / updates plus state reads and writes
+    flops += n_linear * lh * T * 2 * (CHUNK * (2 * lk + lv) + 3 * lk * lv)
+    return flops
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e9
+
+
+# --- the two sides ------------------------------------------------------------------------------
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Ours:
+    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+        self.model = load_model(path, dtype=dtype)
+        layout = KvLayout(self.model.config, block_size=16, dtype=dtype)
+        self.ex = Executor(self.model, layout, num_blocks=1024, num_slots=32)
+        self._n = 0
+
+    def _add(self, prompt: list[int], max_tokens: int) -> Sequence:
+        self._n += 1
+        return self.ex.add(f"b{self._n}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+    def prefill(self, prompt: list[int]) -> Callable[[], float]:
+        def run() -> float:
+            seq = self._add(prompt, 1)
+            t0 = time.perf_counter()
+            self.ex.prefill(seq)
+            dt = time.perf_counter() - t0
+            self.ex.free(seq)
+            return dt
+        return run
+
+    def decode(self, prompts: list[list[int]], steps: int) -> Callable[[], float]:
+        """Tokens/s of `steps` decode steps over one continuous batch of all the prompts."""
+        def run() -> float:
+            seqs = [self._add(p, steps + 1) for p in prompts]
+            for s in seqs:
+                self.ex.prefill(s)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.ex.decode_step(seqs)
+            dt = time.perf_counter() - t0
+            for s in seqs:
+                self.ex.free(s)
+            return len(seqs) * steps / dt
+        return run
+
+
+class Theirs:
+    def __init__(self, family: str, path: Path, dtype: torch.dtype) -> None:
+        self.model = hf_class(family).from_pretrained(path, dtype=dtype).eval()
+
+    def prefill(self, prompt: list[int]) -> Callable[[], float]:
+        ids = torch.tensor([prompt])
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            self.model(ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+        return run
+
+    def decode(self, prompts: list[list[int]], steps: int) -> Callable[[], float]:
+        """Greedy decode over transformers' own cache; equal-length prompts, so no padding."""
+        ids = torch.tensor(prompts)
+
+        def run() -> float:
+            out = self.model(ids, use_cache=True, logits_to_keep=1)
+            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = self.model(tok, past_key_values=cache, use_cache=True)
+                cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            return len(prompts) * steps / (time.perf_counter() - t0)
+        return run
+
+
+def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[float, float]:
+    """One warmup each, then `repeats` rounds of a then b; the median of each."""
+    a(), b()
+    ra, rb = [], []
+    for _ in range(repeats):
+        ra.append(a())
+        rb.append(b())
+    return statistics.median(ra), statistics.median(rb)
+
+
+# --- one family at one dtype ----------------------------------------------------------------------
+@dataclass
+class Row:
+    family: str
+    dtype: str
+    metric: str
+    ours: float
+    theirs: float
+    unit: str
+    target: float | None = None
+    peak_fraction: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.theirs
+
+
+def bench_family(family: str, path: Path, dname: str, sizes: Sizes, peak: float) -> list[Row]:
+    dtype = DTYPES[dname]
+    ours, theirs = Ours(path, dtype), Theirs(family, path, dtype)
+    cfg = theirs.model.config
+    params = active_params(theirs.model, cfg)
+    log(f"{family} {dname}: {params / 1e6:.2f} M active non-embedding params")
+    rows = []
+    for T in sizes.prefill_lens:
+        prompt = prompt_of(T, T)
+        t_ours, t_theirs = interleaved(ours.prefill(prompt), theirs.prefill(prompt), sizes.repeats)
+        frac = prefill_flops(family, cfg, params, T) / t_ours / (peak * 1e9)
+        target = PREFILL_TARGET[family] if T == max(sizes.prefill_lens) else None
+        rows.append(Row(family, dname, f"prefill {T}", T / t_ours, T / t_theirs, "tok/s", target, frac))
+        log(f"{family} {dname} prefill {T}: ours {t_ours * 1e3:.0f} ms, transformers {t_theirs * 1e3:.0f} ms, "
+            f"x{t_theirs / t_ours:.2f}, {frac:.1%} of matmul peak")
+    steps = sizes.decode_steps
+    one = [prompt_of(sizes.decode_prompt, 1)]
+    o1, t1 = interleaved(ours.decode(one, steps), theirs.decode(one, steps), sizes.repeats)
+    rows.append(Row(family, dname, "decode b1", o1, t1, "tok/s"))
+    log(f"{family} {dname} decode b1: ours {o1:.0f} tok/s, transformers {t1:.0f} tok/s")
+    mixed = [prompt_of(n, 100 + i) for i, n in enumerate(sizes.batch_prompts)]
+    equal = [prompt_of(sizes.decode_prompt, 200 + i) for i in range(len(sizes.batch_prompts))]
+    o16, t16 = interleaved(ours.decode(mixed, steps), theirs.decode(equal, steps), sizes.repeats)
+    rows.append(Row(family, dname, "decode b16 vs their b16", o16, t16, "tok/s"))
+    rows.append(Row(family, dname, "decode b16 vs their b1", o16, t1, "tok/s", DECODE_B16_TARGET))
+    log(f"{family} {dname} decode b16: ours {o16:.0f} tok/s, transformers b16 {t16:.0f} tok/s, "
+        f"x{o16 / t1:.1f} over their b1")
+    return rows
+
+
+def table(rows: list[Row], peaks: dict[str, float]) -> str:
+    out = ["| family | dtype | metric | ours tok/s | transformers tok/s | ours / transformers | target | met | "
+           "ours % of matmul peak |", "|---|---|---|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        target = f">= {r.target:g}x" if r.target else ""
+        met = ("yes" if r.ratio >= r.target else "no") if r.target else ""
+        frac = f"{r.peak_fraction:.1%}" if r.peak_fraction is not None else ""
+        out.append(f"| {r.family} | {r.dtype} | {r.metric} | {r.ours:,.0f} | {r.theirs:,.0f} | {r.ratio:.2f}x | "
+                   f"{target} | {met} | {frac} |")
+    out.append("")
+    out.append("torch matmul 2048^3 peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()) +
+               f" ({torch.get_num_threads()} threads)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=0, help="repeats per measurement (0: the preset's)")
+    args = parser.parse_args()
+    families = [f for f in args.families.split(",") if f]
+    dnames = [d for d in args.dtype.split(",") if d]
+    for f in families:
+        if f not in FAMILIES:
+            parser.error(f"unknown family {f!r}; choose from {', '.join(FAMILIES)}")
+    for d in dnames:
+        if d not in DTYPES:
+            parser.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    sizes = QUICK if args.quick else FULL
+    if args.repeats:
+        sizes = Sizes(sizes.prefill_lens, sizes.decode_steps, sizes.decode_prompt, sizes.batch_prompts, args.repeats)
+    transformers.logging.set_verbosity_error()
+    start = time.perf_counter()
+    peaks = {d: matmul_gflops(DTYPES[d]) for d in dnames}
+    log("matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in families:
+            path = Path(tmp) / family
+            make_checkpoint(family, path)
+            for d in dnames:
+                rows += bench_family(family, path, d, sizes, peaks[d])
+    log(f"done in {time.perf_counter() - start:.0f} s")
+    print(table(rows, peaks))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
