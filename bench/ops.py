@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +55,8 @@ def main() -> None:
                 beta = torch.rand(1, T, H, dtype=dtype)
                 reference = chunk_kimi_delta_attention if per_channel else torch_chunk_gated_delta_rule
 
-                def ours() -> object:
-                    return chunk_delta_rule(q, k, v, g, beta, K**-0.5, chunk_size=args.chunk_size)
-
-                def hf() -> object:
-                    return reference(q, k, v, g, beta, output_final_state=True)
+                ours = partial(chunk_delta_rule, q, k, v, g, beta, K**-0.5, chunk_size=args.chunk_size)
+                hf = partial(reference, q, k, v, g, beta, output_final_state=True)
 
                 ours()
                 t_ours, t_hf = float("inf"), float("inf")

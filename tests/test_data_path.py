@@ -138,14 +138,19 @@ def test_client_cancel_frees_every_node(cluster):
                 if n >= 3:
                     call.cancel()
                     break
-        # every node's own accounting, as it reports it to the cache pool
-        async with CachePoolClient(c.cachepool_address) as pool:
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                nodes = await pool.list_nodes()
-                if all(s.load.free_blocks == s.node.capacity_blocks and s.load.free_slots == s.node.capacity_slots
-                       and s.load.running == 0 for s in nodes if s.node.role in ("prefill", "decode")):
-                    return
-            raise AssertionError(f"blocks still held: {[(s.node.node_id, s.load) for s in nodes]}")
+        await wait_all_free(c.cachepool_address)
 
     asyncio.run(run())
+
+
+async def wait_all_free(cachepool_address: str, only: set[str] | None = None, timeout_s: float = 10.0) -> None:
+    """Every node's own accounting, as it reports it to the cache pool, shows nothing held."""
+    async with CachePoolClient(cachepool_address) as pool:
+        for _ in range(int(timeout_s / 0.1)):
+            await asyncio.sleep(0.1)
+            nodes = [s for s in await pool.list_nodes() if s.node.role in ("prefill", "decode")
+                     and (only is None or s.node.node_id in only)]
+            if all(s.load.free_blocks == s.node.capacity_blocks and s.load.free_slots == s.node.capacity_slots
+                   and s.load.running == 0 for s in nodes):
+                return
+        raise AssertionError(f"blocks still held: {[(s.node.node_id, s.load) for s in nodes]}")

@@ -96,6 +96,7 @@ class _Connection:
         self.call = call
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_chunks)
         self.queued_bytes = 0
+        self.drained = False   # the writer took the end-of-stream sentinel
         self.task: asyncio.Task[decode_pb2.KvAck | None] | None = None
 
 
@@ -244,6 +245,7 @@ class KvSender:
                 conn.queued_bytes -= len(data)
                 if self._stats is not None:
                     self._stats.record_sent(conn.link, len(data))
+            conn.drained = True
             await conn.call.done_writing()
             return await conn.call
         except asyncio.CancelledError as e:
@@ -262,17 +264,20 @@ class KvSender:
             self._error = error
             for c in self._conns:  # the transfer is lost: stop the other streams too
                 c.call.cancel()
-        while await conn.queue.get() is not None:  # unblock a `push` waiting on this queue
-            pass
+        while not conn.drained:  # unblock a `push` waiting on this queue, up to `finish`'s sentinel
+            conn.drained = await conn.queue.get() is None
 
     async def _status_error(self, conn: _Connection, e: Exception) -> TransferError:
+        """The call's final status (a failed write only says "Internal error from Core")."""
+        try:
+            code = await asyncio.wait_for(conn.call.code(), 5)
+            if code != grpc.StatusCode.OK:
+                return TransferError(CODE_OF.get(code, "INTERNAL"), await conn.call.details())
+        except Exception:
+            pass
         if isinstance(e, grpc.aio.AioRpcError):
             return TransferError(CODE_OF.get(e.code(), "INTERNAL"), e.details() or str(e))
-        try:
-            code = await conn.call.code()
-            return TransferError(CODE_OF.get(code, "INTERNAL"), await conn.call.details())
-        except Exception:
-            return TransferError("INTERNAL", repr(e))
+        return TransferError("INTERNAL", repr(e))
 
     async def _close(self) -> None:
         self._closed = True

@@ -111,6 +111,7 @@ class DecodeNode:
                 self._pending -= 1
                 self.receiver.cancel(transfer_id)
             ex.complete_import(seq, first)
+            log.info("kv_received", prompt_tokens=len(prompt), blocks=len(seq.block_table), slot=seq.slot)
             self.tokens_out += 1
             yield TokenBatch([first], seq.finish_reason)
             if seq.finished:
@@ -123,6 +124,7 @@ class DecodeNode:
                 if batch.finish_reason is not None:
                     return
         finally:
+            log.info("request_done", output_tokens=len(seq.output), finish_reason=seq.finish_reason or "aborted")
             self._running.pop(transfer_id, None)
             if id(seq) in self._stepping:
                 seq.finish_reason = seq.finish_reason or "cancelled"

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from structlog.contextvars import bind_contextvars
 
 from prfaas.transport.servicer import PushKvServicer
 from prfaas.v1 import decode_pb2, decode_pb2_grpc
@@ -23,6 +24,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Admit(  # noqa: N802 - gRPC method name
         self, request: decode_pb2.AdmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.AdmitEvent]:
+        bind_contextvars(request_id=request.request_id)  # every log line of this call carries it
         async with grpc_errors(context):
             stream = self.node.admit(
                 request.request_id, list(request.token_ids), sampling_from_pb(request.sampling),
@@ -31,6 +33,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             async with contextlib.aclosing(stream):
                 async for ev in stream:
                     if isinstance(ev, Reserved):
+                        bind_contextvars(transfer_id=ev.transfer_id)
                         yield decode_pb2.AdmitEvent(reserved=decode_pb2.Reserved(
                             transfer_id=ev.transfer_id, node_id=ev.node_id, wire_dtype=ev.wire_dtype))
                     else:

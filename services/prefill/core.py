@@ -102,6 +102,9 @@ class PrefillNode:
             stats = await sender.finish(first)
             sender = None
             self.bytes_sent += int(stats.get("bytes", 0))
+            log.info("prefill_done", prompt_tokens=len(job.prompt), prefill_s=round(prefill_s, 4),
+                     kv_bytes=int(stats.get("bytes", 0)), transfer_s=round(float(stats.get("seconds", 0.0)), 4),
+                     chunks=int(stats.get("chunks", 0)))
             yield Done(first, int(stats.get("bytes", 0)), prefill_s, float(stats.get("seconds", 0.0)),
                        int(stats.get("chunks", 0)))
         finally:

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from structlog.contextvars import bind_contextvars
 
 from prfaas.engine import executor as names
 from prfaas.engine.executor import LayerKv
@@ -66,6 +67,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+        bind_contextvars(request_id=request.request_id, transfer_id=request.transfer_id)
         async with grpc_errors(context):
             job = PrefillJob(
                 request.request_id, request.transfer_id, list(request.token_ids), sampling_from_pb(request.sampling),

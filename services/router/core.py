@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from structlog.contextvars import bind_contextvars
+
 from prfaas.engine.sampling import InvalidRequest, SamplingParams
 from prfaas.engine.tokenizer import Tokenizer
 from prfaas.obs.log import get_logger
@@ -130,6 +132,7 @@ class Router:
 
     async def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        bind_contextvars(request_id=request_id)  # each RPC runs in its own task: no leak across calls
         prompt = self._prompt_ids(req)
         req.params.validate()
         if req.route not in ("auto", "local", "prfaas"):

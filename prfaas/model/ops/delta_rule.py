@@ -25,9 +25,8 @@ next runs sequentially.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-SUB_CHUNKS = (16, 4)  # per-channel decay: nested block sizes inside a chunk (see _decayed_dots)
+SUB_CHUNKS = (8, 1)  # per-channel decay: nested block sizes inside a chunk (see _decayed_dots)
 SLAB_ELEMENTS = 1 << 24  # bound on the largest intra-chunk temporary, in float32 elements
 
 
@@ -127,7 +126,7 @@ def chunk_delta_rule(
     # Inter-chunk, the only sequential part: S1 = e^b_end S0 + (k e^(b_end - b))^T delta.
     b_end = bk[:, :, -1:]  # (N, G, 1, K or 1)
     end_decay = b_end.exp().transpose(-1, -2)  # (N, G, K or 1, 1): scales the rows of S
-    k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2).contiguous()  # (N, G, K, C)
+    k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2)  # (N, G, K, C)
     starts = q.new_empty(N + 1, G, K, V)  # the state entering each chunk, and the final one
     starts[0] = 0 if initial_state is None else initial_state.reshape(G, K, V)
     delta = U  # overwritten in place: delta = U - W S0
@@ -193,29 +192,24 @@ def _decayed_dots(
     """For each x in xs (..., L, K): M_ij = sum_c x_ic y_jc e^(b_ic - b_jc) for j <= i, else 0 (..., L, L).
 
     Splitting the decay as e^(b_i) e^(-b_j) overflows for strong decays, so it is split at a
-    point r between the tokens instead: e^(b_i - b_r) e^(b_r - b_j), both exponents <= 0 since b
-    falls along the chunk. The L tokens are cut into blocks of sizes[0]; a token pair in different
-    blocks uses r = the start of i's block (one matmul per block); pairs within a block recurse
-    on sizes[1:], and the last level takes its pairwise decays directly."""
+    point r between the two tokens instead: e^(b_i - b_r) e^(b_r - b_j), both exponents <= 0 as
+    b only falls along the chunk. The L tokens are cut into blocks of sizes[0]; pairs in
+    different blocks take r = the first token of i's block (one matmul per block), pairs inside
+    a block recurse on sizes[1:] down to blocks of one token, where the decay is e^0 = 1."""
     *lead, L, K = y.shape
-    if not sizes:
-        decay = (b.unsqueeze(-2) - b.unsqueeze(-3)).clamp_(max=0).exp_()  # (..., L, L, K): [i, j, c]
-        yd = decay.mul_(y.unsqueeze(-3))
-        causal = torch.ones(L, L, dtype=torch.bool, device=y.device).tril()
-        return [(yd @ x.unsqueeze(-1)).squeeze(-1).mul_(causal) for x in xs]
+    if not sizes:  # L == 1
+        return [(x * y).sum(-1, keepdim=True) for x in xs]
     s = sizes[0]
     m = L // s
-    bs = b.view(*lead, m, s, K)
-    ref = bs[..., :1, :]  # (..., m, 1, K): b at each block's first token
-    to_ref = (bs - ref).exp_()  # (..., m, s, K)
-    from_ref = y.unsqueeze(-3) * (ref - b.unsqueeze(-3)).clamp_(max=0).exp_()  # (..., m, L, K); exact for j < r
-    pos = torch.arange(L, device=y.device)
-    earlier = (pos.unsqueeze(0) < (pos // s * s).unsqueeze(1)).view(m, s, L)
-    outs = [
-        ((x.view(*lead, m, s, K) * to_ref) @ from_ref.transpose(-1, -2)).mul_(earlier).view(*lead, L, L)
-        for x in xs
-    ]
-    inner = _decayed_dots([x.view(*lead, m, s, K) for x in xs], y.view(*lead, m, s, K), bs, sizes[1:])
-    for out, block in zip(outs, inner):  # block: (..., m, s, s) -> the diagonal blocks of out
+    outs = [y.new_zeros(*lead, L, L) for _ in xs]
+    for r in range(s, L, s):  # the block [r, r + s) against every token before it
+        ref = b[..., r : r + 1, :]
+        y_from = (ref - b[..., :r, :]).exp_().mul_(y[..., :r, :]).transpose(-1, -2)  # (..., K, r)
+        x_to = (b[..., r : r + s, :] - ref).exp_()  # (..., s, K)
+        for out, x in zip(outs, xs, strict=True):
+            out[..., r : r + s, :r] = (x[..., r : r + s, :] * x_to) @ y_from
+    blocked = [*lead, m, s, K]
+    inner = _decayed_dots([x.view(blocked) for x in xs], y.view(blocked), b.view(blocked), sizes[1:])
+    for out, block in zip(outs, inner, strict=True):  # block: (..., m, s, s) -> the diagonal blocks of out
         torch.diagonal(out.view(*lead, m, s, m, s), dim1=-4, dim2=-2).copy_(block.movedim(-3, -1))
     return outs

@@ -1,0 +1,146 @@
+"""Failures on the data path: a stalled KV transfer passes its deadline and the router retries
+elsewhere; a dead prefill node makes the router fall back; nothing stays reserved.
+
+The first test wires router, prefill and decode cores in one process (the cores take their
+collaborators as protocols); the KV moves through the real codec and receiver in memory. The
+second uses real processes and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from prfaas.engine.executor import LayerKv
+from prfaas.engine.llm import LLM, build_executor
+from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.codec import (
+    FULL_KINDS,
+    KvPiece,
+    encode_chunk,
+    encode_first_token,
+    parse_chunk,
+    plan_total_chunks,
+    split_piece,
+    tokens_per_chunk,
+)
+from prfaas.model.presets import write_preset
+from prfaas.scheduling.policy import PrfaasPolicy
+from prfaas.transport.receiver import KvReceiver
+from services.decode.core import DecodeNode
+from services.prefill.core import PrefillJob, PrefillNode
+from services.prefill.server import KINDS
+from services.router.core import GenerateInput, Node, Router
+
+MAX_CHUNK = 64 * 1024
+
+
+class MemoryPush:
+    """KvPush straight into a decode node's receiver, through the real chunk codec."""
+
+    def __init__(self, receiver: KvReceiver, job: PrefillJob, layout, stall: bool = False) -> None:
+        self.receiver, self.job, self.layout, self.stall = receiver, job, layout, stall
+        self.total = plan_total_chunks(layout, len(job.prompt), 0, "", MAX_CHUNK)
+        self.seq = 0
+
+    async def push_layer(self, lk: LayerKv) -> None:
+        for name, t in lk.tensors.items():
+            piece = KvPiece(lk.layer, KINDS[name], lk.token_start, lk.token_end, t)
+            tpc = tokens_per_chunk(self.layout, lk.layer, "", MAX_CHUNK) if piece.kind in FULL_KINDS else 0
+            for part in split_piece(piece, tpc, 0) if tpc else [piece]:
+                self._deliver(encode_chunk(self.job.transfer_id, self.seq, self.total, part))
+
+    def _deliver(self, data: bytes) -> None:
+        self.seq += 1
+        if not self.stall:
+            self.receiver.on_chunk(parse_chunk(data))
+
+    async def finish(self, first_token: int) -> dict[str, float]:
+        if self.stall:
+            await asyncio.sleep(3600)  # a link that never delivers
+        self._deliver(encode_first_token(self.job.transfer_id, self.seq, self.total, first_token))
+        return {"bytes": 0, "chunks": self.seq, "seconds": 0.0}
+
+    async def abort(self) -> None:
+        pass
+
+
+class Directory:
+    def __init__(self, nodes: list[Node]) -> None:
+        self._nodes = nodes
+
+    async def nodes(self):
+        return self._nodes
+
+    async def hits(self, token_ids):
+        return {}
+
+
+class MemoryClients:
+    def __init__(self, decode: DecodeNode, prefill: dict[str, PrefillNode]) -> None:
+        self.decode, self.prefill_nodes = decode, prefill
+
+    def admit(self, address, request_id, prompt, params, timeout_s):
+        return self.decode.admit(request_id, prompt, params, timeout_s)
+
+    def prefill(self, address, job):
+        return self.prefill_nodes[address].prefill(job)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(write_preset(tmp_path_factory.mktemp("qwen"), "qwen3_next", "tiny", seed=1))
+
+
+async def test_stalled_transfer_times_out_and_router_retries(model_dir):
+    decode_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+    receiver = KvReceiver()
+    decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=0.5)
+    decode.start()
+    stalled_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+    healthy_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+    stalled = PrefillNode("p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=True))
+    healthy = PrefillNode("p-ok", healthy_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout))
+    nodes = [Node("p-stalled", "prfaas", "prefill", "p-stalled"), Node("p-ok", "local", "prefill", "p-ok"),
+             Node("d0", "local", "decode", "d0")]
+    router = Router(Directory(nodes), MemoryClients(decode, {"p-stalled": stalled, "p-ok": healthy}),
+                    PrfaasPolicy(threshold=16), transfer_timeout_s=0.5)
+    prompt = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    try:
+        outs = [o async for o in router.generate(GenerateInput("r1", "", prompt, params, "auto"))]
+    finally:
+        await decode.stop()
+    assert outs[0].prefill_node == "p-ok" and outs[0].route == "local", "retried on the healthy node"
+    assert router.stats.retries == 1
+    tokens = [t for o in outs for t in o.token_ids]
+    expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
+    assert tokens == expected
+    for ex in (decode_ex, stalled_ex, healthy_ex):
+        assert ex.blocks.num_free == ex.blocks.num_blocks and ex.slots.num_free == ex.slots.num_slots
+    assert len(receiver) == 0
+
+
+@pytest.mark.slow
+def test_dead_prefill_node_falls_back_to_local(model_dir):
+    from prfaas.cluster.local import ClusterSpec, LocalCluster
+    from prfaas.v1 import common_pb2
+    from tests.test_data_path import generate, wait_all_free
+
+    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=32)
+    with LocalCluster(model_dir, spec) as c:
+        victim = next(p for p in c.procs if p.name == "prfaas-p0")
+        os.kill(victim.popen.pid, signal.SIGKILL)
+        victim.popen.wait()
+        prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+        got, head = asyncio.run(generate(c.router_address, prompt, 8, common_pb2.AUTO))
+        assert head.route == common_pb2.LOCAL and head.prefill_node == "local-p0"
+        params = SamplingParams(max_tokens=8)
+        assert got == LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
+        # the dead node stays listed until its heartbeats time out; the live nodes hold nothing
+        live = {p.name for p in c.procs if p.popen.poll() is None}
+        asyncio.run(wait_all_free(c.cachepool_address, only=live))
+
