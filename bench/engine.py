@@ -1,6 +1,7 @@
 """Our executor against transformers on the same tiny random checkpoint, one per family.
 
     .venv/bin/python bench/engine.py [--families qwen3_next,kimi_linear] [--dtype fp32,bf16] [--quick]
+                                     [--threads N] [--repeats N]
 
 Each family's checkpoint is written by transformers' own class (8 layers, hidden 256, vocab 1000,
 3 linear : 1 full layers) and loaded by both sides. Measured, ours and transformers interleaved in
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -60,8 +62,8 @@ def log(msg: str) -> None:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def hf_config(family: str) -> transformers.PretrainedConfig:
-    common = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+def hf_config(family: str) -> Any:
+    common: dict[str, Any] = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                   max_position_embeddings=8192, initializer_range=0.02, layer_types=LAYER_TYPES * 2)
     if family == "qwen3_next":
         return transformers.Qwen3NextConfig(
@@ -78,7 +80,7 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
     )
 
 
-def hf_class(family: str) -> type:
+def hf_class(family: str) -> Any:
     return transformers.Qwen3NextForCausalLM if family == "qwen3_next" else transformers.KimiLinearForCausalLM
 
 

@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: by gate kind")
     parser.add_argument("--gate", choices=["both", "head", "channel"], default="both")
     parser.add_argument("--skip-reference", action="store_true", help="time only ours")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads={torch.get_num_threads()} T={args.T} chunk_size={args.chunk_size}")
+    print(f"threads={torch.get_num_threads()} T={args.T} chunk_size={args.chunk_size or 'default'}")
     print(f"{'gate':<13}{'dtype':<10}{'H':>3}{'K':>5}{'ours ms':>10}{'hf ms':>10}{'speedup':>9}")
     gates = {"both": (False, True), "head": (False,), "channel": (True,)}[args.gate]
     for per_channel in gates:

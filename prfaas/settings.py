@@ -31,6 +31,7 @@ class NodeSettings:
     hardware: str
     metrics_port: int
     log_level: str
+    convertible: bool = False   # serves prefill and decode; the router may switch its role
 
 
 def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
@@ -50,6 +51,8 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--hardware", default=_env("HARDWARE", "cpu"))
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p.add_argument("--convertible", action="store_true", default=_env("CONVERTIBLE", "") in ("1", "true"),
+                   help="serve both prefill and decode, so the router can convert this node's role")
 
 
 def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSettings:
@@ -61,7 +64,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
         listen=a.listen, advertise=a.advertise, cachepool=a.cachepool, model=a.model, dtype=a.dtype,
         block_size=a.block_size, kv_blocks=a.kv_blocks, state_slots=a.state_slots,
         kv_connections=a.kv_connections, max_batch=a.max_batch, transfer_timeout_s=a.transfer_timeout_s,
-        hardware=a.hardware, metrics_port=a.metrics_port, log_level=a.log_level,
+        hardware=a.hardware, metrics_port=a.metrics_port, log_level=a.log_level, convertible=a.convertible,
     )
 
 
@@ -77,6 +80,8 @@ class RouterSettings:
     kv_connections: int
     transfer_timeout_s: float
     refresh_s: float
+    control_interval_s: float    # short-term controller period; 0 turns the control loop off
+    role_interval_s: float       # long-term controller period
     metrics_port: int
     log_level: str
 
@@ -93,6 +98,8 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
     p.add_argument("--kv-connections", type=int, default=int(_env("KV_CONNECTIONS", "0")))
     p.add_argument("--transfer-timeout-s", type=float, default=float(_env("TRANSFER_TIMEOUT_S", "30")))
     p.add_argument("--refresh-s", type=float, default=float(_env("REFRESH_S", "0.5")))
+    p.add_argument("--control-interval-s", type=float, default=float(_env("CONTROL_INTERVAL_S", "2")))
+    p.add_argument("--role-interval-s", type=float, default=float(_env("ROLE_INTERVAL_S", "30")))
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -100,5 +107,6 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
         listen=a.listen, cachepool=a.cachepool, model=a.model, policy=a.policy,
         threshold_tokens=a.threshold_tokens, bandwidth_mode=a.bandwidth_mode, link_gbps=a.link_gbps,
         kv_connections=a.kv_connections, transfer_timeout_s=a.transfer_timeout_s, refresh_s=a.refresh_s,
+        control_interval_s=a.control_interval_s, role_interval_s=a.role_interval_s,
         metrics_port=a.metrics_port, log_level=a.log_level,
     )

@@ -31,6 +31,8 @@ class ClusterSpec:
     policy: str = "prfaas"
     threshold_tokens: int = 256
     kv_connections: int = 4
+    convertible_local: bool = True   # local nodes serve both roles, so the router may convert them
+    link_gbps: float = 10.0          # the PrfaaS -> local link capacity the router's controller assumes
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -103,12 +105,16 @@ class LocalCluster:
         nodes = [(f"prfaas-p{i}", "services.prefill", "prfaas") for i in range(s.prfaas_prefill)]
         nodes += [(f"local-p{i}", "services.prefill", "local") for i in range(s.local_prefill)]
         nodes += [(f"local-d{i}", "services.decode", "local") for i in range(s.local_decode)]
-        started = [self._start(n, mod, [*common, "--node-id", n, "--cluster", c]) for n, mod, c in nodes]
+        started = [
+            self._start(n, mod, [*common, "--node-id", n, "--cluster", c,
+                                 *(["--convertible"] if c == "local" and s.convertible_local else [])])
+            for n, mod, c in nodes
+        ]
         for p in started:
             self._wait_listening(p)
         router = self._start("router", "services.router", [
             "--listen", "127.0.0.1:0", "--cachepool", self.cachepool_address, "--model", self.model,
-            "--policy", s.policy, "--threshold-tokens", str(s.threshold_tokens),
+            "--policy", s.policy, "--threshold-tokens", str(s.threshold_tokens), "--link-gbps", str(s.link_gbps),
         ])
         self.router_address = self._wait_listening(router)
         asyncio.run(self._wait_registered(len(nodes)))

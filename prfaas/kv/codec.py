@@ -36,7 +36,7 @@ WIRE_EXACT = ""      # payload in the layout's dtype
 WIRE_INT8 = "int8"   # full-attention payloads as int8 with per-row float32 scales
 WIRE_DTYPES = (WIRE_EXACT, WIRE_INT8)
 
-DEFAULT_MAX_CHUNK_BYTES = 1 << 20   # chosen by bench/transport.py (docs/transport.md)
+DEFAULT_MAX_CHUNK_BYTES = 256 << 10  # chosen by bench/transport.py (docs/transport.md)
 
 
 class KvKind(IntEnum):

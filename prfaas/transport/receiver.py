@@ -173,20 +173,30 @@ class KvReceiver:
         try:
             self._accept(t, chunk)
         except CodecError as e:
-            raise self._fail(t, TransferError(e.code, f"transfer {t.transfer_id}: {e}"))  # type: ignore[arg-type]
+            err = TransferError(e.code, f"transfer {t.transfer_id}: {e}")  # type: ignore[arg-type]
+            raise self._fail(t, err) from None
         except TransferError as e:
-            raise self._fail(t, e)
+            raise self._fail(t, e) from None
         except Exception as e:  # a sink that refuses (e.g. out of its blocks)
-            raise self._fail(t, TransferError("INTERNAL", f"transfer {t.transfer_id}: {e!r}"))
+            raise self._fail(t, TransferError("INTERNAL", f"transfer {t.transfer_id}: {e!r}")) from e
         if t._complete():
             if t.chunks != t.total_chunks:
-                raise self._fail(t, TransferError(
-                    "INVALID_ARGUMENT", f"transfer {t.transfer_id}: complete after {t.chunks} of {t.total_chunks} chunks"))
+                raise self._fail(
+                    t,
+                    TransferError(
+                        "INVALID_ARGUMENT",
+                        f"transfer {t.transfer_id}: complete after {t.chunks} of {t.total_chunks} chunks",
+                    ),
+                )
             self._finish(t)
             t.future.set_result(t.first_token)  # type: ignore[arg-type]
         elif t.chunks == t.total_chunks:
-            raise self._fail(t, TransferError(
-                "INVALID_ARGUMENT", f"transfer {t.transfer_id}: all {t.chunks} chunks arrived but KV is missing"))
+            raise self._fail(
+                t,
+                TransferError(
+                    "INVALID_ARGUMENT", f"transfer {t.transfer_id}: all {t.chunks} chunks arrived but KV is missing"
+                ),
+            )
         return chunk.nbytes
 
     # --- internals ----------------------------------------------------------------------------
@@ -195,9 +205,13 @@ class KvReceiver:
         if t.total_chunks is None:
             t.total_chunks = chunk.total_chunks
         elif chunk.total_chunks != t.total_chunks:
-            raise TransferError("INVALID_ARGUMENT", f"transfer {tid}: total_chunks {chunk.total_chunks} != {t.total_chunks}")
+            raise TransferError(
+                "INVALID_ARGUMENT", f"transfer {tid}: total_chunks {chunk.total_chunks} != {t.total_chunks}"
+            )
         if chunk.seq >= chunk.total_chunks:
-            raise TransferError("INVALID_ARGUMENT", f"transfer {tid}: seq {chunk.seq} >= total_chunks {chunk.total_chunks}")
+            raise TransferError(
+                "INVALID_ARGUMENT", f"transfer {tid}: seq {chunk.seq} >= total_chunks {chunk.total_chunks}"
+            )
         if chunk.seq in t.seqs:
             raise TransferError("ALREADY_EXISTS", f"transfer {tid}: duplicate seq {chunk.seq}")
         if chunk.kind == KvKind.FIRST_TOKEN:
@@ -212,7 +226,9 @@ class KvReceiver:
                 t.sink.write_full(piece.layer, piece.kind, piece.token_start, piece.token_end, piece.tensor)
             else:
                 if key in t.states:
-                    raise TransferError("ALREADY_EXISTS", f"transfer {tid}: second {piece.kind.name} for layer {piece.layer}")
+                    raise TransferError(
+                        "ALREADY_EXISTS", f"transfer {tid}: second {piece.kind.name} for layer {piece.layer}"
+                    )
                 t.states.add(key)
                 t.sink.write_linear(piece.layer, piece.kind, piece.tensor)
         t.seqs.add(chunk.seq)
@@ -224,12 +240,15 @@ class KvReceiver:
         if start < t.skip_tokens or end > t.prompt_tokens:
             raise TransferError(
                 "INVALID_ARGUMENT",
-                f"transfer {t.transfer_id}: tokens [{start}, {end}) outside [{t.skip_tokens}, {t.prompt_tokens})")
+                f"transfer {t.transfer_id}: tokens [{start}, {end}) outside [{t.skip_tokens}, {t.prompt_tokens})",
+            )
         ranges = t.ranges.setdefault(key, [])
         i = bisect.bisect_left(ranges, (start, end))
         if (i > 0 and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
             raise TransferError(
-                "ALREADY_EXISTS", f"transfer {t.transfer_id}: layer {key[0]} {key[1].name} tokens [{start}, {end}) overlap")
+                "ALREADY_EXISTS",
+                f"transfer {t.transfer_id}: layer {key[0]} {key[1].name} tokens [{start}, {end}) overlap",
+            )
         ranges.insert(i, (start, end))
         t.covered[key] = t.covered.get(key, 0) + end - start
 
@@ -251,5 +270,9 @@ class KvReceiver:
     def _expire(self, transfer_id: str) -> None:
         t = self._transfers.get(transfer_id)
         if t is not None:
-            self._fail(t, TransferError(
-                "DEADLINE_EXCEEDED", f"transfer {transfer_id}: {t.chunks} chunks arrived before the deadline"))
+            self._fail(
+                t,
+                TransferError(
+                    "DEADLINE_EXCEEDED", f"transfer {transfer_id}: {t.chunks} chunks arrived before the deadline"
+                ),
+            )

@@ -40,7 +40,7 @@ from prfaas.transport.servicer import CODE_OF, PUSH_KV
 from prfaas.transport.stats import GLOBAL, LinkStats
 from prfaas.v1 import decode_pb2
 
-DEFAULT_CONNECTIONS = 4     # chosen by bench/transport.py (docs/transport.md)
+DEFAULT_CONNECTIONS = 8     # chosen by bench/transport.py (docs/transport.md)
 DEFAULT_QUEUE_CHUNKS = 4    # per connection: what `push` may run ahead of the network
 
 CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -199,7 +199,9 @@ class KvSender:
         return TransferStats(self._bytes, self._wire_bytes, self._seq, seconds, len(self._conns))
 
     async def abort(self) -> None:
-        """Cancels every stream (the receiver then drops the transfer) and closes owned channels."""
+        """Cancels every stream and closes owned channels. A cancelled stream looks like a closed
+        one to the receiver (gRPC Python reports EOF), so the decode side drops the transfer when
+        the router cancels its Admit (`Transfer.wait()` cancelled) or at the deadline."""
         if self._closed:
             return
         for c in self._conns:
@@ -248,7 +250,7 @@ class KvSender:
             conn.drained = True
             await conn.call.done_writing()
             return await conn.call
-        except asyncio.CancelledError as e:
+        except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # abort() stops this writer
                 raise

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,24 +54,19 @@ class PushKvServicer:
     def __init__(self, receiver: KvReceiver) -> None:
         self.receiver = receiver
 
-    async def PushKv(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> decode_pb2.KvAck:
+    async def PushKv(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> decode_pb2.KvAck:
         chunks = nbytes = 0
-        seen: set[str] = set()
-        try:
-            async for msg in request_iterator:
-                try:
-                    if isinstance(msg, CodecError):
-                        raise TransferError(msg.code, str(msg))  # type: ignore[arg-type]
-                    chunk = msg if isinstance(msg, WireChunk) else chunk_from_message(msg)
-                    seen.add(chunk.transfer_id)
-                    nbytes += self.receiver.on_chunk(chunk)
-                except TransferError as e:
-                    await context.abort(STATUS_OF[e.code], e.message)
-                chunks += 1
-        except asyncio.CancelledError:  # the sender aborted or its connection broke
-            for tid in seen:
-                self.receiver.cancel(tid, "the sender's stream was cancelled")
-            raise
+        async for msg in request_iterator:
+            try:
+                if isinstance(msg, CodecError):
+                    raise TransferError(msg.code, str(msg))  # type: ignore[arg-type]
+                chunk = msg if isinstance(msg, WireChunk) else chunk_from_message(msg)
+                nbytes += self.receiver.on_chunk(chunk)
+            except TransferError as e:
+                await context.abort(STATUS_OF[e.code], e.message)
+            chunks += 1
         return decode_pb2.KvAck(chunks=chunks, bytes=nbytes)
 
     def method_handler(self) -> grpc.RpcMethodHandler:

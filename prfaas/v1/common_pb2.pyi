@@ -78,3 +78,17 @@ class NodeLoad(_message.Message):
     egress_bytes_per_s: float
     tokens_per_s: float
     def __init__(self, free_blocks: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., egress_bytes_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    def __init__(self, role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("previous", "role")
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    previous: Role
+    role: Role
+    def __init__(self, previous: _Optional[_Union[Role, str]] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,84 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class NodeControlStub:
+    """Served by every prefill and decode node: the long-term controller converts a local node
+    between PREFILL and DECODE. A node started convertible serves both; in-flight requests of the
+    old role run to completion (drain) while new work follows the new role.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetRole = channel.unary_unary(
+                '/prfaas.v1.NodeControl/SetRole',
+                request_serializer=prfaas_dot_v1_dot_common__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=prfaas_dot_v1_dot_common__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
+
+
+class NodeControlServicer:
+    """Served by every prefill and decode node: the long-term controller converts a local node
+    between PREFILL and DECODE. A node started convertible serves both; in-flight requests of the
+    old role run to completion (drain) while new work follows the new role.
+    """
+
+    def SetRole(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=prfaas_dot_v1_dot_common__pb2.SetRoleRequest.FromString,
+                    response_serializer=prfaas_dot_v1_dot_common__pb2.SetRoleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'prfaas.v1.NodeControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('prfaas.v1.NodeControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeControl:
+    """Served by every prefill and decode node: the long-term controller converts a local node
+    between PREFILL and DECODE. A node started convertible serves both; in-flight requests of the
+    old role run to completion (drain) while new work follows the new role.
+    """
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prfaas.v1.NodeControl/SetRole',
+            prfaas_dot_v1_dot_common__pb2.SetRoleRequest.SerializeToString,
+            prfaas_dot_v1_dot_common__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -66,7 +66,8 @@ class _ExecutorSink:
 
 class DecodeNode:
     def __init__(self, node_id: str, executor: Executor, receiver: KvReceiver, max_batch: int = 32,
-                 transfer_timeout_s: float = 30.0) -> None:
+                 transfer_timeout_s: float = 30.0, compute_lock: asyncio.Lock | None = None) -> None:
+        self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
         self._running: dict[str, tuple[Sequence, asyncio.Queue[TokenBatch]]] = {}
@@ -144,7 +145,11 @@ class DecodeNode:
             ready = ex.prepare_decode(seqs)  # allocation stays on the loop thread
             self._stepping = {id(s) for s in ready}
             try:
-                await asyncio.to_thread(ex.run_decode, ready)
+                if self._compute is None:
+                    await asyncio.to_thread(ex.run_decode, ready)
+                else:
+                    async with self._compute:
+                        await asyncio.to_thread(ex.run_decode, ready)
             except Exception as e:  # a failed step finishes its requests rather than hanging them
                 log.error("decode_step_failed", error=repr(e))
                 for s in ready:

@@ -59,9 +59,11 @@ SenderFactory = Callable[[PrefillJob], KvPush]
 
 
 class PrefillNode:
-    def __init__(self, node_id: str, executor: Executor, sender_factory: SenderFactory) -> None:
+    def __init__(self, node_id: str, executor: Executor, sender_factory: SenderFactory,
+                 compute_lock: asyncio.Lock | None = None) -> None:
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
-        self._compute = asyncio.Lock()  # one prefill computes at a time; others queue
+        # one prefill computes at a time, others queue; shared with a decode core on a convertible node
+        self._compute = compute_lock or asyncio.Lock()
         self.queue_depth = 0
         self.running = 0
         self.bytes_sent = 0

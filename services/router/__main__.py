@@ -4,62 +4,83 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from prfaas.cluster.client import CachePoolClient
 from prfaas.engine.tokenizer import load_tokenizer
+from prfaas.kv.layout import KvLayout
 from prfaas.model.config import ModelConfig
 from prfaas.model.presets import resolve_model
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
-from prfaas.scheduling.policy import HomogeneousPolicy, NaivePolicy, PrfaasPolicy, RoutingPolicy
+from prfaas.rpc import insecure_channel
+from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
-from prfaas.v1 import router_pb2, router_pb2_grpc
+from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
 from services.common.bootstrap import serve
 from services.router.clients import GrpcNodeClients
-from services.router.core import Router
+from services.router.control import ControlLoop
+from services.router.core import Node, Router
 from services.router.directory import CachePoolDirectory
 from services.router.server import RouterServicer
 
 log = get_logger(__name__)
 
+GBPS = 1e9 / 8
 
-def make_policy(s: RouterSettings) -> RoutingPolicy:
-    if s.policy == "homogeneous":
-        return HomogeneousPolicy()
-    if s.policy == "naive":
-        return NaivePolicy()
-    return PrfaasPolicy(s.threshold_tokens, s.bandwidth_mode)  # type: ignore[arg-type]
+
+async def set_role(node: Node, role: str) -> None:
+    """NodeControl.SetRole on a local node (FAILED_PRECONDITION if it was not started convertible)."""
+    async with insecure_channel(node.address) as ch:
+        pb_role = common_pb2.PREFILL if role == "prefill" else common_pb2.DECODE
+        await common_pb2_grpc.NodeControlStub(ch).SetRole(common_pb2.SetRoleRequest(role=pb_role), timeout=5)
 
 
 async def main(s: RouterSettings) -> None:
     configure("router", s.log_level)
     model_dir = resolve_model(s.model)
-    tokenizer = load_tokenizer(model_dir, ModelConfig.from_dir(model_dir).vocab_size)
+    config = ModelConfig.from_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.vocab_size)
     pool = CachePoolClient(s.cachepool)
     clients = GrpcNodeClients()
-    router = Router(CachePoolDirectory(pool, s.refresh_s), clients, make_policy(s), tokenizer,
+    directory = CachePoolDirectory(pool, s.refresh_s)
+    policy = make_policy(s.policy, s.threshold_tokens, s.bandwidth_mode)
+    router = Router(directory, clients, policy, tokenizer,
                     transfer_timeout_s=s.transfer_timeout_s, num_connections=s.kv_connections)
+    control = None
+    if s.control_interval_s > 0:
+        control = ControlLoop(directory, policy, KvLayout(config).kv_bytes, s.link_gbps * GBPS, set_role,
+                              s.control_interval_s, s.role_interval_s)
+        router.observers.append(control.on_decision)
+        router.prefill_observers.append(control.on_prefill)
 
-    def observe(decision, prompt_tokens: int, ttft_s: float) -> None:  # type: ignore[no-untyped-def]
+    def observe(decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
         metrics.ROUTING_DECISIONS.labels(decision.route).inc()
         metrics.TTFT_SECONDS.labels(decision.route).observe(ttft_s)
         metrics.PREFIX_HIT_TOKENS.labels(decision.route).inc(decision.cached_tokens)
         metrics.PREFIX_QUERY_TOKENS.inc(prompt_tokens)
-        metrics.THRESHOLD_TOKENS.set(getattr(router.policy, "threshold", 0.0))
+        metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
 
     router.observers.append(observe)
-    metrics.THRESHOLD_TOKENS.set(getattr(router.policy, "threshold", 0.0))
-    log.info("policy", policy=s.policy, threshold_tokens=getattr(router.policy, "threshold", None),
-             bandwidth_mode=s.bandwidth_mode)
+    metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+    log.info("policy", policy=s.policy, threshold_tokens=getattr(policy, "threshold", None),
+             bandwidth_mode=s.bandwidth_mode, link_gbps=s.link_gbps, control_loop=control is not None)
 
-    def add(server):  # type: ignore[no-untyped-def]
+    def add(server: grpc.aio.Server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
+    async def started(address: str) -> None:
+        if control is not None:
+            control.start()
+
     async def stopping() -> None:
+        if control is not None:
+            await control.stop()
         await clients.close()
         await pool.close()
 
-    await serve(s.listen, add, None, stopping, s.metrics_port)
+    await serve(s.listen, add, started, stopping, s.metrics_port)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,8 @@ class Node:
     queue_depth: int = 0
     running: int = 0
     free_blocks: int = 1 << 30
+    egress_bytes_per_s: float = 0.0
+    capacity_slots: int = 0
 
 
 class Directory(Protocol):
@@ -107,7 +109,8 @@ class Router:
         self.max_attempts, self.transfer_timeout_s, self.num_connections = max_attempts, transfer_timeout_s, num_connections
         self.stats = RouterStats()
         self._ids = itertools.count()
-        self.observers: list = []  # callables(decision, prompt_tokens, ttft_s): controllers, metrics
+        self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # controllers, metrics
+        self.prefill_observers: list[Callable[[str, int, float], None]] = []   # (cluster, tokens, prefill_s)
 
     def _prompt_ids(self, req: GenerateInput) -> list[int]:
         if req.prompt and req.token_ids:
@@ -184,7 +187,7 @@ class Router:
                 request_id, reserved.transfer_id, prompt, params, decode_node.address,
                 self.num_connections, reserved.wire_dtype, time.time() + self.transfer_timeout_s,
             )
-            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job))
+            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job, d))
             try:
                 first = await self._first_tokens(admit, prefill_task)
             except BaseException:
@@ -208,13 +211,15 @@ class Router:
                     break
             await asyncio.gather(prefill_task, return_exceptions=True)
 
-    async def _run_prefill(self, address: str, job: PrefillJob) -> Done:
+    async def _run_prefill(self, address: str, job: PrefillJob, d: RouteDecision) -> Done:
         done: Done | None = None
         async for ev in self.clients.prefill(address, job):
             if isinstance(ev, Done):
                 done = ev
         if done is None:
             raise ConnectionError("the prefill stream ended without a result")
+        for obs in self.prefill_observers:
+            obs(d.route, d.uncached_tokens, done.prefill_s)
         return done
 
     async def _first_tokens(self, admit: AsyncIterator[Reserved | TokenBatch], prefill: asyncio.Task[Done]) -> TokenBatch:

@@ -83,7 +83,7 @@ def test_chunk_matches_naive(gate: str, dtype: torch.dtype, shape: tuple[int, ..
 
 
 @pytest.mark.parametrize("gate", ["head", "channel"])
-@pytest.mark.parametrize("chunk_size", [16, 32, 128])
+@pytest.mark.parametrize("chunk_size", [16, 32, 64, 128])
 def test_chunk_sizes(gate: str, chunk_size: int) -> None:
     q, k, v, g, beta = make_inputs(1, 150, 2, 32, 32, gate)
     o_ref, s_ref = naive_delta_rule(q, k, v, g, beta, 0.2)

@@ -11,16 +11,34 @@ from prfaas.kv.layout import STATE_DTYPE, KvLayout
 from prfaas.model.config import ModelConfig
 
 QWEN3_NEXT = {
-    "model_type": "qwen3_next", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    "model_type": "qwen3_next",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
     "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
 }
 KIMI_LINEAR = {
-    "model_type": "kimi_linear", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8, "v_head_dim": 16, "linear_num_heads": 2, "linear_head_dim": 16,
+    "model_type": "kimi_linear",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "linear_num_heads": 2,
+    "linear_head_dim": 16,
     "linear_conv_kernel_dim": 4,
     "layer_types": ["linear_attention", "linear_attention", "full_attention", "full_attention"],
 }
@@ -46,7 +64,9 @@ def make_pieces(layout: KvLayout, prompt_tokens: int, skip_tokens: int = 0, seed
                 out.append(KvPiece(layer, kind, 0, 0, t))
             else:
                 shape = (n, *layout.full_layer(layer).token_shape)
-                out.append(KvPiece(layer, kind, skip_tokens, prompt_tokens, torch.randn(shape, generator=gen).to(layout.dtype)))
+                out.append(
+                    KvPiece(layer, kind, skip_tokens, prompt_tokens, torch.randn(shape, generator=gen).to(layout.dtype))
+                )
     return out
 
 

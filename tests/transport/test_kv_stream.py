@@ -172,8 +172,11 @@ async def test_sender_abort_and_receiver_cancel_release(decode_node):
     await sender.push(make_pieces(layout, 256)[2])
     await asyncio.sleep(0.1)  # the chunk reaches the receiver
     await sender.abort()
+    with pytest.raises(TransferError):
+        await sender.push(make_pieces(layout, 256)[3])
+    assert receiver.cancel("ab")  # the decode side learns of the failure through the router
     with pytest.raises(TransferError) as e:
-        await asyncio.wait_for(transfer.wait(), 5)
+        await transfer.wait()
     assert e.value.code == "CANCELLED" and sink.released
     waiter_sink = MemorySink()
     waiter = asyncio.create_task(receiver.expect("w", layout, 16, 0, waiter_sink, 10).wait())

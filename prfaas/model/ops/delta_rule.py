@@ -17,15 +17,20 @@ lower-triangular system (the UT transform):
 
     (I + A) delta = beta v - (beta k e^b) S0,   A_ij = beta_i sum_c k_ic k_jc e^(b_ic - b_jc), j < i
 
-so delta = U - W S0, with U and W solved for every chunk at once. The chunk's outputs and end
-state are then affine in S0; only the (K, K) x (K, V) step from one chunk's start state to the
-next runs sequentially.
+so delta = U - W S0, with U and W solved for every chunk at once. Only the carry of the state
+from one chunk to the next runs sequentially (two matmuls per chunk); the outputs of all chunks
+then come from their start states in one batched matmul. For a per-channel decay the pairwise
+factors e^(b_i - b_j) are never split as e^(b_i) e^(-b_j), which overflows for strong decays
+(see `_decayed_dots`).
 """
 
 from __future__ import annotations
 
 import torch
 
+# Fastest on CPU (bench/ops.py, T = 4096): the per-channel decay's intra-chunk work grows with C.
+CHUNK_PER_HEAD = 64
+CHUNK_PER_CHANNEL = 32
 SUB_CHUNKS = (8, 1)  # per-channel decay: nested block sizes inside a chunk (see _decayed_dots)
 SLAB_ELEMENTS = 1 << 24  # bound on the largest intra-chunk temporary, in float32 elements
 
@@ -87,17 +92,18 @@ def chunk_delta_rule(
     beta: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked prefill. q, k (B, T, H, K), v (B, T, H, V), g (B, T, H) or (B, T, H, K), beta (B, T, H),
-    initial_state (B, H, K, V) or None. Returns (o (B, T, H, V) in q's dtype, state (B, H, K, V) float32)."""
+    initial_state (B, H, K, V) or None (zeros); chunk_size None picks the measured best for the
+    gate kind. Returns (o (B, T, H, V) in q's dtype, final state (B, H, K, V) float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = q.dtype
     per_channel = g.dim() == 4
-    if per_channel and chunk_size % SUB_CHUNKS[0]:
-        raise ValueError(f"chunk_size {chunk_size} is not a multiple of {SUB_CHUNKS[0]}")
-    C = chunk_size
+    C = chunk_size or (CHUNK_PER_CHANNEL if per_channel else CHUNK_PER_HEAD)
+    if per_channel and C % SUB_CHUNKS[0]:
+        raise ValueError(f"chunk_size {C} is not a multiple of {SUB_CHUNKS[0]}")
     N = -(-T // C)
     G = B * H
 
@@ -113,7 +119,7 @@ def chunk_delta_rule(
     U = q.new_empty(N, G, C, V)
     W = q.new_empty(N, G, C, K)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    per_chunk = G * C * (K * (2 * C // SUB_CHUNKS[0] + 8) if per_channel else 3 * C + 2 * (K + V))
+    per_chunk = G * C * (3 * C + 2 * (K + V))
     slab = max(1, SLAB_ELEMENTS // per_chunk)
     pairwise = _pairwise_per_channel if per_channel else _pairwise_per_head
     for n0 in range(0, N, slab):
@@ -169,9 +175,9 @@ def _unchunked(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
 def _pairwise_per_head(
     q: torch.Tensor, k: torch.Tensor, kb: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_ij = kb_i . k_j e^(b_i - b_j) and P_ij = q_i . k_j e^(b_i - b_j) for j <= i, (G, n, C, C);
-    b is (G, n, C). The diagonal of A is left in: the solve takes it as one."""
-    C = q.shape[2]
+    """A_ij = kb_i . k_j e^(b_i - b_j) and P_ij = q_i . k_j e^(b_i - b_j) for j <= i, else 0:
+    (..., C, C) from (..., C, K) and b (..., C). The diagonal of A stays: the solve reads it as 1."""
+    C = q.shape[-2]
     upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()  # (G, n, C, C)
     kt = k.transpose(-1, -2)
@@ -181,7 +187,7 @@ def _pairwise_per_head(
 def _pairwise_per_channel(
     q: torch.Tensor, k: torch.Tensor, kb: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `_pairwise_per_head` with b (G, n, C, K): the decay e^(b_ic - b_jc) differs per channel."""
+    """As `_pairwise_per_head` with b (..., C, K): the decay e^(b_ic - b_jc) differs per channel."""
     A, P = _decayed_dots([kb, q], k, b, SUB_CHUNKS)
     return A, P
 
@@ -210,6 +216,6 @@ def _decayed_dots(
             out[..., r : r + s, :r] = (x[..., r : r + s, :] * x_to) @ y_from
     blocked = [*lead, m, s, K]
     inner = _decayed_dots([x.view(blocked) for x in xs], y.view(blocked), b.view(blocked), sizes[1:])
-    for out, block in zip(outs, inner, strict=True):  # block: (..., m, s, s) -> the diagonal blocks of out
+    for out, block in zip(outs, inner, strict=True):  # (..., m, s, s) -> the diagonal blocks of out
         torch.diagonal(out.view(*lead, m, s, m, s), dim1=-4, dim2=-2).copy_(block.movedim(-3, -1))
     return outs

@@ -1,0 +1,239 @@
+"""KV transport goodput on loopback: KvSender -> gRPC PushKv -> KvReceiver in another process,
+against a raw asyncio TCP socket moving the same bytes (write + drain / sock_recv_into).
+
+    .venv/bin/python bench/transport.py [--tokens 16384] [--reps 3]
+
+Prints progress and one table of ratios, all measured in this run (compare ratios, not GB/s).
+The receiver verifies every chunk (CRC32, layout) and hands it to a sink that drops it, so the
+figure excludes the decode pool's own copy. Results: docs/transport.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from prfaas.kv.codec import KvPiece, kinds_of_layer  # noqa: E402
+from prfaas.kv.layout import STATE_DTYPE, KvLayout  # noqa: E402
+from prfaas.model.config import ModelConfig  # noqa: E402
+
+MODEL = {  # qwen3_next-style: 8 full GQA layers (2 kv heads x 128) + 24 linear layers
+    "model_type": "qwen3_next",
+    "vocab_size": 1000,
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "linear_num_key_heads": 8,
+    "linear_num_value_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 4,
+}
+TRANSFERS_PER_SERVER = 200
+
+
+def layout() -> KvLayout:
+    return KvLayout(ModelConfig.from_dict(dict(MODEL)), block_size=16, dtype=torch.bfloat16)
+
+
+def pieces(lay: KvLayout, tokens: int) -> list[KvPiece]:
+    out = []
+    for layer in range(lay.config.num_layers):
+        for kind in kinds_of_layer(lay, layer):
+            if kind.name == "LINEAR_RECURRENT":
+                out.append(
+                    KvPiece(layer, kind, 0, 0, torch.randn(lay.linear_layer(layer).recurrent_shape, dtype=STATE_DTYPE))
+                )
+            elif kind.name == "LINEAR_CONV":
+                out.append(KvPiece(layer, kind, 0, 0, torch.randn(lay.linear_layer(layer).conv_shape).to(lay.dtype)))
+            else:
+                shape = (tokens, *lay.full_layer(layer).token_shape)
+                out.append(KvPiece(layer, kind, 0, tokens, torch.randn(shape).to(lay.dtype)))
+    return out
+
+
+# --- servers (child processes) -------------------------------------------------------------------
+class NullSink:
+    def write_full(self, *args: object) -> None: ...
+    def write_linear(self, *args: object) -> None: ...
+    def release(self) -> None: ...
+
+
+async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int]) -> None:
+    from prfaas.rpc import new_server
+    from prfaas.transport.receiver import KvReceiver
+    from prfaas.transport.servicer import SERVER_OPTIONS, PushKvServicer, add_push_kv_only
+
+    receiver, lay = KvReceiver(), layout()
+    for mcb in chunk_bytes:
+        for i in range(TRANSFERS_PER_SERVER):
+            receiver.expect(f"{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
+    server = new_server(SERVER_OPTIONS)
+    add_push_kv_only(server, PushKvServicer(receiver))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def serve_raw(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    lsock = socket.create_server(("127.0.0.1", port))
+    lsock.setblocking(False)
+    print("ready", flush=True)
+
+    async def drain(conn: socket.socket) -> None:
+        buf = bytearray(4 << 20)
+        while await loop.sock_recv_into(conn, buf):
+            pass
+        conn.close()
+
+    while True:
+        conn, _ = await loop.sock_accept(lsock)
+        conn.setblocking(False)
+        asyncio.ensure_future(drain(conn))
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- clients -------------------------------------------------------------------------------------
+async def run_raw(port: int, data: list[memoryview], connections: int) -> float:
+    streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        _, w = streams[i]
+        for block in data[i::connections]:
+            w.write(block)
+            await w.drain()
+        w.close()
+        await w.wait_closed()
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return time.perf_counter() - t0
+
+
+async def run_grpc(
+    address: str,
+    lay: KvLayout,
+    ps: list[KvPiece],
+    tokens: int,
+    tid: str,
+    connections: int,
+    chunk_bytes: int,
+    channels: object,
+) -> float:
+    from prfaas.transport.sender import KvSender
+
+    sender = KvSender(
+        address,
+        tid,
+        lay,
+        prompt_tokens=tokens,
+        num_connections=connections,
+        max_chunk_bytes=chunk_bytes,
+        channels=channels,
+        stats=None,
+    )  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    for p in ps:
+        await sender.push(p)
+    await sender.finish(1)
+    return time.perf_counter() - t0
+
+
+async def main(args: argparse.Namespace) -> None:
+    from prfaas.transport.sender import KvChannels
+
+    lay = layout()
+    ps = pieces(lay, args.tokens)
+    nbytes = sum(p.tensor.nbytes for p in ps)
+    raw_blocks = [memoryview(bytes(4 << 20)) for _ in range(nbytes // (4 << 20))]
+    print(
+        f"transfer: {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, {len(lay.full_layers)} full + "
+        f"{len(lay.linear_layers)} linear layers, bf16); {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    chunk_sizes = [256 << 10, 1 << 20, 4 << 20]
+    gport, rport = free_port(), free_port()
+    procs = [
+        spawn("--serve-grpc", str(gport), "--tokens", str(args.tokens), "--chunks", *map(str, chunk_sizes)),
+        spawn("--serve-raw", str(rport)),
+    ]
+    results: dict[str, float] = {}
+    counter: dict[int, int] = {}
+    try:
+
+        async def best(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+            secs = min([await fn() for _ in range(args.reps)])
+            results[name] = nbytes / secs
+            print(f"  {name:<34} {results[name] / 1e9:6.2f} GB/s", flush=True)
+
+        def grpc_run(conns: int, cb: int, pool: KvChannels):  # type: ignore[no-untyped-def]
+            async def go() -> float:
+                counter[cb] = counter.get(cb, -1) + 1
+                return await run_grpc(
+                    f"127.0.0.1:{gport}", lay, ps, args.tokens, f"{cb}-{counter[cb]}", conns, cb, pool
+                )
+
+            return go
+
+        for conns in (1, 4):
+            await best(f"raw TCP, {conns} conn", lambda c=conns: run_raw(rport, raw_blocks, c))
+        for conns in (1, 2, 4, 8):
+            pool = KvChannels(conns)
+            await grpc_run(conns, 1 << 20, pool)()  # warm the connections
+            await best(f"KvSender, {conns} conn, 1 MiB chunks", grpc_run(conns, 1 << 20, pool))
+            await pool.close()
+        for cb in (256 << 10, 4 << 20):
+            pool = KvChannels(4)
+            await grpc_run(4, cb, pool)()
+            await best(f"KvSender, 4 conn, {cb >> 10} KiB chunks", grpc_run(4, cb, pool))
+            await pool.close()
+    finally:
+        for p in procs:
+            p.kill()
+    raw = results["raw TCP, 1 conn"]
+    print("\n| transport | GB/s | vs raw TCP (1 conn) |\n|---|---|---|")
+    for name, v in results.items():
+        print(f"| {name} | {v / 1e9:.2f} | {v / raw:.2f} |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--serve-grpc", type=int)
+    ap.add_argument("--serve-raw", type=int)
+    ap.add_argument("--chunks", type=int, nargs="*", default=[])
+    a = ap.parse_args()
+    if a.serve_grpc:
+        asyncio.run(serve_grpc(a.serve_grpc, a.tokens, a.chunks))
+    elif a.serve_raw:
+        asyncio.run(serve_raw(a.serve_raw))
+    else:
+        asyncio.run(main(a))

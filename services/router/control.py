@@ -1,0 +1,139 @@
+"""The router's control loop: the paper's two timescales on the live system.
+
+Every `interval_s` the short-term controller sees the PrfaaS egress (bytes the PrfaaS prefill nodes
+report sending) against the configured link capacity and the PrfaaS queue, and may move the policy's
+threshold `t`. Every `long_interval_s` the long-term controller sees the local prefill and decode
+stages and may convert a local node between prefill and decode (through `RoleSetter`). Both use the
+same controller objects as the simulator. Profiles come from the live system: `S_kv(l)` from the KV
+layout, `T_prefill(l)` learned from the prefill nodes' reported prefill times.
+No gRPC here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from prfaas.obs import metrics
+from prfaas.obs.log import get_logger
+from prfaas.scheduling.controller import (
+    LinkObservation,
+    LongTermController,
+    ShortTermController,
+    StageObservation,
+)
+from prfaas.scheduling.model import Deployment, SystemProfile
+from prfaas.scheduling.online import OnlinePrefillProfile
+from prfaas.scheduling.policy import NodeView, RouteDecision
+from prfaas.scheduling.profiles import Profile
+from services.router.core import Directory, Node
+
+log = get_logger(__name__)
+
+RoleSetter = Callable[[Node, str], Awaitable[None]]
+KV_GRID = [2**i for i in range(4, 21)]
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        directory: Directory,
+        policy: object,
+        kv_bytes: Callable[[int], int],
+        link_bytes_per_s: float,
+        set_role: RoleSetter | None = None,
+        interval_s: float = 2.0,
+        long_interval_s: float = 30.0,
+        short: ShortTermController | None = None,
+        long: LongTermController | None = None,
+    ) -> None:
+        self.directory, self.policy, self.set_role = directory, policy, set_role
+        self.link_bytes_per_s, self.interval_s, self.long_interval_s = link_bytes_per_s, interval_s, long_interval_s
+        self.prefill_times = {"prfaas": OnlinePrefillProfile(), "local": OnlinePrefillProfile()}
+        self.kv_profile = Profile.from_callable(lambda x: float(kv_bytes(int(x))), KV_GRID)
+        self.short = short
+        if self.short is None and hasattr(policy, "threshold"):
+            self.short = ShortTermController(policy, self._system(), Deployment(1, 1, 1),  # type: ignore[arg-type]
+                                             optimum=float(policy.threshold))
+        self.long = long or LongTermController()
+        self._task: asyncio.Task[None] | None = None
+        self._last_long = float("-inf")
+
+    def _system(self) -> SystemProfile:
+        return SystemProfile(
+            kv_bytes=self.kv_profile,
+            prfaas_prefill_s=self.prefill_times["prfaas"].profile(),
+            local_prefill_s=self.prefill_times["local"].profile(),
+            link_bytes_per_s=self.link_bytes_per_s,
+        )
+
+    # --- fed by the router ------------------------------------------------------------------------
+    def on_decision(self, decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
+        if self.short is not None:
+            self.short.record(time.monotonic(), decision.uncached_tokens)
+
+    def on_prefill(self, cluster: str, tokens: int, prefill_s: float) -> None:
+        if cluster in self.prefill_times:
+            self.prefill_times[cluster].record(tokens, prefill_s)
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.tick(time.monotonic())
+            except Exception as e:  # the data path must not depend on the control loop
+                log.warning("control_tick_failed", error=repr(e))
+
+    async def tick(self, now: float) -> None:
+        nodes = list(await self.directory.nodes())
+        prfaas = [n for n in nodes if n.cluster == "prfaas" and n.role == "prefill"]
+        local = [n for n in nodes if n.cluster == "local"]
+        if self.short is not None:
+            self.short.system = self._system()
+            self.short.deployment = Deployment(
+                max(len(prfaas), 1), max(sum(n.role == "prefill" for n in local), 1),
+                max(sum(n.role == "decode" for n in local), 1),
+            )
+            change = self.short.observe(LinkObservation(
+                now, sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s, self.link_bytes_per_s,
+                sum(n.queue_depth for n in prfaas),
+            ))
+            if change is not None:
+                metrics.THRESHOLD_TOKENS.set(change.new)
+                log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
+        if now - self._last_long >= self.long_interval_s:
+            self._last_long = now
+            await self._long_term(now, local)
+
+    async def _long_term(self, now: float, local: Sequence[Node]) -> None:
+        pre = [n for n in local if n.role == "prefill"]
+        dec = [n for n in local if n.role == "decode"]
+        if not pre or not dec:
+            return
+        obs = StageObservation(
+            now,
+            prefill_queue=sum(n.queue_depth for n in pre),
+            prefill_utilisation=sum(min(1.0, float(n.running)) for n in pre) / len(pre),
+            decode_queue=sum(n.queue_depth for n in dec),
+            decode_utilisation=sum(min(1.0, n.running / max(n.capacity_slots, 1)) for n in dec) / len(dec),
+        )
+        views = [NodeView(n.node_id, "local", n.role, n.queue_depth, n.running, n.free_blocks)  # type: ignore[arg-type]
+                 for n in local if n.role in ("prefill", "decode")]
+        for change in self.long.observe(obs, views):
+            node = next(n for n in local if n.node_id == change.node_id)
+            log.info("role_change", node=change.node_id, old=change.old_role, new=change.new_role, reason=change.reason)
+            if self.set_role is not None:
+                try:
+                    await self.set_role(node, change.new_role)
+                except Exception as e:
+                    log.warning("role_change_failed", node=change.node_id, error=repr(e))
