@@ -20,11 +20,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from prfaas.engine.llm import LLM, build_executor
     from prfaas.engine.sampling import InvalidRequest, SamplingParams
+    from prfaas.model.config import ModelConfigError
+    from prfaas.model.loader import CheckpointError
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    executor, tok = build_executor(args.model, dtype=dtype)
     if (args.prompt is None) == (args.token_ids is None):
         print("error: give exactly one of --prompt and --token-ids", file=sys.stderr)
+        return 2
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        executor, tok = build_executor(args.model, dtype=dtype)
+    except (ModelConfigError, CheckpointError, OSError) as e:
+        print(f"error: {args.model}: {e}", file=sys.stderr)
         return 2
     try:
         ids = tok.encode(args.prompt) if args.prompt is not None else [int(t) for t in args.token_ids.split(",") if t]
