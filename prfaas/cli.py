@@ -35,7 +35,10 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         ids = tok.encode(args.prompt) if args.prompt is not None else [int(t) for t in args.token_ids.split(",") if t]
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
             seed=args.seed,
         )
         out = LLM(executor, tok).generate([ids], params)[0]

@@ -15,12 +15,12 @@ def _env(name: str, default: str = "") -> str:
 @dataclass(frozen=True)
 class NodeSettings:
     node_id: str
-    cluster: str            # "prfaas" or "local"
-    role: str               # "prefill" or "decode"
-    listen: str             # host:port to bind; port 0 picks a free one
-    advertise: str          # host:port others dial; empty = the bound address
-    cachepool: str          # host:port of the cache pool; empty = standalone
-    model: str              # a directory or builtin:FAMILY-PRESET
+    cluster: str  # "prfaas" or "local"
+    role: str  # "prefill" or "decode"
+    listen: str  # host:port to bind; port 0 picks a free one
+    advertise: str  # host:port others dial; empty = the bound address
+    cachepool: str  # host:port of the cache pool; empty = standalone
+    model: str  # a directory or builtin:FAMILY-PRESET
     dtype: str
     block_size: int
     kv_blocks: int
@@ -31,7 +31,7 @@ class NodeSettings:
     hardware: str
     metrics_port: int
     log_level: str
-    convertible: bool = False   # serves prefill and decode; the router may switch its role
+    convertible: bool = False  # serves prefill and decode; the router may switch its role
 
 
 def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
@@ -51,8 +51,12 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--hardware", default=_env("HARDWARE", "cpu"))
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    p.add_argument("--convertible", action="store_true", default=_env("CONVERTIBLE", "") in ("1", "true"),
-                   help="serve both prefill and decode, so the router can convert this node's role")
+    p.add_argument(
+        "--convertible",
+        action="store_true",
+        default=_env("CONVERTIBLE", "") in ("1", "true"),
+        help="serve both prefill and decode, so the router can convert this node's role",
+    )
 
 
 def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSettings:
@@ -60,11 +64,24 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     add_node_flags(p, role)
     a = p.parse_args(argv)
     return NodeSettings(
-        node_id=a.node_id, cluster=a.cluster, role=_env("ROLE", role) if role in ("prefill", "decode") else role,
-        listen=a.listen, advertise=a.advertise, cachepool=a.cachepool, model=a.model, dtype=a.dtype,
-        block_size=a.block_size, kv_blocks=a.kv_blocks, state_slots=a.state_slots,
-        kv_connections=a.kv_connections, max_batch=a.max_batch, transfer_timeout_s=a.transfer_timeout_s,
-        hardware=a.hardware, metrics_port=a.metrics_port, log_level=a.log_level, convertible=a.convertible,
+        node_id=a.node_id,
+        cluster=a.cluster,
+        role=_env("ROLE", role) if role in ("prefill", "decode") else role,
+        listen=a.listen,
+        advertise=a.advertise,
+        cachepool=a.cachepool,
+        model=a.model,
+        dtype=a.dtype,
+        block_size=a.block_size,
+        kv_blocks=a.kv_blocks,
+        state_slots=a.state_slots,
+        kv_connections=a.kv_connections,
+        max_batch=a.max_batch,
+        transfer_timeout_s=a.transfer_timeout_s,
+        hardware=a.hardware,
+        metrics_port=a.metrics_port,
+        log_level=a.log_level,
+        convertible=a.convertible,
     )
 
 
@@ -72,16 +89,16 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
 class RouterSettings:
     listen: str
     cachepool: str
-    model: str              # for the tokenizer and the KV layout (sizes)
-    policy: str             # "prfaas", "homogeneous" or "naive"
+    model: str  # for the tokenizer and the KV layout (sizes)
+    policy: str  # "prfaas", "homogeneous" or "naive"
     threshold_tokens: float
-    bandwidth_mode: str     # "scarce" or "abundant"
-    link_gbps: float        # configured PrfaaS -> local link capacity, for the controller
+    bandwidth_mode: str  # "scarce" or "abundant"
+    link_gbps: float  # configured PrfaaS -> local link capacity, for the controller
     kv_connections: int
     transfer_timeout_s: float
     refresh_s: float
-    control_interval_s: float    # short-term controller period; 0 turns the control loop off
-    role_interval_s: float       # long-term controller period
+    control_interval_s: float  # short-term controller period; 0 turns the control loop off
+    role_interval_s: float  # long-term controller period
     metrics_port: int
     log_level: str
 
@@ -104,9 +121,18 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     return RouterSettings(
-        listen=a.listen, cachepool=a.cachepool, model=a.model, policy=a.policy,
-        threshold_tokens=a.threshold_tokens, bandwidth_mode=a.bandwidth_mode, link_gbps=a.link_gbps,
-        kv_connections=a.kv_connections, transfer_timeout_s=a.transfer_timeout_s, refresh_s=a.refresh_s,
-        control_interval_s=a.control_interval_s, role_interval_s=a.role_interval_s,
-        metrics_port=a.metrics_port, log_level=a.log_level,
+        listen=a.listen,
+        cachepool=a.cachepool,
+        model=a.model,
+        policy=a.policy,
+        threshold_tokens=a.threshold_tokens,
+        bandwidth_mode=a.bandwidth_mode,
+        link_gbps=a.link_gbps,
+        kv_connections=a.kv_connections,
+        transfer_timeout_s=a.transfer_timeout_s,
+        refresh_s=a.refresh_s,
+        control_interval_s=a.control_interval_s,
+        role_interval_s=a.role_interval_s,
+        metrics_port=a.metrics_port,
+        log_level=a.log_level,
     )

@@ -34,11 +34,24 @@ def test_generate_json_from_token_ids_and_text(model_dir):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
-    again = json.loads(prfaas("generate", "--model", str(model_dir), "--token-ids", "1,2,3,4", "--max-tokens", "5",
-                              "--json").stdout)
+    again = json.loads(
+        prfaas("generate", "--model", str(model_dir), "--token-ids", "1,2,3,4", "--max-tokens", "5", "--json").stdout
+    )
     assert again == out, "greedy is deterministic"
-    r = prfaas("generate", "--model", str(model_dir), "--prompt", "héllo", "--max-tokens", "3", "--temperature", "0.7",
-               "--seed", "3", "--json")
+    r = prfaas(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "héllo",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -26,19 +26,46 @@ def make_checkpoint(path, family: str):
     torch.manual_seed(0)
     if family == "qwen3_next":
         cfg = transformers.Qwen3NextConfig(
-            vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, head_dim=16,
-            num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=2,
-            initializer_range=0.1, max_position_embeddings=4096,
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            decoder_sparse_step=2,
+            initializer_range=0.1,
+            max_position_embeddings=4096,
         )
         model = transformers.Qwen3NextForCausalLM(cfg)
     else:
         cfg = transformers.KimiLinearConfig(
-            vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-            num_attention_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-            linear_num_heads=2, linear_head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            linear_num_heads=2,
+            linear_head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.1,
             layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         )
         model = transformers.KimiLinearForCausalLM(cfg)
@@ -49,16 +76,19 @@ def make_checkpoint(path, family: str):
 def reference(model, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
-async def generate(address: str, prompt: list[int], n: int, route: int) -> tuple[list[int], router_pb2.GenerateResponse]:
+async def generate(
+    address: str, prompt: list[int], n: int, route: int
+) -> tuple[list[int], router_pb2.GenerateResponse]:
     async with insecure_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         out: list[int] = []
         head = None
-        async for msg in stub.Generate(router_pb2.GenerateRequest(token_ids=prompt, max_tokens=n, route=route,
-                                                                   stop_token_ids=[])):
+        async for msg in stub.Generate(
+            router_pb2.GenerateRequest(token_ids=prompt, max_tokens=n, route=route, stop_token_ids=[])
+        ):
             head = head or msg
             out += list(msg.token_ids)
         assert head is not None
@@ -69,8 +99,13 @@ async def generate(address: str, prompt: list[int], n: int, route: int) -> tuple
 def cluster(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     ref = make_checkpoint(path, request.param)
-    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64,
-                       extra_env={"PRFAAS_KV_BLOCKS": "512", "PRFAAS_STATE_SLOTS": "32"})
+    spec = ClusterSpec(
+        prfaas_prefill=1,
+        local_prefill=1,
+        local_decode=1,
+        threshold_tokens=64,
+        extra_env={"PRFAAS_KV_BLOCKS": "512", "PRFAAS_STATE_SLOTS": "32"},
+    )
     with LocalCluster(str(path), spec, log_dir=str(path / "logs")) as c:
         yield c, ref
 
@@ -148,9 +183,16 @@ async def wait_all_free(cachepool_address: str, only: set[str] | None = None, ti
     async with CachePoolClient(cachepool_address) as pool:
         for _ in range(int(timeout_s / 0.1)):
             await asyncio.sleep(0.1)
-            nodes = [s for s in await pool.list_nodes() if s.node.role in ("prefill", "decode")
-                     and (only is None or s.node.node_id in only)]
-            if all(s.load.free_blocks == s.node.capacity_blocks and s.load.free_slots == s.node.capacity_slots
-                   and s.load.running == 0 for s in nodes):
+            nodes = [
+                s
+                for s in await pool.list_nodes()
+                if s.node.role in ("prefill", "decode") and (only is None or s.node.node_id in only)
+            ]
+            if all(
+                s.load.free_blocks == s.node.capacity_blocks
+                and s.load.free_slots == s.node.capacity_slots
+                and s.load.running == 0
+                for s in nodes
+            ):
                 return
         raise AssertionError(f"blocks still held: {[(s.node.node_id, s.load) for s in nodes]}")

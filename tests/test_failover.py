@@ -104,10 +104,17 @@ async def test_stalled_transfer_times_out_and_router_retries(model_dir):
     healthy_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
     stalled = PrefillNode("p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=True))
     healthy = PrefillNode("p-ok", healthy_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout))
-    nodes = [Node("p-stalled", "prfaas", "prefill", "p-stalled"), Node("p-ok", "local", "prefill", "p-ok"),
-             Node("d0", "local", "decode", "d0")]
-    router = Router(Directory(nodes), MemoryClients(decode, {"p-stalled": stalled, "p-ok": healthy}),
-                    PrfaasPolicy(threshold=16), transfer_timeout_s=0.5)
+    nodes = [
+        Node("p-stalled", "prfaas", "prefill", "p-stalled"),
+        Node("p-ok", "local", "prefill", "p-ok"),
+        Node("d0", "local", "decode", "d0"),
+    ]
+    router = Router(
+        Directory(nodes),
+        MemoryClients(decode, {"p-stalled": stalled, "p-ok": healthy}),
+        PrfaasPolicy(threshold=16),
+        transfer_timeout_s=0.5,
+    )
     prompt = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     try:
@@ -143,4 +150,3 @@ def test_dead_prefill_node_falls_back_to_local(model_dir):
         # the dead node stays listed until its heartbeats time out; the live nodes hold nothing
         live = {p.name for p in c.procs if p.popen.poll() is None}
         asyncio.run(wait_all_free(c.cachepool_address, only=live))
-

@@ -37,8 +37,13 @@ async def wait_roles(pool_address: str, want: dict[str, str]) -> None:
 
 def test_swap_roles_without_losing_requests(tmp_path):
     model_dir = str(write_preset(tmp_path / "m", "qwen3_next", "tiny", seed=4))
-    spec = ClusterSpec(prfaas_prefill=0, local_prefill=1, local_decode=1, policy="homogeneous",
-                       extra_env={"PRFAAS_HEARTBEAT_INTERVAL_S": "0.2"})
+    spec = ClusterSpec(
+        prfaas_prefill=0,
+        local_prefill=1,
+        local_decode=1,
+        policy="homogeneous",
+        extra_env={"PRFAAS_HEARTBEAT_INTERVAL_S": "0.2"},
+    )
     g = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(0, 256, (40,), generator=g).tolist()
     new_prompt = torch.randint(0, 256, (30,), generator=g).tolist()

@@ -37,9 +37,14 @@ async def one_request(stub: router_pb2_grpc.RouterStub, prompt: list[int], max_t
     out: list[int] = []
     head = None
     finish = ""
-    async for msg in stub.Generate(router_pb2.GenerateRequest(
-        request_id=rid, token_ids=prompt, max_tokens=max_tokens, temperature=0.0,
-    )):
+    async for msg in stub.Generate(
+        router_pb2.GenerateRequest(
+            request_id=rid,
+            token_ids=prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+        )
+    ):
         if head is None:
             head, first_at = msg, time.monotonic()
         out += list(msg.token_ids)
@@ -48,8 +53,14 @@ async def one_request(stub: router_pb2_grpc.RouterStub, prompt: list[int], max_t
     assert head is not None and first_at is not None
     decode_s = end - first_at
     return DemoResult(
-        rid, len(prompt), ROUTE_NAMES[head.route], head.prefill_node, head.decode_node,
-        (first_at - t0) * 1000, len(out), (len(out) - 1) / decode_s if decode_s > 0 and len(out) > 1 else 0.0,
+        rid,
+        len(prompt),
+        ROUTE_NAMES[head.route],
+        head.prefill_node,
+        head.decode_node,
+        (first_at - t0) * 1000,
+        len(out),
+        (len(out) - 1) / decode_s if decode_s > 0 and len(out) > 1 else 0.0,
         finish,
     )
 
@@ -60,8 +71,9 @@ def workload(n: int, seed: int, vocab: int = 256) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
 
 
-async def run_demo(address: str, requests: int = 12, concurrency: int = 4, max_tokens: int = 24,
-                   seed: int = 0) -> list[DemoResult]:
+async def run_demo(
+    address: str, requests: int = 12, concurrency: int = 4, max_tokens: int = 24, seed: int = 0
+) -> list[DemoResult]:
     channel = insecure_channel(address)
     stub = router_pb2_grpc.RouterStub(channel)
     sem = asyncio.Semaphore(concurrency)
@@ -70,8 +82,11 @@ async def run_demo(address: str, requests: int = 12, concurrency: int = 4, max_t
     async def run(i: int, p: list[int]) -> DemoResult:
         async with sem:
             r = await one_request(stub, p, max_tokens, f"demo-{i}")
-            print(f"  [{i + 1}/{requests}] {r.prompt_tokens:>5} tokens -> {r.route:<6} "
-                  f"ttft {r.ttft_ms:7.1f} ms, {r.output_tokens} tokens", flush=True)
+            print(
+                f"  [{i + 1}/{requests}] {r.prompt_tokens:>5} tokens -> {r.route:<6} "
+                f"ttft {r.ttft_ms:7.1f} ms, {r.output_tokens} tokens",
+                flush=True,
+            )
             return r
 
     try:
@@ -82,18 +97,24 @@ async def run_demo(address: str, requests: int = 12, concurrency: int = 4, max_t
 
 
 def print_table(results: list[DemoResult]) -> None:
-    print(f"{'request':<9} {'prompt':>6} {'route':<6} {'prefill node':<14} {'decode node':<12} "
-          f"{'TTFT ms':>8} {'tokens':>6} {'tok/s':>7}")
+    print(
+        f"{'request':<9} {'prompt':>6} {'route':<6} {'prefill node':<14} {'decode node':<12} "
+        f"{'TTFT ms':>8} {'tokens':>6} {'tok/s':>7}"
+    )
     for r in results:
-        print(f"{r.request_id:<9} {r.prompt_tokens:>6} {r.route:<6} {r.prefill_node:<14} {r.decode_node:<12} "
-              f"{r.ttft_ms:>8.1f} {r.output_tokens:>6} {r.decode_tok_s:>7.1f}")
+        print(
+            f"{r.request_id:<9} {r.prompt_tokens:>6} {r.route:<6} {r.prefill_node:<14} {r.decode_node:<12} "
+            f"{r.ttft_ms:>8.1f} {r.output_tokens:>6} {r.decode_tok_s:>7.1f}"
+        )
     by_route: dict[str, list[DemoResult]] = {}
     for r in results:
         by_route.setdefault(r.route, []).append(r)
     for route, rs in sorted(by_route.items()):
         mean_ttft = sum(r.ttft_ms for r in rs) / len(rs)
-        print(f"{route}: {len(rs)} requests, mean prompt {sum(r.prompt_tokens for r in rs) / len(rs):.0f} tokens, "
-              f"mean TTFT {mean_ttft:.1f} ms")
+        print(
+            f"{route}: {len(rs)} requests, mean prompt {sum(r.prompt_tokens for r in rs) / len(rs):.0f} tokens, "
+            f"mean TTFT {mean_ttft:.1f} ms"
+        )
 
 
 def demo_command(argv: list[str]) -> int:

@@ -31,8 +31,8 @@ class ClusterSpec:
     policy: str = "prfaas"
     threshold_tokens: int = 256
     kv_connections: int = 4
-    convertible_local: bool = True   # local nodes serve both roles, so the router may convert them
-    link_gbps: float = 10.0          # the PrfaaS -> local link capacity the router's controller assumes
+    convertible_local: bool = True  # local nodes serve both roles, so the router may convert them
+    link_gbps: float = 10.0  # the PrfaaS -> local link capacity the router's controller assumes
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -55,8 +55,9 @@ class Proc:
 class LocalCluster:
     """Starts and stops the processes; usable from tests as a context manager."""
 
-    def __init__(self, model: str, spec: ClusterSpec | None = None, log_dir: str | None = None,
-                 startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, model: str, spec: ClusterSpec | None = None, log_dir: str | None = None, startup_timeout_s: float = 120.0
+    ) -> None:
         self.model = str(resolve_model(model))
         self.spec = spec or ClusterSpec()
         self.log_dir = Path(log_dir) if log_dir else None
@@ -72,7 +73,11 @@ class LocalCluster:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stderr = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
             start_new_session=True,
         )
         proc = Proc(name, popen)
@@ -85,8 +90,10 @@ class LocalCluster:
         while time.monotonic() < deadline:
             line = proc.popen.stdout.readline()
             if not line:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.wait()} before listening"
-                                   + (f"; see {self.log_dir}/{proc.name}.log" if self.log_dir else ""))
+                raise RuntimeError(
+                    f"{proc.name} exited with {proc.popen.wait()} before listening"
+                    + (f"; see {self.log_dir}/{proc.name}.log" if self.log_dir else "")
+                )
             try:
                 msg = json.loads(line)
             except json.JSONDecodeError:
@@ -100,22 +107,54 @@ class LocalCluster:
         s = self.spec
         cp = self._start("cachepool", "services.cachepool", ["--listen", "127.0.0.1:0"])
         self.cachepool_address = self._wait_listening(cp)
-        common = ["--cachepool", self.cachepool_address, "--model", self.model, "--listen", "127.0.0.1:0",
-                  "--kv-connections", str(s.kv_connections)]
+        common = [
+            "--cachepool",
+            self.cachepool_address,
+            "--model",
+            self.model,
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-connections",
+            str(s.kv_connections),
+        ]
         nodes = [(f"prfaas-p{i}", "services.prefill", "prfaas") for i in range(s.prfaas_prefill)]
         nodes += [(f"local-p{i}", "services.prefill", "local") for i in range(s.local_prefill)]
         nodes += [(f"local-d{i}", "services.decode", "local") for i in range(s.local_decode)]
         started = [
-            self._start(n, mod, [*common, "--node-id", n, "--cluster", c,
-                                 *(["--convertible"] if c == "local" and s.convertible_local else [])])
+            self._start(
+                n,
+                mod,
+                [
+                    *common,
+                    "--node-id",
+                    n,
+                    "--cluster",
+                    c,
+                    *(["--convertible"] if c == "local" and s.convertible_local else []),
+                ],
+            )
             for n, mod, c in nodes
         ]
         for p in started:
             self._wait_listening(p)
-        router = self._start("router", "services.router", [
-            "--listen", "127.0.0.1:0", "--cachepool", self.cachepool_address, "--model", self.model,
-            "--policy", s.policy, "--threshold-tokens", str(s.threshold_tokens), "--link-gbps", str(s.link_gbps),
-        ])
+        router = self._start(
+            "router",
+            "services.router",
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--cachepool",
+                self.cachepool_address,
+                "--model",
+                self.model,
+                "--policy",
+                s.policy,
+                "--threshold-tokens",
+                str(s.threshold_tokens),
+                "--link-gbps",
+                str(s.link_gbps),
+            ],
+        )
         self.router_address = self._wait_listening(router)
         asyncio.run(self._wait_registered(len(nodes)))
         return self.router_address
@@ -173,13 +212,20 @@ def up_command(argv: list[str]) -> int:
     p.add_argument("--log-dir", default=".prfaas/logs")
     a = p.parse_args(argv)
     spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
-    print(f"[prfaas up] model {a.model}; starting cache pool, {spec.prfaas_prefill} PrfaaS prefill, "
-          f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...", flush=True)
+    print(
+        f"[prfaas up] model {a.model}; starting cache pool, {spec.prfaas_prefill} PrfaaS prefill, "
+        f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...",
+        flush=True,
+    )
     cluster = LocalCluster(a.model, spec, log_dir=a.log_dir)
     try:
         with cluster:
-            print(json.dumps({"event": "ready", "router": cluster.router_address,
-                              "cachepool": cluster.cachepool_address}), flush=True)
+            print(
+                json.dumps(
+                    {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address}
+                ),
+                flush=True,
+            )
             print(f"[prfaas up] router listening on {cluster.router_address}; logs in {a.log_dir}/", flush=True)
             if a.demo:
                 from prfaas.cluster.demo import print_table, run_demo

@@ -33,7 +33,7 @@ class Sequence:
     params: SamplingParams
     block_table: list[int]
     slot: int
-    num_cached: int = 0                  # tokens whose KV is in the pool
+    num_cached: int = 0  # tokens whose KV is in the pool
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -90,8 +90,9 @@ class Executor:
             if kind == "full":
                 f = layout.full_layer(i)
                 shape = layout.block_shape(i, num_blocks)
-                mk = lambda: torch.zeros(shape, dtype=layout.dtype, device=self.device)  # noqa: E731
-                self.caches.append(FullAttnCache(mk(), mk() if f.num_tensors == 2 else None))
+                k = torch.zeros(shape, dtype=layout.dtype, device=self.device)
+                v = torch.zeros(shape, dtype=layout.dtype, device=self.device) if f.num_tensors == 2 else None
+                self.caches.append(FullAttnCache(k, v))
             else:
                 lin = layout.linear_layer(i)
                 self.caches.append(
@@ -198,7 +199,9 @@ class Executor:
     def read_layer(self, seq: Sequence, layer: int, token_start: int, token_end: int) -> LayerKv:
         cache = self.caches[layer]
         if isinstance(cache, LinearStateCache):
-            return LayerKv(layer, {LINEAR_RECURRENT: cache.recurrent[seq.slot].clone(), LINEAR_CONV: cache.conv[seq.slot].clone()})
+            return LayerKv(
+                layer, {LINEAR_RECURRENT: cache.recurrent[seq.slot].clone(), LINEAR_CONV: cache.conv[seq.slot].clone()}
+            )
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
         k = gather_context(cache.k, table, token_end)[token_start:]
         if cache.v is None:
@@ -206,7 +209,9 @@ class Executor:
         v = gather_context(cache.v, table, token_end)[token_start:]
         return LayerKv(layer, {FULL_K: k, FULL_V: v}, token_start, token_end)
 
-    def write_full(self, seq: Sequence, layer: int, name: str, token_start: int, token_end: int, t: torch.Tensor) -> None:
+    def write_full(
+        self, seq: Sequence, layer: int, name: str, token_start: int, token_end: int, t: torch.Tensor
+    ) -> None:
         """Writes tokens [token_start, token_end) of one full-attention tensor into the pool."""
         cache = self.caches[layer]
         if not isinstance(cache, FullAttnCache):

@@ -21,11 +21,11 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
-from enum import IntEnum
 from math import prod
 
 import torch
 
+from prfaas.kv.kinds import FULL_KINDS, KvKind
 from prfaas.kv.layout import STATE_DTYPE, KvLayout
 from prfaas.v1 import decode_pb2
 
@@ -39,19 +39,8 @@ WIRE_DTYPES = (WIRE_EXACT, WIRE_INT8)
 DEFAULT_MAX_CHUNK_BYTES = 256 << 10  # chosen by bench/transport.py (docs/transport.md)
 
 
-class KvKind(IntEnum):
-    """Mirrors `prfaas.v1.KvKind` (same numbers)."""
-
-    FULL_K = decode_pb2.FULL_K
-    FULL_V = decode_pb2.FULL_V
-    FULL_LATENT = decode_pb2.FULL_LATENT
-    LINEAR_RECURRENT = decode_pb2.LINEAR_RECURRENT
-    LINEAR_CONV = decode_pb2.LINEAR_CONV
-    FIRST_TOKEN = decode_pb2.FIRST_TOKEN
-
-
-FULL_KINDS = frozenset({KvKind.FULL_K, KvKind.FULL_V, KvKind.FULL_LATENT})
-STATE_KINDS = frozenset({KvKind.LINEAR_RECURRENT, KvKind.LINEAR_CONV})
+if any(decode_pb2.KvKind.Value(k.name) != k.value for k in KvKind):
+    raise ImportError("prfaas.kv.kinds.KvKind no longer matches prfaas.v1.KvKind: update kinds.py")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
@@ -162,7 +151,7 @@ _SCALES_TAG = bytes([(12 << 3) | 2])
 def _raw(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, without a copy when it is already contiguous on the CPU."""
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +183,7 @@ def encode_chunk(transfer_id: str, seq: int, total_chunks: int, piece: KvPiece, 
         seq=seq,
         total_chunks=total_chunks,
         layer=piece.layer,
-        kind=int(piece.kind),
+        kind=int(piece.kind),  # type: ignore[arg-type]
         token_start=piece.token_start,
         token_end=piece.token_end,
         dtype=dtype_name(tensor.dtype),

@@ -30,16 +30,16 @@ def dtype_size(dtype: torch.dtype) -> int:
 @dataclass(frozen=True)
 class FullLayerLayout:
     layer: int
-    kind: str                        # "gqa" or "mla"
-    token_shape: tuple[int, ...]     # per token, per tensor: (Hkv, D) or (latent_dim,)
-    num_tensors: int                 # 2 (K and V) for gqa, 1 (latent) for mla
+    kind: str  # "gqa" or "mla"
+    token_shape: tuple[int, ...]  # per token, per tensor: (Hkv, D) or (latent_dim,)
+    num_tensors: int  # 2 (K and V) for gqa, 1 (latent) for mla
 
 
 @dataclass(frozen=True)
 class LinearLayerLayout:
     layer: int
-    recurrent_shape: tuple[int, int, int]   # (H, K, V)
-    conv_shape: tuple[int, int]             # (conv_dim, kernel - 1)
+    recurrent_shape: tuple[int, int, int]  # (H, K, V)
+    conv_shape: tuple[int, int]  # (conv_dim, kernel - 1)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class KvLayout:
         )
 
     def layer_kind(self, layer: int) -> str:
-        """"full" or "linear". Transport and services use it only to validate chunks."""
+        """ "full" or "linear". Transport and services use it only to validate chunks."""
         return self.config.layer_types[layer]
 
     def full_layer(self, layer: int) -> FullLayerLayout:

@@ -25,16 +25,16 @@ class ModelConfigError(ValueError):
 class FullAttnSpec:
     kind: FullKind
     num_heads: int
-    num_kv_heads: int = 0          # gqa
-    head_dim: int = 0              # gqa
-    rotary_dim: int = 0            # gqa: partial rotary
+    num_kv_heads: int = 0  # gqa
+    head_dim: int = 0  # gqa
+    rotary_dim: int = 0  # gqa: partial rotary
     rope_theta: float = 10000.0
-    gated: bool = False            # gqa: qwen3_next output gate
-    kv_lora_rank: int = 0          # mla
+    gated: bool = False  # gqa: qwen3_next output gate
+    kv_lora_rank: int = 0  # mla
     q_lora_rank: int | None = None  # mla
-    qk_nope_head_dim: int = 0      # mla
-    qk_rope_head_dim: int = 0      # mla
-    v_head_dim: int = 0            # mla
+    qk_nope_head_dim: int = 0  # mla
+    qk_rope_head_dim: int = 0  # mla
+    v_head_dim: int = 0  # mla
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ class ModelConfig:
     hidden_size: int
     intermediate_size: int
     num_layers: int
-    layer_types: tuple[str, ...]      # "full" or "linear", one per layer
-    mlp_types: tuple[str, ...]        # "dense" or "moe", one per layer
+    layer_types: tuple[str, ...]  # "full" or "linear", one per layer
+    mlp_types: tuple[str, ...]  # "dense" or "moe", one per layer
     rms_norm_eps: float
     max_position_embeddings: int
     full: FullAttnSpec

@@ -45,11 +45,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                 if name not in expected:
                     if tied and name == "lm_head.weight":
                         continue
-                    raise CheckpointError(f"unexpected tensor {name!r} in {file.name} (not part of a {cfg.family} model)")
+                    raise CheckpointError(
+                        f"unexpected tensor {name!r} in {file.name} (not part of a {cfg.family} model)"
+                    )
                 t = f.get_tensor(stored)
                 want = tuple(expected[name].shape)
                 if tuple(t.shape) != want:
-                    raise CheckpointError(f"tensor {name!r}: shape {tuple(t.shape)} in {file.name}, model expects {want}")
+                    raise CheckpointError(
+                        f"tensor {name!r}: shape {tuple(t.shape)} in {file.name}, model expects {want}"
+                    )
                 loaded[name] = t
     missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
     if missing:

@@ -34,7 +34,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "linear_key_head_dim": 64,
             "linear_value_head_dim": 64,
             "linear_conv_kernel_dim": 4,
-            "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+            "layer_types": ["linear_attention"] * 3
+            + ["full_attention"]
+            + ["linear_attention"] * 3
+            + ["full_attention"],
             "num_experts": 8,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 128,
@@ -72,7 +75,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "linear_num_heads": 4,
             "linear_head_dim": 64,
             "linear_conv_kernel_dim": 4,
-            "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+            "layer_types": ["linear_attention"] * 3
+            + ["full_attention"]
+            + ["linear_attention"] * 3
+            + ["full_attention"],
             "mlp_layer_types": ["dense"] + ["sparse"] * 7,
             "num_experts": 8,
             "num_experts_per_token": 2,
@@ -118,7 +124,7 @@ def init_weights(model: HybridForCausalLM, seed: int) -> None:
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
         else:
             p.normal_(0.0, 0.02 * 4, generator=gen)
-    for name, b in model.named_buffers():
+    for b in model.buffers():
         b.zero_()
 
 

@@ -123,7 +123,12 @@ class GatedDeltaNet(nn.Module):
                 )  # (1, C, T)
                 q, k, v = self._qkv_heads(y[0].T.unsqueeze(0))
                 o_i, state = chunk_delta_rule(
-                    q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
+                    q,
+                    k,
+                    v,
+                    g[s:e].unsqueeze(0),
+                    beta[s:e].unsqueeze(0),
+                    scale,
                     initial_state=cache.recurrent[slot : slot + 1],
                 )
                 cache.conv[slot].copy_(new_conv[0])

@@ -63,10 +63,10 @@ class Node:
     def view(self, hit: int) -> NodeView:
         can_take = self.next_role is None
         if self.role == "prefill":
-            return NodeView(self.node_id, self.cluster, "prefill", len(self.queue), int(self.busy is not None),
-                            1 << 30 if can_take else 0, hit)  # type: ignore[arg-type]
-        return NodeView(self.node_id, self.cluster, "decode", self.assigned, self.running,
-                        1 << 30 if can_take else 0, 0)  # type: ignore[arg-type]
+            return NodeView(self.node_id, self.cluster, "prefill", len(self.queue),  # type: ignore[arg-type]
+                            int(self.busy is not None), 1 << 30 if can_take else 0, hit)
+        return NodeView(self.node_id, self.cluster, "decode", self.assigned, self.running,  # type: ignore[arg-type]
+                        1 << 30 if can_take else 0, 0)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ from prfaas.v1 import common_pb2
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids),
     )
     if p.seed is not None:

@@ -44,7 +44,9 @@ class WorkerNode:
         self.channels = KvChannels(s.kv_connections)
         self.prefill = self.decode = None
         if role == Role.PREFILL or self.convertible:
-            self.prefill = PrefillNode(s.node_id, self.executor, sender_factory(self.executor.layout, self.channels), lock)
+            self.prefill = PrefillNode(
+                s.node_id, self.executor, sender_factory(self.executor.layout, self.channels), lock
+            )
         if role == Role.DECODE or self.convertible:
             self.decode = DecodeNode(s.node_id, self.executor, KvReceiver(), s.max_batch, s.transfer_timeout_s, lock)
         self.agent: MembershipAgent | None = None
@@ -75,8 +77,13 @@ class WorkerNode:
         if self.decode:
             st = self.decode.stats()
             queue, running = queue + st["pending_transfers"], running + st["running"]
-        return NodeLoad(free_blocks=ex.blocks.num_free, free_slots=ex.slots.num_free, queue_depth=queue,
-                        running=running, egress_bytes_per_s=egress)
+        return NodeLoad(
+            free_blocks=ex.blocks.num_free,
+            free_slots=ex.slots.num_free,
+            queue_depth=queue,
+            running=running,
+            egress_bytes_per_s=egress,
+        )
 
 
 class NodeControlServicer(common_pb2_grpc.NodeControlServicer):
@@ -116,8 +123,15 @@ async def run_node(s: NodeSettings, role: Role) -> None:
 
     async def started(address: str) -> None:
         if s.cachepool:
-            info = NodeInfo(node_id=s.node_id, cluster=s.cluster, role=node.role, address=s.advertise or address,
-                            capacity_blocks=s.kv_blocks, capacity_slots=s.state_slots, hardware=s.hardware)
+            info = NodeInfo(
+                node_id=s.node_id,
+                cluster=s.cluster,
+                role=node.role,
+                address=s.advertise or address,
+                capacity_blocks=s.kv_blocks,
+                capacity_slots=s.state_slots,
+                hardware=s.hardware,
+            )
             node.agent = MembershipAgent(CachePoolClient(s.cachepool), info, node.load)
             await node.agent.start()
 

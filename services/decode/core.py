@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from prfaas.engine import executor as names
 from prfaas.engine.executor import Executor, Sequence
 from prfaas.engine.sampling import SamplingParams
-from prfaas.kv.codec import KvKind
+from prfaas.kv.kinds import KvKind
 from prfaas.obs.log import get_logger
-from prfaas.transport.receiver import KvReceiver
+
+if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
+    from prfaas.transport.receiver import KvReceiver
 
 log = get_logger(__name__)
 
@@ -65,14 +68,21 @@ class _ExecutorSink:
 
 
 class DecodeNode:
-    def __init__(self, node_id: str, executor: Executor, receiver: KvReceiver, max_batch: int = 32,
-                 transfer_timeout_s: float = 30.0, compute_lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        executor: Executor,
+        receiver: KvReceiver,
+        max_batch: int = 32,
+        transfer_timeout_s: float = 30.0,
+        compute_lock: asyncio.Lock | None = None,
+    ) -> None:
         self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
         self._running: dict[str, tuple[Sequence, asyncio.Queue[TokenBatch]]] = {}
         self._pending = 0
-        self._stepping: set[int] = set()      # id() of sequences inside the running decode step
+        self._stepping: set[int] = set()  # id() of sequences inside the running decode step
         self._deferred_free: list[Sequence] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -90,9 +100,13 @@ class DecodeNode:
 
     # --- the request's life -------------------------------------------------------------------------
     async def admit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, transfer_timeout_s: float = 0.0,
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        transfer_timeout_s: float = 0.0,
         wire_dtypes: tuple[str, ...] = (),
-    ) -> AsyncIterator[Reserved | TokenBatch]:
+    ) -> AsyncGenerator[Reserved | TokenBatch, None]:
         ex = self.executor
         seq = ex.reserve(request_id, prompt, params)  # raises InvalidRequest / OutOfCapacity
         transfer_id = f"{self.node_id}/{request_id}/{next(self._ids)}-{uuid.uuid4().hex[:8]}"
@@ -102,8 +116,13 @@ class DecodeNode:
         self._pending += 1
         try:
             transfer = self.receiver.expect(
-                transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,
-                sink=_ExecutorSink(ex, seq), deadline_s=timeout, wire_dtype=wire,
+                transfer_id,
+                ex.layout,
+                prompt_tokens=len(prompt),
+                skip_tokens=0,
+                sink=_ExecutorSink(ex, seq),
+                deadline_s=timeout,
+                wire_dtype=wire,
             )
             try:
                 yield Reserved(transfer_id, self.node_id, wire)

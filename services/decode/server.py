@@ -27,18 +27,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         bind_contextvars(request_id=request.request_id)  # every log line of this call carries it
         async with grpc_errors(context):
             stream = self.node.admit(
-                request.request_id, list(request.token_ids), sampling_from_pb(request.sampling),
-                request.transfer_timeout_s, tuple(request.accept_wire_dtypes),
+                request.request_id,
+                list(request.token_ids),
+                sampling_from_pb(request.sampling),
+                request.transfer_timeout_s,
+                tuple(request.accept_wire_dtypes),
             )
             async with contextlib.aclosing(stream):
                 async for ev in stream:
                     if isinstance(ev, Reserved):
                         bind_contextvars(transfer_id=ev.transfer_id)
-                        yield decode_pb2.AdmitEvent(reserved=decode_pb2.Reserved(
-                            transfer_id=ev.transfer_id, node_id=ev.node_id, wire_dtype=ev.wire_dtype))
+                        yield decode_pb2.AdmitEvent(
+                            reserved=decode_pb2.Reserved(
+                                transfer_id=ev.transfer_id, node_id=ev.node_id, wire_dtype=ev.wire_dtype
+                            )
+                        )
                     else:
-                        yield decode_pb2.AdmitEvent(tokens=decode_pb2.Tokens(
-                            token_ids=ev.token_ids, finish_reason=ev.finish_reason or ""))
+                        yield decode_pb2.AdmitEvent(
+                            tokens=decode_pb2.Tokens(token_ids=ev.token_ids, finish_reason=ev.finish_reason or "")
+                        )
 
     async def PushKv(  # noqa: N802
         self, request_iterator: AsyncIterator[decode_pb2.KvChunk], context: grpc.aio.ServicerContext

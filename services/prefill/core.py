@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,8 +59,9 @@ SenderFactory = Callable[[PrefillJob], KvPush]
 
 
 class PrefillNode:
-    def __init__(self, node_id: str, executor: Executor, sender_factory: SenderFactory,
-                 compute_lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self, node_id: str, executor: Executor, sender_factory: SenderFactory, compute_lock: asyncio.Lock | None = None
+    ) -> None:
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         # one prefill computes at a time, others queue; shared with a decode core on a convertible node
         self._compute = compute_lock or asyncio.Lock()
@@ -68,7 +69,7 @@ class PrefillNode:
         self.running = 0
         self.bytes_sent = 0
 
-    async def prefill(self, job: PrefillJob) -> AsyncIterator[Started | Done]:
+    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Done, None]:
         ex = self.executor
         ex.validate(job.prompt, job.params)
         t_arrive = time.monotonic()
@@ -104,11 +105,21 @@ class PrefillNode:
             stats = await sender.finish(first)
             sender = None
             self.bytes_sent += int(stats.get("bytes", 0))
-            log.info("prefill_done", prompt_tokens=len(job.prompt), prefill_s=round(prefill_s, 4),
-                     kv_bytes=int(stats.get("bytes", 0)), transfer_s=round(float(stats.get("seconds", 0.0)), 4),
-                     chunks=int(stats.get("chunks", 0)))
-            yield Done(first, int(stats.get("bytes", 0)), prefill_s, float(stats.get("seconds", 0.0)),
-                       int(stats.get("chunks", 0)))
+            log.info(
+                "prefill_done",
+                prompt_tokens=len(job.prompt),
+                prefill_s=round(prefill_s, 4),
+                kv_bytes=int(stats.get("bytes", 0)),
+                transfer_s=round(float(stats.get("seconds", 0.0)), 4),
+                chunks=int(stats.get("chunks", 0)),
+            )
+            yield Done(
+                first,
+                int(stats.get("bytes", 0)),
+                prefill_s,
+                float(stats.get("seconds", 0.0)),
+                int(stats.get("chunks", 0)),
+            )
         finally:
             if step is not None:
                 await asyncio.gather(step, return_exceptions=True)
@@ -122,5 +133,9 @@ class PrefillNode:
 
     def stats(self) -> dict[str, int]:
         ex = self.executor
-        return {"free_blocks": ex.blocks.num_free, "free_slots": ex.slots.num_free,
-                "queue_depth": self.queue_depth, "running": self.running}
+        return {
+            "free_blocks": ex.blocks.num_free,
+            "free_slots": ex.slots.num_free,
+            "queue_depth": self.queue_depth,
+            "running": self.running,
+        }

@@ -51,11 +51,18 @@ def sender_factory(layout: KvLayout, channels: KvChannels):  # type: ignore[no-u
 
     def make(job: PrefillJob) -> SenderPush:
         timeout = max(1.0, job.deadline_unix_s - time.time()) if job.deadline_unix_s else None
-        return SenderPush(KvSender(
-            job.decode_address, job.transfer_id, layout, prompt_tokens=len(job.prompt),
-            num_connections=channels.num_connections, wire_dtype=job.wire_dtype, timeout_s=timeout,
-            channels=channels,
-        ))
+        return SenderPush(
+            KvSender(
+                job.decode_address,
+                job.transfer_id,
+                layout,
+                prompt_tokens=len(job.prompt),
+                num_connections=channels.num_connections,
+                wire_dtype=job.wire_dtype,
+                timeout_s=timeout,
+                channels=channels,
+            )
+        )
 
     return make
 
@@ -70,15 +77,28 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         bind_contextvars(request_id=request.request_id, transfer_id=request.transfer_id)
         async with grpc_errors(context):
             job = PrefillJob(
-                request.request_id, request.transfer_id, list(request.token_ids), sampling_from_pb(request.sampling),
-                request.decode_address, request.num_connections, request.wire_dtype, request.deadline_unix_s,
+                request.request_id,
+                request.transfer_id,
+                list(request.token_ids),
+                sampling_from_pb(request.sampling),
+                request.decode_address,
+                request.num_connections,
+                request.wire_dtype,
+                request.deadline_unix_s,
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
                     if isinstance(ev, Done):
-                        yield prefill_pb2.PrefillEvent(done=prefill_pb2.PrefillDone(
-                            first_token=ev.first_token, kv_bytes=ev.kv_bytes, prefill_s=ev.prefill_s,
-                            transfer_s=ev.transfer_s, chunks=ev.chunks))
+                        yield prefill_pb2.PrefillEvent(
+                            done=prefill_pb2.PrefillDone(
+                                first_token=ev.first_token,
+                                kv_bytes=ev.kv_bytes,
+                                prefill_s=ev.prefill_s,
+                                transfer_s=ev.transfer_s,
+                                chunks=ev.chunks,
+                            )
+                        )
                     else:
-                        yield prefill_pb2.PrefillEvent(started=prefill_pb2.PrefillStarted(
-                            node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms))
+                        yield prefill_pb2.PrefillEvent(
+                            started=prefill_pb2.PrefillStarted(node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms)
+                        )

@@ -45,12 +45,20 @@ async def main(s: RouterSettings) -> None:
     clients = GrpcNodeClients()
     directory = CachePoolDirectory(pool, s.refresh_s)
     policy = make_policy(s.policy, s.threshold_tokens, s.bandwidth_mode)
-    router = Router(directory, clients, policy, tokenizer,
-                    transfer_timeout_s=s.transfer_timeout_s, num_connections=s.kv_connections)
+    router = Router(
+        directory, clients, policy, tokenizer, transfer_timeout_s=s.transfer_timeout_s, num_connections=s.kv_connections
+    )
     control = None
     if s.control_interval_s > 0:
-        control = ControlLoop(directory, policy, KvLayout(config).kv_bytes, s.link_gbps * GBPS, set_role,
-                              s.control_interval_s, s.role_interval_s)
+        control = ControlLoop(
+            directory,
+            policy,
+            KvLayout(config).kv_bytes,
+            s.link_gbps * GBPS,
+            set_role,
+            s.control_interval_s,
+            s.role_interval_s,
+        )
         router.observers.append(control.on_decision)
         router.prefill_observers.append(control.on_prefill)
 
@@ -63,8 +71,14 @@ async def main(s: RouterSettings) -> None:
 
     router.observers.append(observe)
     metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
-    log.info("policy", policy=s.policy, threshold_tokens=getattr(policy, "threshold", None),
-             bandwidth_mode=s.bandwidth_mode, link_gbps=s.link_gbps, control_loop=control is not None)
+    log.info(
+        "policy",
+        policy=s.policy,
+        threshold_tokens=getattr(policy, "threshold", None),
+        bandwidth_mode=s.bandwidth_mode,
+        link_gbps=s.link_gbps,
+        control_loop=control is not None,
+    )
 
     def add(server: grpc.aio.Server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), server)

@@ -3,7 +3,7 @@ iterators of domain events. One channel per node address, reused."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -32,12 +32,17 @@ class GrpcNodeClients:
 
     async def admit(
         self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
-    ) -> AsyncIterator[Reserved | TokenBatch]:
+    ) -> AsyncGenerator[Reserved | TokenBatch, None]:
         stub = decode_pb2_grpc.DecodeStub(self._channel(address))
-        call = stub.Admit(decode_pb2.AdmitRequest(
-            request_id=request_id, prompt_tokens=len(prompt), sampling=sampling_to_pb(params),
-            transfer_timeout_s=timeout_s, token_ids=prompt,
-        ))
+        call = stub.Admit(
+            decode_pb2.AdmitRequest(
+                request_id=request_id,
+                prompt_tokens=len(prompt),
+                sampling=sampling_to_pb(params),
+                transfer_timeout_s=timeout_s,
+                token_ids=prompt,
+            )
+        )
         try:
             async for ev in call:
                 which = ev.WhichOneof("event")
@@ -49,14 +54,20 @@ class GrpcNodeClients:
         finally:
             call.cancel()
 
-    async def prefill(self, address: str, job: PrefillJob) -> AsyncIterator[Started | Done]:
+    async def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Done, None]:
         stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
-        call = stub.Prefill(prefill_pb2.PrefillRequest(
-            request_id=job.request_id, transfer_id=job.transfer_id, token_ids=job.prompt,
-            sampling=sampling_to_pb(job.params), decode_address=job.decode_address,
-            num_connections=job.num_connections, wire_dtype=job.wire_dtype,
-            deadline_unix_s=job.deadline_unix_s,
-        ))
+        call = stub.Prefill(
+            prefill_pb2.PrefillRequest(
+                request_id=job.request_id,
+                transfer_id=job.transfer_id,
+                token_ids=job.prompt,
+                sampling=sampling_to_pb(job.params),
+                decode_address=job.decode_address,
+                num_connections=job.num_connections,
+                wire_dtype=job.wire_dtype,
+                deadline_unix_s=job.deadline_unix_s,
+            )
+        )
         try:
             async for ev in call:
                 if ev.WhichOneof("event") == "started":

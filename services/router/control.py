@@ -54,8 +54,12 @@ class ControlLoop:
         self.kv_profile = Profile.from_callable(lambda x: float(kv_bytes(int(x))), KV_GRID)
         self.short = short
         if self.short is None and hasattr(policy, "threshold"):
-            self.short = ShortTermController(policy, self._system(), Deployment(1, 1, 1),  # type: ignore[arg-type]
-                                             optimum=float(policy.threshold))
+            self.short = ShortTermController(
+                policy,
+                self._system(),
+                Deployment(1, 1, 1),  # type: ignore[arg-type]
+                optimum=float(policy.threshold),
+            )
         self.long = long or LongTermController()
         self._task: asyncio.Task[None] | None = None
         self._last_long = float("-inf")
@@ -101,13 +105,18 @@ class ControlLoop:
         if self.short is not None:
             self.short.system = self._system()
             self.short.deployment = Deployment(
-                max(len(prfaas), 1), max(sum(n.role == "prefill" for n in local), 1),
+                max(len(prfaas), 1),
+                max(sum(n.role == "prefill" for n in local), 1),
                 max(sum(n.role == "decode" for n in local), 1),
             )
-            change = self.short.observe(LinkObservation(
-                now, sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s, self.link_bytes_per_s,
-                sum(n.queue_depth for n in prfaas),
-            ))
+            change = self.short.observe(
+                LinkObservation(
+                    now,
+                    sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s,
+                    self.link_bytes_per_s,
+                    sum(n.queue_depth for n in prfaas),
+                )
+            )
             if change is not None:
                 metrics.THRESHOLD_TOKENS.set(change.new)
                 log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
@@ -127,8 +136,11 @@ class ControlLoop:
             decode_queue=sum(n.queue_depth for n in dec),
             decode_utilisation=sum(min(1.0, n.running / max(n.capacity_slots, 1)) for n in dec) / len(dec),
         )
-        views = [NodeView(n.node_id, "local", n.role, n.queue_depth, n.running, n.free_blocks)  # type: ignore[arg-type]
-                 for n in local if n.role in ("prefill", "decode")]
+        views = [
+            NodeView(n.node_id, "local", n.role, n.queue_depth, n.running, n.free_blocks)  # type: ignore[arg-type]
+            for n in local
+            if n.role in ("prefill", "decode")
+        ]
         for change in self.long.observe(obs, views):
             node = next(n for n in local if n.node_id == change.node_id)
             log.info("role_change", node=change.node_id, old=change.old_role, new=change.new_role, reason=change.reason)

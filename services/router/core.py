@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from structlog.contextvars import bind_contextvars
 from prfaas.engine.sampling import InvalidRequest, SamplingParams
 from prfaas.engine.tokenizer import Tokenizer
 from prfaas.obs.log import get_logger
-from prfaas.scheduling.policy import NodeView, NoCapacityError, RouteDecision, RouteQuery, RoutingPolicy
+from prfaas.scheduling.policy import NodeView, RouteDecision, RouteQuery, RoutingPolicy
 from services.decode.core import Reserved, TokenBatch
 from services.prefill.core import Done, PrefillJob, Started
 
@@ -57,9 +57,9 @@ class Directory(Protocol):
 class NodeClients(Protocol):
     def admit(
         self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
-    ) -> AsyncIterator[Reserved | TokenBatch]: ...
+    ) -> AsyncGenerator[Reserved | TokenBatch, None]: ...
 
-    def prefill(self, address: str, job: PrefillJob) -> AsyncIterator[Started | Done]: ...
+    def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Done, None]: ...
 
 
 class RouteFailed(RuntimeError):
@@ -72,7 +72,7 @@ class GenerateInput:
     prompt: str
     token_ids: list[int]
     params: SamplingParams
-    route: str = "auto"           # "auto", "local" or "prfaas"
+    route: str = "auto"  # "auto", "local" or "prfaas"
 
 
 @dataclass
@@ -106,11 +106,15 @@ class Router:
         num_connections: int = 0,
     ) -> None:
         self.directory, self.clients, self.policy, self.tokenizer = directory, clients, policy, tokenizer
-        self.max_attempts, self.transfer_timeout_s, self.num_connections = max_attempts, transfer_timeout_s, num_connections
+        self.max_attempts, self.transfer_timeout_s, self.num_connections = (
+            max_attempts,
+            transfer_timeout_s,
+            num_connections,
+        )
         self.stats = RouterStats()
         self._ids = itertools.count()
         self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # controllers, metrics
-        self.prefill_observers: list[Callable[[str, int, float], None]] = []   # (cluster, tokens, prefill_s)
+        self.prefill_observers: list[Callable[[str, int, float], None]] = []  # (cluster, tokens, prefill_s)
 
     def _prompt_ids(self, req: GenerateInput) -> list[int]:
         if req.prompt and req.token_ids:
@@ -127,13 +131,21 @@ class Router:
         nodes = [n for n in await self.directory.nodes() if n.node_id not in exclude]
         hits = await self.directory.hits(prompt) if nodes else {}
         views = [
-            NodeView(n.node_id, n.cluster, n.role, n.queue_depth, n.running, n.free_blocks,  # type: ignore[arg-type]
-                     hits.get(n.node_id, 0))
-            for n in nodes if n.role in ("prefill", "decode") and n.cluster in ("prfaas", "local")
+            NodeView(
+                n.node_id,
+                n.cluster,  # type: ignore[arg-type]  # filtered to "prfaas" / "local" below
+                n.role,  # type: ignore[arg-type]  # filtered to "prefill" / "decode" below
+                n.queue_depth,
+                n.running,
+                n.free_blocks,
+                hits.get(n.node_id, 0),
+            )
+            for n in nodes
+            if n.role in ("prefill", "decode") and n.cluster in ("prfaas", "local")
         ]
         return views, {n.node_id: n for n in nodes}
 
-    async def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
+    async def generate(self, req: GenerateInput) -> AsyncGenerator[GenerateOutput, None]:
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         bind_contextvars(request_id=request_id)  # each RPC runs in its own task: no leak across calls
         prompt = self._prompt_ids(req)
@@ -142,16 +154,23 @@ class Router:
             raise InvalidRequest(f"unknown route {req.route!r}")
         t0 = time.monotonic()
         exclude: set[str] = set()
-        last_error: Exception | None = None
+        last_error: BaseException | None = None
         for attempt in range(self.max_attempts):
             views, by_id = await self._views(prompt, exclude)
             forced = req.route
             if attempt > 0 and forced != "auto":
                 forced = "auto" if req.route == "prfaas" else forced  # a forced PrfaaS route may fall back
             decision = self.policy.route(RouteQuery(request_id, len(prompt), forced), views)  # type: ignore[arg-type]
-            log.info("route", request_id=request_id, attempt=attempt, route=decision.route,
-                     prefill=decision.prefill_node, decode=decision.decode_node,
-                     uncached=decision.uncached_tokens, reason=decision.reason)
+            log.info(
+                "route",
+                request_id=request_id,
+                attempt=attempt,
+                route=decision.route,
+                prefill=decision.prefill_node,
+                decode=decision.decode_node,
+                uncached=decision.uncached_tokens,
+                reason=decision.reason,
+            )
             self.stats.decisions[decision.route] = self.stats.decisions.get(decision.route, 0) + 1
             stream = self._serve(request_id, prompt, req.params, decision, by_id, t0)
             try:
@@ -165,15 +184,21 @@ class Router:
                 last_error = e.__cause__ or e
                 exclude.add(decision.prefill_node)
                 self.stats.retries += 1
-                log.warning("prefill_failed_retrying", request_id=request_id, node=decision.prefill_node,
-                            error=repr(last_error))
+                log.warning(
+                    "prefill_failed_retrying", request_id=request_id, node=decision.prefill_node, error=repr(last_error)
+                )
         self.stats.failures += 1
         raise RouteFailed(f"request {request_id}: {self.max_attempts} prefill attempts failed: {last_error!r}")
 
     async def _serve(
-        self, request_id: str, prompt: list[int], params: SamplingParams, d: RouteDecision,
-        by_id: dict[str, Node], t0: float,
-    ) -> AsyncIterator[GenerateOutput]:
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        d: RouteDecision,
+        by_id: dict[str, Node],
+        t0: float,
+    ) -> AsyncGenerator[GenerateOutput, None]:
         prefill_node, decode_node = by_id[d.prefill_node], by_id[d.decode_node]
         admit = self.clients.admit(decode_node.address, request_id, prompt, params, self.transfer_timeout_s)
         prefill_task: asyncio.Task[Done] | None = None
@@ -184,8 +209,14 @@ class Router:
                 raise _PrefillFailed("the decode node did not reserve") from e
             assert isinstance(reserved, Reserved)
             job = PrefillJob(
-                request_id, reserved.transfer_id, prompt, params, decode_node.address,
-                self.num_connections, reserved.wire_dtype, time.time() + self.transfer_timeout_s,
+                request_id,
+                reserved.transfer_id,
+                prompt,
+                params,
+                decode_node.address,
+                self.num_connections,
+                reserved.wire_dtype,
+                time.time() + self.transfer_timeout_s,
             )
             prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job, d))
             try:
@@ -198,8 +229,14 @@ class Router:
             for obs in self.observers:
                 obs(d, len(prompt), ttft)
             yield GenerateOutput(
-                first.token_ids, self._text(first.token_ids), first.finish_reason or "", d.route,
-                d.prefill_node, d.decode_node, request_id, d.cached_tokens,
+                first.token_ids,
+                self._text(first.token_ids),
+                first.finish_reason or "",
+                d.route,
+                d.prefill_node,
+                d.decode_node,
+                request_id,
+                d.cached_tokens,
             )
             if first.finish_reason:
                 await asyncio.gather(prefill_task, return_exceptions=True)
@@ -222,7 +259,9 @@ class Router:
             obs(d.route, d.uncached_tokens, done.prefill_s)
         return done
 
-    async def _first_tokens(self, admit: AsyncIterator[Reserved | TokenBatch], prefill: asyncio.Task[Done]) -> TokenBatch:
+    async def _first_tokens(
+        self, admit: AsyncGenerator[Reserved | TokenBatch, None], prefill: asyncio.Task[Done]
+    ) -> TokenBatch:
         """Waits for the decode node's first tokens, watching the prefill: if the prefill fails
         first, the attempt fails (and is retried) instead of waiting for the transfer deadline."""
         first = asyncio.ensure_future(anext(admit))

@@ -20,11 +20,18 @@ class CachePoolDirectory:
         if time.monotonic() - self._at > self.refresh_s:
             statuses = await self.client.list_nodes()
             self._nodes = [
-                Node(s.node.node_id, s.node.cluster, str(s.node.role), s.node.address,
-                     # before its first heartbeat a node reports no load: take its capacity
-                     s.load.queue_depth, s.load.running, s.load.free_blocks or s.node.capacity_blocks,
-                     s.load.egress_bytes_per_s,
-                     s.node.capacity_slots)
+                Node(
+                    s.node.node_id,
+                    s.node.cluster,
+                    str(s.node.role),
+                    s.node.address,
+                    # before its first heartbeat a node reports no load: take its capacity
+                    s.load.queue_depth,
+                    s.load.running,
+                    s.load.free_blocks or s.node.capacity_blocks,
+                    s.load.egress_bytes_per_s,
+                    s.node.capacity_slots,
+                )
                 for s in statuses
             ]
             self._at = time.monotonic()

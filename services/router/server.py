@@ -34,14 +34,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 seed=request.seed if request.HasField("seed") else None,
                 stop_token_ids=tuple(request.stop_token_ids),
             )
-            req = GenerateInput(request.request_id, request.prompt, list(request.token_ids), params,
-                                _ROUTE_IN[request.route])
+            req = GenerateInput(
+                request.request_id, request.prompt, list(request.token_ids), params, _ROUTE_IN[request.route]
+            )
             async with contextlib.aclosing(self.router.generate(req)) as stream:
                 async for out in stream:
                     yield router_pb2.GenerateResponse(
-                        token_ids=out.token_ids, text=out.text, finish_reason=out.finish_reason,
-                        route=_ROUTE_OUT[out.route], prefill_node=out.prefill_node,
-                        decode_node=out.decode_node, request_id=out.request_id,
+                        token_ids=out.token_ids,
+                        text=out.text,
+                        finish_reason=out.finish_reason,
+                        route=_ROUTE_OUT[out.route],
+                        prefill_node=out.prefill_node,
+                        decode_node=out.decode_node,
+                        request_id=out.request_id,
                         cached_tokens=out.cached_tokens,
                     )
 

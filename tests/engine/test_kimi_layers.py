@@ -23,7 +23,7 @@ from prfaas.model import kimi_linear
 from prfaas.model.base import ForwardMeta, FullAttnCache, LayerCache, LinearStateCache
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import HybridForCausalLM
-from prfaas.model.loader import CheckpointError, load_model
+from prfaas.model.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,23 +14,53 @@ from prfaas.model.loader import load_model
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
-    "dense-gqa": dict(num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4,
-                      num_experts=0, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
-    "moe": dict(num_attention_heads=4, num_key_value_heads=1, linear_num_key_heads=2, linear_num_value_heads=2,
-                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0],
-                layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]),
-    "wide-heads": dict(num_attention_heads=8, num_key_value_heads=4, linear_num_key_heads=4, linear_num_value_heads=8,
-                       num_experts=4, num_experts_per_tok=1, decoder_sparse_step=2, norm_topk_prob=False,
-                       layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"]),
+    "dense-gqa": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        num_experts=0,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    ),
+    "moe": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    ),
+    "wide-heads": dict(
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        num_experts=4,
+        num_experts_per_tok=1,
+        decoder_sparse_step=2,
+        norm_topk_prob=False,
+        layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+    ),
 }
 
 
 def make_checkpoint(path, name: str, seed: int = 0):
     torch.manual_seed(seed)
     kw = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, head_dim=16,
-        linear_key_head_dim=16, linear_value_head_dim=16, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, initializer_range=0.1, max_position_embeddings=512,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        head_dim=16,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        initializer_range=0.1,
+        max_position_embeddings=512,
     )
     kw.update(CONFIGS[name])
     cfg = transformers.Qwen3NextConfig(**kw)
@@ -73,4 +103,4 @@ def test_greedy_generation_matches_transformers(tmp_path, name):
     for prompt, out in zip(prompts, ours, strict=True):
         with torch.inference_mode():
             gen = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
-        assert out == gen[0, len(prompt):].tolist()
+        assert out == gen[0, len(prompt) :].tolist()
