@@ -155,17 +155,21 @@ class Executor:
     # --- prefill ------------------------------------------------------------------------------
     def _meta(self, seqs: list[Sequence], query_lens: list[int], positions: list[int]) -> ForwardMeta:
         bs = self.layout.block_size
-        slot_mapping = []
-        for seq, n in zip(seqs, query_lens, strict=True):
-            start = seq.num_cached
-            table = seq.block_table
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
+        pos = torch.tensor(positions, dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(query_lens))
+        if len(seqs) == 1:
+            block_ids = tables[0][pos // bs]
+        else:  # (B, max_blocks) padded; each token looks up its own sequence's row
+            width = max(len(t) for t in tables)
+            padded = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables])
+            block_ids = padded[owner, pos // bs]
         return ForwardMeta(
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            positions=pos.to(self.device),
             query_lens=query_lens,
             context_lens=[s.num_cached + n for s, n in zip(seqs, query_lens, strict=True)],
-            block_tables=[torch.tensor(s.block_table, dtype=torch.long, device=self.device) for s in seqs],
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            block_tables=[t.to(self.device) for t in tables],
+            slot_mapping=(block_ids * bs + pos % bs).to(self.device),
             state_slots=[s.slot for s in seqs],
             attn=self.attn,
         )
@@ -301,10 +305,11 @@ class Executor:
         positions = [s.num_tokens - 1 for s in seqs]
         meta = self._meta(seqs, [1] * len(seqs), positions)
         logits = self.model(ids, meta, self.caches)  # (B, vocab)
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
         tokens = []
-        for seq, row in zip(seqs, logits, strict=True):
+        for seq, row, best in zip(seqs, logits, greedy, strict=True):
             seq.num_cached += 1
-            tok = sample(row, seq.params, seq.generator)
+            tok = best if seq.params.greedy else sample(row, seq.params, seq.generator)
             self.append_token(seq, tok)
             tokens.append(tok)
         return tokens

@@ -9,6 +9,7 @@ Tokens of all sequences in a step are packed along one dimension, `T = sum(query
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -32,6 +33,17 @@ class ForwardMeta:
     @property
     def is_decode(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    @cached_property
+    def padded_block_tables(self) -> torch.Tensor:
+        """(B, max_blocks) int64, rows padded with their own first block (masked by length)."""
+        n = max(len(t) for t in self.block_tables)
+        rows = [torch.cat((t, t[:1].expand(n - len(t)))) if len(t) < n else t for t in self.block_tables]
+        return torch.stack(rows)
+
+    @cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.context_lens, dtype=torch.long, device=self.positions.device)
 
     def seq_ranges(self) -> list[tuple[int, int]]:
         """(start, end) of each sequence's tokens in the packed dimension."""

@@ -228,7 +228,9 @@ class KimiExpert(nn.Module):
 
 
 class KimiExperts(Experts):
-    """The shared routed-expert loop over experts named `experts.{i}.w1/w2/w3`."""
+    """The shared routed experts, named `experts.{i}.w1/w2/w3` in Kimi checkpoints."""
+
+    proj_names = ("w1", "w3", "w2")
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         nn.ModuleList.__init__(self, (KimiExpert(hidden, intermediate) for _ in range(num_experts)))

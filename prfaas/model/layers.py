@@ -61,29 +61,66 @@ class MLP(nn.Module):
 
 class Experts(nn.ModuleList):
     """Routed experts, each a SwiGLU MLP. A ModuleList so that checkpoints load with their
-    per-expert names (`experts.{i}.gate_proj.weight`). A plain loop over the experts that
-    received tokens: fine on CPU, and the seam for a grouped-GEMM kernel later."""
+    per-expert names (`experts.{i}.gate_proj.weight`).
+
+    Two ways to run them. Many tokens (prefill): a loop over the experts that received tokens,
+    each a dense MLP on its tokens. Few tokens (decode): every expert on every token as three
+    batched products over the stacked weights, then the routing weights select; more FLOPs, but
+    one call instead of three small ones per expert. The stacked weights are the experts' own
+    storage (their parameters become views of it), so nothing is held twice."""
+
+    proj_names = ("gate_proj", "up_proj", "down_proj")
+    dense_flops_limit = 64e6  # few-token path when T * E * 3 * I * D stays below this
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
 
+    def _projs(self, i: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        e = self[i]
+        return tuple(getattr(e, n) for n in self.proj_names)  # type: ignore[return-value]
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        packed = getattr(self, "_packed", None)
+        if packed is None or packed[0][0].data_ptr() != self._projs(0)[0].weight.data_ptr():
+            with torch.no_grad():
+                stacks = []
+                for j in range(3):
+                    stack = torch.stack([self._projs(i)[j].weight for i in range(len(self))])  # (E, out, in)
+                    for i in range(len(self)):
+                        self._projs(i)[j].weight = nn.Parameter(stack[i], requires_grad=False)
+                    stacks.append(stack)
+            packed = self._packed = tuple(stacks)
+        return packed  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """x (T, D); top_idx, top_w (T, k). Returns (T, D)."""
+        e = len(self)
+        gate0 = self._projs(0)[0].weight
+        if x.shape[0] * e * 3 * gate0.numel() <= self.dense_flops_limit:
+            return self._forward_all(x, top_idx, top_w)
         out = torch.zeros_like(x)
         flat_idx = top_idx.reshape(-1)
         order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=len(self)).tolist()
+        counts = torch.bincount(flat_idx, minlength=e).tolist()
         token_of = order // top_idx.shape[1]
         weight_of = top_w.reshape(-1)[order]
         start = 0
-        for e, n in enumerate(counts):
+        for i, n in enumerate(counts):
             if n == 0:
                 continue
             tok = token_of[start : start + n]
-            y = self[e](x.index_select(0, tok)) * weight_of[start : start + n, None].to(x.dtype)
+            y = self[i](x.index_select(0, tok)) * weight_of[start : start + n, None].to(x.dtype)
             out.index_add_(0, tok, y)
             start += n
         return out
+
+    def _forward_all(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self._stacked()  # (E, I, D), (E, I, D), (E, D, I)
+        h = F.silu(torch.einsum("td,eid->tei", x, gate)) * torch.einsum("td,eid->tei", x, up)  # (T, E, I)
+        y = torch.einsum("tei,edi->ted", h, down)  # (T, E, D)
+        w = torch.zeros(x.shape[0], len(self), dtype=x.dtype, device=x.device)
+        w.scatter_add_(1, top_idx, top_w.to(x.dtype))  # routing weights, zero for unselected experts
+        return torch.einsum("ted,te->td", y, w)
 
 
 def rotary_cos_sin(

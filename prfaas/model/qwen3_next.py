@@ -50,12 +50,15 @@ class GatedAttention(nn.Module):
         assert cache.v is not None
         store_tokens(cache.k, meta.slot_mapping, k)
         store_tokens(cache.v, meta.slot_mapping, v)
-        out = torch.empty_like(q)
-        for i, (s, e) in enumerate(meta.seq_ranges()):
-            n = meta.context_lens[i]
-            k_ctx = gather_context(cache.k, meta.block_tables[i], n)
-            v_ctx = gather_context(cache.v, meta.block_tables[i], n)
-            out[s:e] = meta.attn.attend(q[s:e], k_ctx, v_ctx, self.scale)
+        if meta.is_decode:  # one token per sequence: all sequences in one paged call
+            out = meta.attn.decode(q, cache.k, cache.v, meta.padded_block_tables, meta.context_lens_tensor, self.scale)
+        else:
+            out = torch.empty_like(q)
+            for i, (s, e) in enumerate(meta.seq_ranges()):
+                n = meta.context_lens[i]
+                k_ctx = gather_context(cache.k, meta.block_tables[i], n)
+                v_ctx = gather_context(cache.v, meta.block_tables[i], n)
+                out[s:e] = meta.attn.attend(q[s:e], k_ctx, v_ctx, self.scale)
         out = out.reshape(t, -1) * torch.sigmoid(gate.reshape(t, -1))
         return self.o_proj(out)
 
