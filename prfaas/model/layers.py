@@ -79,17 +79,21 @@ class Experts(nn.ModuleList):
         e = self[i]
         return tuple(getattr(e, n) for n in self.proj_names)  # type: ignore[return-value]
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate/up as one (2, E, I, D) tensor and down as (E, I, D); the experts' own weights
+        become views of them (down transposed), so the packing costs no memory."""
         packed = getattr(self, "_packed", None)
-        if packed is None or packed[0][0].data_ptr() != self._projs(0)[0].weight.data_ptr():
+        if packed is None or packed[0][0, 0].data_ptr() != self._projs(0)[0].weight.data_ptr():
             with torch.no_grad():
-                stacks = []
-                for j in range(3):
-                    stack = torch.stack([self._projs(i)[j].weight for i in range(len(self))])  # (E, out, in)
-                    for i in range(len(self)):
-                        self._projs(i)[j].weight = nn.Parameter(stack[i], requires_grad=False)
-                    stacks.append(stack)
-            packed = self._packed = tuple(stacks)
+                e = len(self)
+                gu = torch.stack([torch.stack([self._projs(i)[j].weight for i in range(e)]) for j in (0, 1)])
+                dn = torch.stack([self._projs(i)[2].weight.t() for i in range(e)]).contiguous()
+                for i in range(e):
+                    gate, up, down = self._projs(i)
+                    gate.weight = nn.Parameter(gu[0, i], requires_grad=False)
+                    up.weight = nn.Parameter(gu[1, i], requires_grad=False)
+                    down.weight = nn.Parameter(dn[i].t(), requires_grad=False)
+            packed = self._packed = (gu, dn)
         return packed  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
@@ -115,12 +119,13 @@ class Experts(nn.ModuleList):
         return out
 
     def _forward_all(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self._stacked()  # (E, I, D), (E, I, D), (E, D, I)
-        h = F.silu(torch.einsum("td,eid->tei", x, gate)) * torch.einsum("td,eid->tei", x, up)  # (T, E, I)
-        y = torch.einsum("tei,edi->ted", h, down)  # (T, E, D)
-        w = torch.zeros(x.shape[0], len(self), dtype=x.dtype, device=x.device)
+        gu, dn = self._stacked()  # (2, E, I, D), (E, I, D)
+        t, (_, e, i, d) = x.shape[0], gu.shape
+        a = (x @ gu.view(2 * e * i, d).t()).view(t, 2, e, i)
+        w = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         w.scatter_add_(1, top_idx, top_w.to(x.dtype))  # routing weights, zero for unselected experts
-        return torch.einsum("ted,te->td", y, w)
+        h = F.silu(a[:, 0]) * a[:, 1] * w[:, :, None]  # (T, E, I)
+        return h.reshape(t, e * i) @ dn.view(e * i, d)
 
 
 def rotary_cos_sin(
