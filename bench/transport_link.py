@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
-
 import transport as loopback  # noqa: E402  (bench/transport.py: the loopback bench's model and helpers)
+
 from prfaas.transport.linkemu import EmulatedLink, link_supported, read_ready_line  # noqa: E402
 
 NAME_PREFIX = "prfaas-bench"
@@ -101,7 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
     from prfaas.transport.servicer import SERVER_OPTIONS, PushKvServicer, add_push_kv_only
 
     receiver = KvReceiver()
-    expected = []
+    expected: list[tuple[str, Any, int, Any]] = []
     if args.goodput_tokens:
         lay = loopback.layout()
         expected += [(f"g-{i}", lay, args.goodput_tokens, loopback.NullSink) for i in range(args.count)]
@@ -162,7 +162,9 @@ class Receiver:
 
 def run_client(link: EmulatedLink, spec: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
     """Runs this file's client in the "prfaas" namespace; its JSON result lines."""
-    proc = link.run_in("prfaas", [sys.executable, __file__, "--client", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    proc = link.run_in(
+        "prfaas", [sys.executable, __file__, "--client", json.dumps(spec)], stdout=subprocess.PIPE, text=True
+    )
     out, _ = proc.communicate(timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"the client exited with {proc.returncode}")
@@ -195,7 +197,8 @@ class SendAfterPrefill:
     """A KvPush that holds every layer until the prefill is done, then sends it all."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.layers = inner, []
+        self.inner = inner
+        self.layers: list[Any] = []
 
     async def push_layer(self, layer_kv: Any) -> None:
         self.layers.append(layer_kv)
@@ -232,16 +235,22 @@ async def client_ttft(spec: dict[str, Any]) -> None:
             if isinstance(ev, Done):
                 done = ev
         if i:
-            print(json.dumps({"mode": mode, "tid": f"t-{i}", "t0": t0, "prefill_s": done.prefill_s,
-                              "kv_bytes": done.kv_bytes}), flush=True)
+            print(
+                json.dumps(
+                    {"mode": mode, "tid": f"t-{i}", "t0": t0, "prefill_s": done.prefill_s, "kv_bytes": done.kv_bytes}
+                ),
+                flush=True,
+            )
             say(f"    {mode}: prefill {done.prefill_s:.3f} s")
     await channels.close()
 
 
 # --- the parts -----------------------------------------------------------------------------------
 def part_goodput(args: argparse.Namespace) -> list[str]:
-    rows = ["| shaped rate | one-way delay | connections | goodput (Mbit/s) | fraction of rate (median of reps; min-max) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| shaped rate | one-way delay | connections | goodput (Mbit/s) | fraction of rate (median; min-max) |",
+        "|---|---|---|---|---|",
+    ]
     for rate in args.rates:
         tokens = goodput_tokens(rate, args.transfer_s)
         say(f"[goodput] link {rate:.0f} Mbit/s; transfers of {tokens} tokens")
@@ -249,8 +258,13 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
             recv = Receiver(link, goodput_tokens=tokens, count=64)
             proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT)
             targets = {"0 ms": recv.address, f"{args.delay_ms:g} ms": proxy}
-            spec = {"part": "goodput", "tokens": tokens, "targets": targets, "connections": args.connections,
-                    "reps": args.reps}
+            spec = {
+                "part": "goodput",
+                "tokens": tokens,
+                "targets": targets,
+                "connections": args.connections,
+                "reps": args.reps,
+            }
             results = run_client(link, spec, timeout_s=600)
             by_cfg: dict[tuple[str, int], list[float]] = {}
             for r in results:
@@ -258,8 +272,10 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
                 by_cfg.setdefault((r["path"], r["conns"]), []).append(r["bytes"] * 8 / 1e6 / secs)
         for (path, conns), mbits in by_cfg.items():
             fr = [m / rate for m in mbits]
-            rows.append(f"| {rate:.0f} Mbit/s | {path} | {conns} | {statistics.median(mbits):.1f} | "
-                        f"{statistics.median(fr):.3f} ({min(fr):.3f}-{max(fr):.3f}) |")
+            rows.append(
+                f"| {rate:.0f} Mbit/s | {path} | {conns} | {statistics.median(mbits):.1f} | "
+                f"{statistics.median(fr):.3f} ({min(fr):.3f}-{max(fr):.3f}) |"
+            )
             say(rows[-1])
     return rows
 
@@ -295,19 +311,29 @@ def measure_rtt(link: EmulatedLink) -> float:
 
 def part_ttft(args: argparse.Namespace) -> list[str]:
     model_dir = bench_model_dir()
-    say(f"[ttft] model {model_dir} ({model_layout(model_dir).config.num_layers} layers); "
-        f"measuring prefill of {args.ttft_tokens} tokens")
+    say(
+        f"[ttft] model {model_dir} ({model_layout(model_dir).config.num_layers} layers); "
+        f"measuring prefill of {args.ttft_tokens} tokens"
+    )
     prefill_s, kv = measure_prefill(model_dir, args.ttft_tokens, 2)
     production = kv * 8 / 1e6 / prefill_s
     rate = args.ttft_rate_factor * production
-    say(f"[ttft] standalone prefill {prefill_s:.3f} s, KV {kv / 2**20:.1f} MiB: {production:.0f} Mbit/s; "
-        f"link {rate:.0f} Mbit/s, {args.delay_ms:g} ms one way")
+    say(
+        f"[ttft] standalone prefill {prefill_s:.3f} s, KV {kv / 2**20:.1f} MiB: {production:.0f} Mbit/s; "
+        f"link {rate:.0f} Mbit/s, {args.delay_ms:g} ms one way"
+    )
     with EmulatedLink(rate, delay_ms=args.delay_ms, name_prefix=NAME_PREFIX) as link:
         rtt_ms = measure_rtt(link)
         recv = Receiver(link, model=model_dir, ttft_tokens=args.ttft_tokens, count=2 * args.rounds + 2)
         proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT)
-        spec = {"part": "ttft", "model": str(model_dir), "tokens": args.ttft_tokens, "address": proxy,
-                "conns": args.ttft_connections, "rounds": args.rounds}
+        spec = {
+            "part": "ttft",
+            "model": str(model_dir),
+            "tokens": args.ttft_tokens,
+            "address": proxy,
+            "conns": args.ttft_connections,
+            "rounds": args.rounds,
+        }
         results = run_client(link, spec, timeout_s=600)
         for r in results:
             r["ttft_s"] = recv.finished(r["tid"])["t"] - r["t0"]
@@ -320,15 +346,19 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
         f"{args.ttft_connections} connections; prefill time P = {ref:.3f} s (median compute phase of the "
         "send-after runs).",
         "",
-        "| mode | run | its prefill compute (s) | TTFT (s) | TTFT / (P + RTT) |",
-        "|---|---|---|---|---|",
+        "| mode | run | its prefill compute C (s) | TTFT (s) | TTFT / (P + RTT) | TTFT / (C + RTT) |",
+        "|---|---|---|---|---|---|",
     ]
     for mode in ("stream", "after"):
         runs = [r for r in results if r["mode"] == mode]
         for i, r in enumerate(runs):
-            rows.append(f"| {mode} | {i + 1} | {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['ttft_s'] / denom:.3f} |")
+            own = r["ttft_s"] / (r["prefill_s"] + rtt_ms / 1e3)
+            rows.append(
+                f"| {mode} | {i + 1} | {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['ttft_s'] / denom:.3f} "
+                f"| {own:.3f} |"
+            )
         med = statistics.median(r["ttft_s"] for r in runs)
-        rows.append(f"| **{mode}, median** | | | {med:.3f} | **{med / denom:.3f}** |")
+        rows.append(f"| **{mode}, median** | | | {med:.3f} | **{med / denom:.3f}** | |")
     for row in rows[4:]:
         say(row)
     return rows
@@ -344,8 +374,10 @@ async def part_loopback(args: argparse.Namespace) -> list[str]:
     raw_bytes = len(blocks) * (4 << 20)
     cb, conns = 256 << 10, 8
     gport, rport = loopback.free_port(), loopback.free_port()
-    say(f"[loopback] {nbytes / 2**20:.0f} MiB per transfer; raw TCP 1 conn vs KvSender {conns} conn, "
-        f"{cb >> 10} KiB chunks, alternated")
+    say(
+        f"[loopback] {nbytes / 2**20:.0f} MiB per transfer; raw TCP 1 conn vs KvSender {conns} conn, "
+        f"{cb >> 10} KiB chunks, alternated"
+    )
     procs = [
         loopback.spawn("--serve-grpc", str(gport), "--tokens", str(args.loopback_tokens), "--chunks", str(cb)),
         loopback.spawn("--serve-raw", str(rport)),
@@ -394,8 +426,9 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--parts", nargs="+", default=["goodput", "ttft", "loopback"],
-                    choices=["goodput", "ttft", "loopback"])
+    ap.add_argument(
+        "--parts", nargs="+", default=["goodput", "ttft", "loopback"], choices=["goodput", "ttft", "loopback"]
+    )
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 200.0], help="Mbit/s, goodput part")
     ap.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay through the proxy")
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -32,6 +32,8 @@ class NodeSettings:
     metrics_port: int
     log_level: str
     convertible: bool = False  # serves prefill and decode; the router may switch its role
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
 
 
 def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
@@ -56,6 +58,12 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
         action="store_true",
         default=_env("CONVERTIBLE", "") in ("1", "true"),
         help="serve both prefill and decode, so the router can convert this node's role",
+    )
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--attention-backend",
+        default=_env("ATTENTION_BACKEND", "auto"),
+        choices=["auto", "torch", "flashinfer", "flash_attn"],
     )
 
 
@@ -82,6 +90,8 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
         metrics_port=a.metrics_port,
         log_level=a.log_level,
         convertible=a.convertible,
+        device=a.device,
+        attention_backend=a.attention_backend,
     )
 
 

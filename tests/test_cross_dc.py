@@ -111,8 +111,20 @@ def cross_dc(tmp_path_factory):
                 procs.append(start(link, side, name, module, args, logs))
             for proc, (_, name, *_) in zip(procs[1:], nodes, strict=True):
                 wait_listening(proc, name)
-            router_args = ["--listen", f"{loc}:50052", "--cachepool", cachepool, "--model", model,
-                           "--policy", "prfaas", "--threshold-tokens", "64", "--link-gbps", str(RATE_MBIT / 1e3)]
+            router_args = [
+                "--listen",
+                f"{loc}:50052",
+                "--cachepool",
+                cachepool,
+                "--model",
+                model,
+                "--policy",
+                "prfaas",
+                "--threshold-tokens",
+                "64",
+                "--link-gbps",
+                str(RATE_MBIT / 1e3),
+            ]
             router = start(link, "local", "router", "services.router", router_args, logs)
             procs.append(router)
             yield link, wait_listening(router, "router"), cachepool, model, logs
@@ -132,8 +144,20 @@ def test_prfaas_route_over_the_shaped_link_matches_in_process(cross_dc):
     sent_before = tx_bytes(link, "prfaas")
     client = link.run_in(
         "local",
-        [sys.executable, __file__, "--router", router, "--cachepool", cachepool, "--nodes", "3",
-         "--max-tokens", str(MAX_TOKENS), "--prompt", json.dumps(prompt)],
+        [
+            sys.executable,
+            __file__,
+            "--router",
+            router,
+            "--cachepool",
+            cachepool,
+            "--nodes",
+            "3",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--prompt",
+            json.dumps(prompt),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,

@@ -175,10 +175,13 @@ class Executor:
         )
 
     @torch.inference_mode()
-    def prefill_layerwise(self, seq: Sequence) -> Iterator[LayerKv | int]:
-        """Runs the uncached part of the prompt through layer 0, then layer 1, ...; after each
-        layer yields its finished LayerKv; finally yields the first sampled token (an int)."""
-        start, end = seq.num_cached, len(seq.prompt)
+    def prefill_layerwise(self, seq: Sequence, chunk_tokens: int | None = None) -> Iterator[LayerKv | int]:
+        """Runs the next part of the prompt, [num_cached, num_cached + chunk_tokens) or up to its
+        end, through layer 0, then layer 1, ...; after each layer yields that layer's finished
+        LayerKv for the part. When the part reaches the end of the prompt, finally yields the
+        first sampled token (an int). Chunked prefill is this called once per chunk."""
+        start = seq.num_cached
+        end = len(seq.prompt) if chunk_tokens is None else min(len(seq.prompt), start + chunk_tokens)
         if start >= end:
             raise InvalidRequest(f"request {seq.request_id}: nothing to prefill")
         ids = torch.tensor(seq.prompt[start:end], dtype=torch.long, device=self.device)
@@ -188,16 +191,20 @@ class Executor:
             x = self.model.layer(i, x, meta, self.caches[i])
             yield self.read_layer(seq, i, start, end)
         seq.num_cached = end
+        if end < len(seq.prompt):
+            return
         logits = self.model.logits(x[-1:])[0]
         token = sample(logits, seq.params, seq.generator)
         self.append_token(seq, token)
         yield token
 
-    def prefill(self, seq: Sequence) -> int:
-        """Whole-prompt prefill; returns the first token."""
-        *_, token = self.prefill_layerwise(seq)
-        assert isinstance(token, int)
-        return token
+    def prefill(self, seq: Sequence, chunk_tokens: int | None = None) -> int:
+        """Prefills the rest of the prompt (in chunks of `chunk_tokens` if given); returns the
+        first token."""
+        while True:
+            *_, last = self.prefill_layerwise(seq, chunk_tokens)
+            if isinstance(last, int):
+                return last
 
     # --- reading and writing one layer's KV ------------------------------------------------------
     def read_layer(self, seq: Sequence, layer: int, token_start: int, token_end: int) -> LayerKv:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from prfaas.engine.backends import make_backend
 from prfaas.engine.executor import Executor, Sequence
 from prfaas.engine.sampling import SamplingParams
 from prfaas.engine.tokenizer import Tokenizer, load_tokenizer
@@ -23,11 +24,14 @@ def build_executor(
     num_blocks: int = 1024,
     num_slots: int = 64,
     block_size: int = 16,
+    device: str = "cpu",
+    backend: str = "torch",
 ) -> tuple[Executor, Tokenizer]:
     path = resolve_model(str(model))
-    m = load_model(path, dtype=dtype)
+    m = load_model(path, dtype=dtype, device=device)
     layout = KvLayout(m.config, block_size=block_size, dtype=dtype)
-    return Executor(m, layout, num_blocks=num_blocks, num_slots=num_slots), load_tokenizer(path, m.config.vocab_size)
+    ex = Executor(m, layout, num_blocks=num_blocks, num_slots=num_slots, attn=make_backend(backend), device=device)
+    return ex, load_tokenizer(path, m.config.vocab_size)
 
 
 class LLM:

@@ -109,7 +109,7 @@ class GatedDeltaNet(nn.Module):
         weight = self.conv1d.weight.squeeze(1)  # (C, W)
         scale = self.dk**-0.5
         if meta.is_decode:
-            slots = torch.tensor(meta.state_slots, dtype=torch.long)
+            slots = torch.tensor(meta.state_slots, dtype=torch.long, device=x.device)
             conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
             mixed = causal_conv1d_step(mixed, weight, conv_state)
             state = cache.recurrent.index_select(0, slots)  # (B, H, K, V)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 import torch
 
+from prfaas.engine.backends import make_backend
 from prfaas.engine.executor import Executor
 from prfaas.kv.layout import KvLayout
 from prfaas.model.loader import load_model
@@ -25,11 +26,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_node_executor(s: NodeSettings) -> Executor:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     dtype = DTYPES[s.dtype]
-    model = load_model(resolve_model(s.model), dtype=dtype)
+    model = load_model(resolve_model(s.model), dtype=dtype, device=s.device)
     layout = KvLayout(model.config, block_size=s.block_size, dtype=dtype)
-    return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots)
+    attn = make_backend(s.attention_backend if s.device != "cpu" else "torch")
+    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, kv_blocks=s.kv_blocks,
+             state_slots=s.state_slots, **layout.summary())
+    return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
 
 async def serve(

@@ -91,3 +91,17 @@ def test_bad_input_is_refused_clearly(model_dir, prompt, params, message):
     with pytest.raises(InvalidRequest, match=message):
         ex.add("bad", prompt, params)
     assert ex.blocks.num_free == 64 and ex.slots.num_free == ex.slots.num_slots
+
+
+@pytest.mark.parametrize("chunk", [16, 50])
+def test_chunked_prefill_matches_whole(model_dir, chunk):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = prompt_of(130, seed=9)
+    ex = new_executor(model_dir)
+    whole = LLM(ex).generate([prompt], params)[0]
+    seq = ex.add("c", prompt, params)
+    ex.prefill(seq, chunk_tokens=chunk)
+    while not seq.finished:
+        ex.decode_step([seq])
+    assert seq.output == whole
+    ex.free(seq)
