@@ -36,7 +36,7 @@ from prfaas.kv.codec import (
 from prfaas.kv.layout import KvLayout
 from prfaas.rpc import channel_options
 from prfaas.transport.errors import TransferError
-from prfaas.transport.servicer import CODE_OF, PUSH_KV
+from prfaas.transport.servicer import CODE_OF, PUSH_KV, code_from_details
 from prfaas.transport.stats import GLOBAL, LinkStats
 from prfaas.v1 import decode_pb2
 
@@ -254,8 +254,11 @@ class KvSender:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # abort() stops this writer
                 raise
-            error = TransferError("CANCELLED", f"transfer {self.transfer_id}: stream cancelled")
-            await self._fail(conn, error if self._error is None else self._error)
+            # the call ended under the writer: report the receiver's status when it gave one
+            error = self._error or await self._status_error(
+                conn, TransferError("CANCELLED", f"transfer {self.transfer_id}: stream cancelled")
+            )
+            await self._fail(conn, error)
             return None
         except Exception as e:
             await self._fail(conn, await self._status_error(conn, e))
@@ -270,15 +273,22 @@ class KvSender:
             conn.drained = await conn.queue.get() is None
 
     async def _status_error(self, conn: _Connection, e: Exception) -> TransferError:
-        """The call's final status (a failed write only says "Internal error from Core")."""
+        """The call's final status (a failed write only says "Internal error from Core"). The
+        receiver puts its error code in the details too, which wins over the status code."""
+        code, details = grpc.StatusCode.OK, ""
         try:
             code = await asyncio.wait_for(conn.call.code(), 5)
-            if code != grpc.StatusCode.OK:
-                return TransferError(CODE_OF.get(code, "INTERNAL"), await conn.call.details())
+            details = await conn.call.details() or ""
         except Exception:
-            pass
-        if isinstance(e, grpc.aio.AioRpcError):
-            return TransferError(CODE_OF.get(e.code(), "INTERNAL"), e.details() or str(e))
+            if isinstance(e, grpc.aio.AioRpcError):
+                code, details = e.code(), e.details() or ""
+        wire_code = code_from_details(details)
+        if wire_code is not None:
+            return TransferError(wire_code, details.partition(": ")[2])
+        if code != grpc.StatusCode.OK:
+            return TransferError(CODE_OF.get(code, "INTERNAL"), details)
+        if isinstance(e, TransferError):
+            return e
         return TransferError("INTERNAL", repr(e))
 
     async def _close(self) -> None:

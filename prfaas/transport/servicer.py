@@ -42,6 +42,18 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+def wire_details(e: TransferError) -> str:
+    """The status details carry the code too: when a write races the server's abort, gRPC's
+    client may report the call as INTERNAL with the server's details, and the sender reads the
+    code back from here (`code_from_details`)."""
+    return f"{e.code}: {e.message}"
+
+
+def code_from_details(details: str) -> ErrorCode | None:
+    head, sep, _ = details.partition(": ")
+    return head if sep and head in STATUS_OF else None  # type: ignore[return-value]
+
+
 def _wire_or_error(raw: bytes) -> WireChunk | CodecError:
     """Deserializer: a malformed message becomes an error the handler reports, not a crash."""
     try:
@@ -65,7 +77,7 @@ class PushKvServicer:
                 chunk = msg if isinstance(msg, WireChunk) else chunk_from_message(msg)
                 nbytes += self.receiver.on_chunk(chunk)
             except TransferError as e:
-                await context.abort(STATUS_OF[e.code], e.message)
+                await context.abort(STATUS_OF[e.code], wire_details(e))
             chunks += 1
         return decode_pb2.KvAck(chunks=chunks, bytes=nbytes)
 

@@ -146,7 +146,7 @@ async def test_sender_surfaces_unknown_transfer(decode_node):
         for p in make_pieces(layout, 64):
             await sender.push(p)
         await sender.finish(0)
-    assert e.value.code == "NOT_FOUND"
+    assert e.value.code == "NOT_FOUND", e.value.message
 
 
 async def test_deadline_drops_the_transfer(decode_node):
