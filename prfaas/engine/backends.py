@@ -10,6 +10,7 @@ torch. The linear-attention ops stay ours (torch) on every backend for now.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +78,10 @@ class FlashInferAttention:
         context_lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        outs = []
-        for i, n in enumerate(context_lens.tolist()):
-            k = gather_context(k_cache, block_tables[i], n)
-            v = gather_context(v_cache, block_tables[i], n)
-            outs.append(self._fi.single_decode_with_kv_cache(q[i], k, _pad_v(q, v), sm_scale=scale)[..., : v.shape[-1]])
-        return torch.stack(outs)
+        def one(qi: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._fi.single_decode_with_kv_cache(qi[0], k, _pad_v(qi, v), sm_scale=scale)[None, :, : v.shape[-1]]
+
+        return _per_sequence(one, q, k_cache, v_cache, block_tables, context_lens)
 
 
 class FlashAttnAttention:
@@ -107,9 +106,25 @@ class FlashAttnAttention:
         context_lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        outs = []
-        for i, n in enumerate(context_lens.tolist()):
-            k = gather_context(k_cache, block_tables[i], n)
-            v = gather_context(v_cache, block_tables[i], n)
-            outs.append(self.attend(q[i : i + 1], k, v, scale)[0])
-        return torch.stack(outs)
+        return _per_sequence(
+            lambda qi, k, v: self.attend(qi, k, v, scale), q, k_cache, v_cache, block_tables, context_lens
+        )
+
+
+def _per_sequence(
+    one: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """Paged decode as one single-sequence call per sequence on its gathered context
+    (`one(q (1, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv)) -> (1, Hq, Dv)`): correct on any page
+    size; a batched paged kernel (FlashInfer's BatchDecode wrapper) is the next step."""
+    outs = []
+    for i, n in enumerate(context_lens.tolist()):
+        k = gather_context(k_cache, block_tables[i], n)
+        v = gather_context(v_cache, block_tables[i], n)
+        outs.append(one(q[i : i + 1], k, v)[0])
+    return torch.stack(outs)

@@ -17,9 +17,8 @@ from prfaas.model.base import ForwardMeta, FullAttnCache, LinearStateCache
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import FamilyParts
 from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm
+from prfaas.model.linear_mixing import conv_delta_rule
 from prfaas.model.ops.attention import gather_context, store_tokens
-from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step
-from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
 
 MLA_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 
@@ -85,36 +84,7 @@ class KimiDeltaAttention(nn.Module):
         beta = torch.sigmoid(self.b_proj(x).float())  # (T, H)
         weight = self.conv_weight()
         scale = self.head_dim**-0.5
-        if meta.is_decode:
-            slots = torch.tensor(meta.state_slots, dtype=torch.long, device=x.device)
-            conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
-            y = causal_conv1d_step(mixed, weight, conv_state)  # (B, C)
-            state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
-            q, k, v = self._heads(y)
-            o = recurrent_delta_step(q, k, v, g, beta, state, scale)  # (B, H, V)
-            cache.conv.index_copy_(0, slots, conv_state)
-            cache.recurrent.index_copy_(0, slots, state)
-        else:
-            outs = []
-            for i, (s, e) in enumerate(meta.seq_ranges()):
-                slot = meta.state_slots[i]
-                y, new_conv = causal_conv1d_prefill(
-                    mixed[s:e].T.unsqueeze(0), weight, cache.conv[slot : slot + 1]
-                )
-                q, k, v = self._heads(y[0].T.unsqueeze(0))  # (1, L, H, K)
-                o_i, state = chunk_delta_rule(
-                    q,
-                    k,
-                    v,
-                    g[s:e].unsqueeze(0),
-                    beta[s:e].unsqueeze(0),
-                    scale,
-                    initial_state=cache.recurrent[slot : slot + 1],
-                )
-                cache.conv[slot].copy_(new_conv[0])
-                cache.recurrent[slot].copy_(state[0])
-                outs.append(o_i[0])
-            o = torch.cat(outs, dim=0)  # (T, H, V)
+        o = conv_delta_rule(mixed, g, beta, weight, scale, self._heads, meta, cache)
         gate = self.g_b_proj(self.g_a_proj(x)).view(t, self.num_heads, self.head_dim)
         o = self.o_norm(o.to(x.dtype), gate)
         return self.o_proj(o.reshape(t, -1))
@@ -207,9 +177,7 @@ class KimiMLA(nn.Module):
         out = x.new_empty(t, self.num_heads, self.v_dim)
         for i, (s, e) in enumerate(meta.seq_ranges()):
             attend = self.attend_absorbed if e - s == 1 and self.absorb_decode else self.attend_expanded
-            ctx = gather_context(cache.k, meta.block_tables[i], meta.context_lens[i]).to(
-                x.dtype
-            )  # (S, R + P)
+            ctx = gather_context(cache.k, meta.block_tables[i], meta.context_lens[i]).to(x.dtype)  # (S, R + P)
             out[s:e] = attend(q[s:e], ctx, meta)
         return self.o_proj(out.reshape(t, -1))
 

@@ -13,9 +13,8 @@ from prfaas.model.base import ForwardMeta, FullAttnCache, LinearStateCache
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import FamilyParts
 from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm, apply_rotary, rotary_cos_sin
+from prfaas.model.linear_mixing import conv_delta_rule
 from prfaas.model.ops.attention import gather_context, store_tokens
-from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step
-from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -108,36 +107,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (T, Hv), log decay
         weight = self.conv1d.weight.squeeze(1)  # (C, W)
         scale = self.dk**-0.5
-        if meta.is_decode:
-            slots = torch.tensor(meta.state_slots, dtype=torch.long, device=x.device)
-            conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
-            mixed = causal_conv1d_step(mixed, weight, conv_state)
-            state = cache.recurrent.index_select(0, slots)  # (B, H, K, V)
-            q, k, v = self._qkv_heads(mixed)
-            o = recurrent_delta_step(q, k, v, g, beta, state, scale)  # (B, Hv, dv)
-            cache.conv.index_copy_(0, slots, conv_state)
-            cache.recurrent.index_copy_(0, slots, state)
-        else:
-            outs = []
-            for i, (s, e) in enumerate(meta.seq_ranges()):
-                slot = meta.state_slots[i]
-                y, new_conv = causal_conv1d_prefill(
-                    mixed[s:e].T.unsqueeze(0), weight, cache.conv[slot : slot + 1]
-                )  # (1, C, T)
-                q, k, v = self._qkv_heads(y[0].T.unsqueeze(0))
-                o_i, state = chunk_delta_rule(
-                    q,
-                    k,
-                    v,
-                    g[s:e].unsqueeze(0),
-                    beta[s:e].unsqueeze(0),
-                    scale,
-                    initial_state=cache.recurrent[slot : slot + 1],
-                )
-                cache.conv[slot].copy_(new_conv[0])
-                cache.recurrent[slot].copy_(state[0])
-                outs.append(o_i[0])
-            o = torch.cat(outs, dim=0)  # (T, Hv, dv)
+        o = conv_delta_rule(mixed, g, beta, weight, scale, self._qkv_heads, meta, cache)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(x.shape[0], -1))
 

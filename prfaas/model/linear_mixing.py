@@ -1,0 +1,55 @@
+"""The part of a linear-attention layer both families share: the short causal conv over the
+mixed q/k/v channels, then the gated delta rule, from and back into each sequence's state slot.
+
+Decode (one token per sequence) runs every sequence at once on the gathered slots; prefill runs
+each sequence's tokens with the chunked form, continuing from its slot (so a chunked prefill or an
+imported state carries on exactly)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prfaas.model.base import ForwardMeta, LinearStateCache
+from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step
+from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
+
+HeadsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def conv_delta_rule(
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    conv_weight: torch.Tensor,
+    scale: float,
+    heads: HeadsFn,
+    meta: ForwardMeta,
+    cache: LinearStateCache,
+) -> torch.Tensor:
+    """mixed (T, C) q/k/v channels before the conv; g (T, H) or (T, H, K) log decay; beta (T, H);
+    conv_weight (C, W); `heads` maps conv output (..., C) to q, k (..., H, K) normalised and v
+    (..., H, V). Returns the delta-rule output (T, H, V)."""
+    if meta.is_decode:
+        slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
+        conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
+        y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
+        state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
+        q, k, v = heads(y)
+        o = recurrent_delta_step(q, k, v, g, beta, state, scale)  # (B, H, V)
+        cache.conv.index_copy_(0, slots, conv_state)
+        cache.recurrent.index_copy_(0, slots, state)
+        return o
+    outs = []
+    for i, (s, e) in enumerate(meta.seq_ranges()):
+        slot = meta.state_slots[i]
+        y, new_conv = causal_conv1d_prefill(mixed[s:e].T.unsqueeze(0), conv_weight, cache.conv[slot : slot + 1])
+        q, k, v = heads(y[0].T.unsqueeze(0))  # (1, L, H, K)
+        o_i, state = chunk_delta_rule(
+            q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale, initial_state=cache.recurrent[slot : slot + 1]
+        )
+        cache.conv[slot].copy_(new_conv[0])
+        cache.recurrent[slot].copy_(state[0])
+        outs.append(o_i[0])
+    return torch.cat(outs, dim=0)  # (T, H, V)
