@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -38,6 +39,7 @@ from prfaas.rpc import channel_options
 from prfaas.transport.errors import TransferError
 from prfaas.transport.servicer import CODE_OF, PUSH_KV, code_from_details
 from prfaas.transport.stats import GLOBAL, LinkStats
+from prfaas.transport.tcp import TcpPushCall, is_tcp
 from prfaas.v1 import decode_pb2
 
 DEFAULT_CONNECTIONS = 8     # chosen by bench/transport.py (docs/transport.md)
@@ -91,7 +93,7 @@ class TransferStats:
 
 
 class _Connection:
-    def __init__(self, link: str, call: grpc.aio.StreamUnaryCall, queue_chunks: int) -> None:
+    def __init__(self, link: str, call: Any, queue_chunks: int) -> None:  # a gRPC call or a TcpPushCall
         self.link = link
         self.call = call
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_chunks)
@@ -226,10 +228,14 @@ class KvSender:
         self._t0 = time.perf_counter()
         for i in range(self.num_connections):
             address = self.addresses[i % len(self.addresses)]
-            channel = self._channels.get(address)[i % self._channels.num_connections]
-            stub = channel.stream_unary(PUSH_KV, request_serializer=_identity,
-                                        response_deserializer=decode_pb2.KvAck.FromString)
-            conn = _Connection(address, stub(timeout=self.timeout_s), self.queue_chunks)
+            if is_tcp(address):  # the raw-TCP data plane (prfaas/transport/tcp.py)
+                call: Any = TcpPushCall(address, self.timeout_s)
+            else:
+                channel = self._channels.get(address)[i % self._channels.num_connections]
+                stub = channel.stream_unary(PUSH_KV, request_serializer=_identity,
+                                            response_deserializer=decode_pb2.KvAck.FromString)
+                call = stub(timeout=self.timeout_s)
+            conn = _Connection(address, call, self.queue_chunks)
             conn.task = asyncio.create_task(self._write(conn))
             self._conns.append(conn)
 

@@ -1,0 +1,233 @@
+"""A raw-TCP data plane for the KV stream, beside gRPC `PushKv`.
+
+Python gRPC moves about 1 GB/s per process however the messages are sized (docs/transport.md),
+while a plain asyncio socket moves several. This carries the very same `KvChunk` bytes (the codec
+is unchanged, so is the receiver's verification) as length-prefixed frames on plain TCP
+connections; gRPC keeps the control path (Admit, Prefill, the errors' status codes).
+
+Wire, per connection and transfer: frames `u32 little-endian length | KvChunk bytes`, then an
+empty frame (length 0) that ends the sender's share; the receiver answers one frame and closes:
+`b"K" + u32 chunks + u64 bytes` on success, or `b"E" + "CODE: message"` (a TransferError) at the
+first bad chunk. A connection that closes without the end frame is a broken transfer (the sender
+aborted or died): the receiver cancels what it carried, which gRPC's client streams cannot say.
+
+`TcpPushCall` quacks like the gRPC stream-unary call the `KvSender` drives (write, done_writing,
+await, cancel, code, details), so the sender's chunking, striping and error rules apply as they
+are: an address `tcp://host:port` selects it. `KvTcpServer` feeds a `KvReceiver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from prfaas.kv.codec import CodecError, parse_chunk
+from prfaas.obs.log import get_logger
+from prfaas.transport.errors import ErrorCode, TransferError
+from prfaas.transport.receiver import KvReceiver
+from prfaas.transport.servicer import STATUS_OF, code_from_details
+
+log = get_logger(__name__)
+
+SCHEME = "tcp://"
+_LEN = struct.Struct("<I")
+_ACK = struct.Struct("<IQ")
+MAX_FRAME = 256 << 20
+SOCKET_BUFFER = 4 << 20
+
+
+def is_tcp(address: str) -> bool:
+    return address.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class TcpAck:
+    chunks: int
+    bytes: int
+
+
+class TcpPushCall:
+    """One TCP connection carrying one transfer's share of chunks."""
+
+    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+        host, _, port = address.removeprefix(SCHEME).rpartition(":")
+        self._host, self._port, self._timeout = host, int(port), timeout_s
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._code = grpc.StatusCode.OK
+        self._details = ""
+        self._done: asyncio.Future[TcpAck] = asyncio.get_running_loop().create_future()
+        self._done.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+
+    async def _connect(self) -> None:
+        if self._writer is None:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+            self._reader, self._writer = reader, writer
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _fail(self, code: grpc.StatusCode, details: str) -> None:
+        if self._code == grpc.StatusCode.OK:
+            self._code, self._details = code, details
+        if not self._done.done():
+            self._done.set_exception(TransferError(code_from_details(details) or _code_name(code), details))
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._connect()
+            assert self._writer is not None
+            self._writer.write(_LEN.pack(len(data)))
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, TimeoutError) as e:
+            await self._read_verdict()  # the receiver may have said why it closed
+            self._fail(grpc.StatusCode.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}")
+            raise ConnectionError(self._details) from e
+
+    async def done_writing(self) -> None:
+        await self._connect()
+        assert self._writer is not None
+        self._writer.write(_LEN.pack(0))  # the end frame
+        await self._writer.drain()
+        await self._read_verdict()
+
+    async def _read_verdict(self) -> None:
+        if self._reader is None or self._done.done():
+            return
+        try:
+            head = await asyncio.wait_for(self._reader.readexactly(_LEN.size), self._timeout)
+            body = await self._reader.readexactly(_LEN.unpack(head)[0])
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+            self._fail(grpc.StatusCode.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}")
+            return
+        finally:
+            self._close()
+        if body[:1] == b"K":
+            chunks, nbytes = _ACK.unpack(body[1:])
+            self._done.set_result(TcpAck(chunks, nbytes))
+        else:
+            details = body[1:].decode("utf-8", "replace")
+            code = code_from_details(details) or "INTERNAL"
+            self._fail(STATUS_OF[code], details)
+
+    def _close(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.close()
+
+    def __await__(self) -> Generator[Any, None, TcpAck]:
+        return self._done.__await__()
+
+    def cancel(self) -> bool:
+        self._close()
+        if not self._done.done():
+            self._done.cancel()
+        return True
+
+    async def code(self) -> grpc.StatusCode:
+        if self._code == grpc.StatusCode.OK and self._done.cancelled():
+            return grpc.StatusCode.CANCELLED
+        return self._code
+
+    async def details(self) -> str:
+        return self._details
+
+
+def _code_name(code: grpc.StatusCode) -> ErrorCode:
+    return next((k for k, v in STATUS_OF.items() if v == code), "INTERNAL")
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Reads length-prefixed frames straight into per-frame buffers (no stream-reader copies)
+    and hands each chunk to the receiver as it completes."""
+
+    def __init__(self, receiver: KvReceiver, on_close: Callable[[_FrameProtocol], None]) -> None:
+        self.receiver, self.on_close = receiver, on_close
+        self.transport: asyncio.Transport | None = None
+        self._header = bytearray(_LEN.size)
+        self._buf = self._header
+        self._pos = 0
+        self._frame = False
+        self.chunks = self.bytes = 0
+        self._seen: set[str] = set()
+        self._finished = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buf)[self._pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pos += nbytes
+        if self._pos < len(self._buf) or self._finished:
+            return
+        if not self._frame:
+            size = _LEN.unpack(self._header)[0]
+            if size == 0:  # the end frame
+                self._finished = True
+                return self._reply(b"K" + _ACK.pack(self.chunks, self.bytes))
+            if size > MAX_FRAME:
+                return self._reply_error(TransferError("INVALID_ARGUMENT", f"bad KV frame length {size}"))
+            self._buf, self._pos, self._frame = bytearray(size), 0, True
+            return
+        data, self._buf, self._pos, self._frame = self._buf, self._header, 0, False
+        try:
+            chunk = parse_chunk(data)  # type: ignore[arg-type]
+            self._seen.add(chunk.transfer_id)
+            self.bytes += self.receiver.on_chunk(chunk)
+            self.chunks += 1
+        except CodecError as e:
+            self._reply_error(TransferError(e.code, str(e)))  # type: ignore[arg-type]
+        except TransferError as e:
+            self._reply_error(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._finished:  # the sender went away mid-transfer
+            for tid in self._seen:
+                self.receiver.cancel(tid, "the sender's KV connection broke")
+        self.on_close(self)
+
+    def _reply_error(self, e: TransferError) -> None:
+        self._finished = True
+        self._reply(b"E" + f"{e.code}: {e.message}".encode())
+
+    def _reply(self, body: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_LEN.pack(len(body)) + body)
+            self.transport.close()
+
+
+class KvTcpServer:
+    """The decode node's TCP data port: every connection feeds the same `KvReceiver`."""
+
+    def __init__(self, receiver: KvReceiver) -> None:
+        self.receiver = receiver
+        self._server: asyncio.Server | None = None
+        self._conns: set[_FrameProtocol] = set()
+
+    async def start(self, host: str, port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+
+        def make() -> _FrameProtocol:
+            p = _FrameProtocol(self.receiver, self._conns.discard)
+            self._conns.add(p)
+            return p
+
+        self._server = await loop.create_server(make, host, port, reuse_address=True)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for p in list(self._conns):
+                if p.transport is not None:
+                    p.transport.close()
+            await self._server.wait_closed()

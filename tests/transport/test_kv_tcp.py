@@ -1,0 +1,88 @@
+"""The raw-TCP data plane: the same chunks, sender and receiver as `PushKv`, over plain sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from prfaas.kv.codec import KvKind, KvPiece
+from prfaas.transport.errors import TransferError
+from prfaas.transport.receiver import KvReceiver, MemorySink
+from prfaas.transport.sender import KvSender
+from prfaas.transport.tcp import KvTcpServer
+from tests.transport.conftest import make_layout, make_pieces
+from tests.transport.test_kv_stream import assert_same
+
+
+@pytest.fixture
+async def tcp_node():
+    receiver = KvReceiver()
+    server = KvTcpServer(receiver)
+    port = await server.start("127.0.0.1", 0)
+    yield receiver, f"tcp://127.0.0.1:{port}"
+    await server.stop()
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+async def test_round_trip_bit_exact_over_tcp(tcp_node, family, connections):
+    receiver, address = tcp_node
+    layout = make_layout(family, torch.bfloat16)
+    pieces = make_pieces(layout, 300, skip_tokens=32)
+    sink = MemorySink()
+    transfer = receiver.expect("x", layout, 300, 32, sink, deadline_s=10)
+    sender = KvSender(address, "x", layout, prompt_tokens=300, skip_tokens=32, num_connections=connections,
+                      max_chunk_bytes=8192, stats=None)
+    for p in pieces:
+        await sender.push(p)
+    result = await sender.finish(first_token=5)
+    assert await transfer.wait() == 5
+    assert_same(layout, sink, pieces)
+    assert result.chunks == sender.total_chunks and len(receiver) == 0 and not sink.released
+
+
+async def test_unknown_transfer_is_not_found_over_tcp(tcp_node):
+    _, address = tcp_node
+    layout = make_layout("qwen3_next")
+    sender = KvSender(address, "nobody", layout, prompt_tokens=64, num_connections=2, stats=None)
+    with pytest.raises(TransferError) as e:
+        for p in make_pieces(layout, 64):
+            await sender.push(p)
+        await sender.finish(0)
+    assert e.value.code == "NOT_FOUND", e.value.message
+
+
+async def test_wrong_shape_fails_the_transfer_and_releases(tcp_node):
+    receiver, address = tcp_node
+    layout = make_layout("qwen3_next")
+    sink = MemorySink()
+    transfer = receiver.expect("w", layout, 64, 0, sink, deadline_s=10)
+    sender = KvSender(address, "w", layout, prompt_tokens=64, num_connections=1, stats=None)
+    pieces = make_pieces(layout, 64)
+    i = next(i for i, p in enumerate(pieces) if p.kind == KvKind.FULL_K)
+    good = pieces[i]
+    wider = torch.randn(64, *good.tensor.shape[1:-1], good.tensor.shape[-1] + 1)
+    pieces[i] = KvPiece(good.layer, good.kind, 0, 64, wider)
+    with pytest.raises(TransferError) as e:
+        for p in pieces:
+            await sender.push(p)
+        await sender.finish(0)
+    assert e.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(TransferError):
+        await transfer.wait()
+    assert sink.released and len(receiver) == 0
+
+
+async def test_broken_connection_cancels_the_transfer(tcp_node):
+    receiver, address = tcp_node
+    layout = make_layout("kimi_linear")
+    sink = MemorySink()
+    transfer = receiver.expect("b", layout, 64, 0, sink, deadline_s=10)
+    sender = KvSender(address, "b", layout, prompt_tokens=64, num_connections=1, stats=None)
+    await sender.push(make_pieces(layout, 64)[0])
+    await asyncio.sleep(0.05)
+    await sender.abort()
+    with pytest.raises(TransferError) as e:
+        await asyncio.wait_for(transfer.wait(), 5)
+    assert e.value.code == "CANCELLED" and sink.released
