@@ -18,7 +18,7 @@ from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import FamilyParts
 from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm
 from prfaas.model.linear_mixing import conv_delta_rule
-from prfaas.model.ops.attention import gather_context, store_tokens
+from prfaas.model.ops.attention import gather_context, gather_padded, store_tokens
 
 MLA_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 
@@ -144,6 +144,20 @@ class KimiMLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope :]
 
+    def decode_absorbed(self, q: torch.Tensor, cache: FullAttnCache, meta: ForwardMeta) -> torch.Tensor:
+        """The absorbed form for B sequences of one new token each: q (B, H, qk_dim) over the
+        padded latents (B, S, R + P), masked past each length -> (B, H, v)."""
+        w_uk, w_uv = self._up_weights()
+        ctx = gather_padded(cache.k, meta.padded_block_tables).to(q.dtype)  # (B, S, R + P)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        q_full = torch.cat((torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_rot), dim=-1)  # (B, H, R + P)
+        scores = torch.einsum("bhc,bsc->bhs", q_full, ctx) * self.scale
+        visible = torch.arange(ctx.shape[1], device=q.device)[None, :] < meta.context_lens_tensor[:, None]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(ctx.dtype)
+        o_lat = torch.einsum("bhs,bsr->bhr", probs, ctx[..., : self.rank])  # (B, H, R)
+        return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
+
     def attend_expanded(self, q: torch.Tensor, ctx: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         """q (L, H, qk_dim), ctx latents (S, R + P) -> (L, H, v)."""
         s = ctx.shape[0]
@@ -174,6 +188,8 @@ class KimiMLA(nn.Module):
         t = x.shape[0]
         q = self._queries(x)
         store_tokens(cache.k, meta.slot_mapping, self.latents(x))
+        if meta.is_decode and self.absorb_decode:  # every sequence at once over its padded latents
+            return self.o_proj(self.decode_absorbed(q, cache, meta).reshape(t, -1))
         out = x.new_empty(t, self.num_heads, self.v_dim)
         for i, (s, e) in enumerate(meta.seq_ranges()):
             attend = self.attend_absorbed if e - s == 1 and self.absorb_decode else self.attend_expanded
