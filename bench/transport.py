@@ -73,19 +73,24 @@ class NullSink:
     def release(self) -> None: ...
 
 
-async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int]) -> None:
+async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: int) -> None:
+    """The decode side: gRPC PushKv on `port` and the raw-TCP data plane on `tcp_port`, both
+    feeding one receiver (as on a decode node)."""
     from prfaas.rpc import new_server
     from prfaas.transport.receiver import KvReceiver
     from prfaas.transport.servicer import SERVER_OPTIONS, PushKvServicer, add_push_kv_only
+    from prfaas.transport.tcp import KvTcpServer
 
     receiver, lay = KvReceiver(), layout()
     for mcb in chunk_bytes:
         for i in range(TRANSFERS_PER_SERVER):
             receiver.expect(f"{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
+            receiver.expect(f"tcp{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
     server = new_server(SERVER_OPTIONS)
     add_push_kv_only(server, PushKvServicer(receiver))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    await KvTcpServer(receiver).start("127.0.0.1", tcp_port)
     print("ready", flush=True)
     await server.wait_for_termination()
 
@@ -179,9 +184,10 @@ async def main(args: argparse.Namespace) -> None:
         flush=True,
     )
     chunk_sizes = [256 << 10, 1 << 20, 4 << 20]
-    gport, rport = free_port(), free_port()
+    gport, rport, tport = free_port(), free_port(), free_port()
     procs = [
-        spawn("--serve-grpc", str(gport), "--tokens", str(args.tokens), "--chunks", *map(str, chunk_sizes)),
+        spawn("--serve-grpc", str(gport), "--tokens", str(args.tokens), "--tcp-port", str(tport),
+              "--chunks", *map(str, chunk_sizes)),
         spawn("--serve-raw", str(rport)),
     ]
     results: dict[str, float] = {}
@@ -214,6 +220,20 @@ async def main(args: argparse.Namespace) -> None:
             await grpc_run(4, cb, pool)()
             await best(f"KvSender, 4 conn, {cb >> 10} KiB chunks", grpc_run(4, cb, pool))
             await pool.close()
+
+        def tcp_run(conns: int, cb: int):  # type: ignore[no-untyped-def]
+            async def go() -> float:
+                key = -cb  # separate transfer ids from the gRPC runs
+                counter[key] = counter.get(key, -1) + 1
+                return await run_grpc(
+                    f"tcp://127.0.0.1:{tport}", lay, ps, args.tokens, f"tcp{cb}-{counter[key]}", conns, cb, None
+                )
+
+            return go
+
+        for conns in (1, 2, 4):
+            for cb in (1 << 20, 4 << 20):
+                await best(f"KvSender over raw-TCP plane, {conns} conn, {cb >> 10} KiB chunks", tcp_run(conns, cb))
     finally:
         for p in procs:
             p.kill()
@@ -230,9 +250,10 @@ if __name__ == "__main__":
     ap.add_argument("--serve-grpc", type=int)
     ap.add_argument("--serve-raw", type=int)
     ap.add_argument("--chunks", type=int, nargs="*", default=[])
+    ap.add_argument("--tcp-port", type=int, default=0)
     a = ap.parse_args()
     if a.serve_grpc:
-        asyncio.run(serve_grpc(a.serve_grpc, a.tokens, a.chunks))
+        asyncio.run(serve_grpc(a.serve_grpc, a.tokens, a.chunks, a.tcp_port))
     elif a.serve_raw:
         asyncio.run(serve_raw(a.serve_raw))
     else:

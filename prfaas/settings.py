@@ -32,6 +32,7 @@ class NodeSettings:
     metrics_port: int
     log_level: str
     convertible: bool = False  # serves prefill and decode; the router may switch its role
+    kv_transport: str = "tcp"  # decode nodes: also take KV on a raw-TCP data port ("tcp") or gRPC only
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
 
@@ -60,6 +61,12 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
         help="serve both prefill and decode, so the router can convert this node's role",
     )
     p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--kv-transport",
+        default=_env("KV_TRANSPORT", "tcp"),
+        choices=["tcp", "grpc"],
+        help="decode nodes: take KV on a raw-TCP data port beside gRPC PushKv (tcp), or PushKv only",
+    )
     p.add_argument(
         "--attention-backend",
         default=_env("ATTENTION_BACKEND", "auto"),
@@ -90,6 +97,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
         metrics_port=a.metrics_port,
         log_level=a.log_level,
         convertible=a.convertible,
+        kv_transport=a.kv_transport,
         device=a.device,
         attention_backend=a.attention_backend,
     )

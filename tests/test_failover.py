@@ -137,7 +137,11 @@ def test_dead_prefill_node_falls_back_to_local(model_dir):
     from prfaas.v1 import common_pb2
     from tests.test_data_path import generate, wait_all_free
 
-    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=32)
+    # KV over gRPC PushKv here (the data-path tests use the default raw-TCP data plane)
+    spec = ClusterSpec(
+        prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=32,
+        extra_env={"PRFAAS_KV_TRANSPORT": "grpc"},
+    )
     with LocalCluster(model_dir, spec) as c:
         victim = next(p for p in c.procs if p.name == "prfaas-p0")
         os.kill(victim.popen.pid, signal.SIGKILL)

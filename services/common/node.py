@@ -20,6 +20,7 @@ from prfaas.settings import NodeSettings
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvChannels
 from prfaas.transport.servicer import SERVER_OPTIONS, add_decode_servicer
+from prfaas.transport.tcp import KvTcpServer
 from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from services.common.bootstrap import build_node_executor, serve
 from services.decode.core import DecodeNode
@@ -47,8 +48,10 @@ class WorkerNode:
             self.prefill = PrefillNode(
                 s.node_id, self.executor, sender_factory(self.executor.layout, self.channels), lock
             )
+        receiver = KvReceiver()
+        self.kv_tcp = KvTcpServer(receiver)  # the raw-TCP data port, started when the node decodes
         if role == Role.DECODE or self.convertible:
-            self.decode = DecodeNode(s.node_id, self.executor, KvReceiver(), s.max_batch, s.transfer_timeout_s, lock)
+            self.decode = DecodeNode(s.node_id, self.executor, receiver, s.max_batch, s.transfer_timeout_s, lock)
         self.agent: MembershipAgent | None = None
         self._egress_at, self._egress_bytes = time.monotonic(), 0
 
@@ -122,6 +125,12 @@ async def run_node(s: NodeSettings, role: Role) -> None:
         return names
 
     async def started(address: str) -> None:
+        if node.decode and s.kv_transport == "tcp":
+            host = s.listen.rsplit(":", 1)[0]
+            port = await node.kv_tcp.start(host)
+            advertised = (s.advertise or address).rsplit(":", 1)[0]
+            node.decode.kv_address = f"tcp://{advertised}:{port}"
+            log.info("kv_data_port", address=node.decode.kv_address)
         if s.cachepool:
             info = NodeInfo(
                 node_id=s.node_id,
@@ -140,6 +149,7 @@ async def run_node(s: NodeSettings, role: Role) -> None:
             await node.agent.stop()
         if node.decode:
             await node.decode.stop()
+        await node.kv_tcp.stop()
         await node.channels.close()
 
     await serve(s.listen, add, started, stopping, s.metrics_port, SERVER_OPTIONS)

@@ -33,6 +33,7 @@ class Reserved:
     transfer_id: str
     node_id: str
     wire_dtype: str
+    kv_address: str = ""  # "tcp://host:port" when this node takes KV on its raw-TCP data port
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class DecodeNode:
         compute_lock: asyncio.Lock | None = None,
     ) -> None:
         self._compute = compute_lock  # shared with a prefill core on a convertible node
+        self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
         self._running: dict[str, tuple[Sequence, asyncio.Queue[TokenBatch]]] = {}
@@ -125,7 +127,7 @@ class DecodeNode:
                 wire_dtype=wire,
             )
             try:
-                yield Reserved(transfer_id, self.node_id, wire)
+                yield Reserved(transfer_id, self.node_id, wire, self.kv_address)
                 first = await transfer.wait()
             finally:
                 self._pending -= 1

@@ -39,7 +39,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         bind_contextvars(transfer_id=ev.transfer_id)
                         yield decode_pb2.AdmitEvent(
                             reserved=decode_pb2.Reserved(
-                                transfer_id=ev.transfer_id, node_id=ev.node_id, wire_dtype=ev.wire_dtype
+                                transfer_id=ev.transfer_id,
+                                node_id=ev.node_id,
+                                wire_dtype=ev.wire_dtype,
+                                kv_address=ev.kv_address,
                             )
                         )
                     else:

@@ -48,7 +48,7 @@ class GrpcNodeClients:
                 which = ev.WhichOneof("event")
                 if which == "reserved":
                     r = ev.reserved
-                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype)
+                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
                 else:
                     yield TokenBatch(list(ev.tokens.token_ids), ev.tokens.finish_reason or None)
         finally:

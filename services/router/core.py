@@ -213,7 +213,7 @@ class Router:
                 reserved.transfer_id,
                 prompt,
                 params,
-                decode_node.address,
+                reserved.kv_address or decode_node.address,  # the raw-TCP data port when it has one
                 self.num_connections,
                 reserved.wire_dtype,
                 time.time() + self.transfer_timeout_s,
