@@ -125,7 +125,11 @@ async def serve(args: argparse.Namespace) -> None:
     add_push_kv_only(server, PushKvServicer(receiver))
     server.add_insecure_port(args.serve)
     await server.start()
-    print(json.dumps({"port": int(args.serve.rsplit(":", 1)[1])}), flush=True)
+    host, port = args.serve.rsplit(":", 1)
+    from prfaas.transport.tcp import KvTcpServer
+
+    await KvTcpServer(receiver).start(host, int(port) + 1)  # the raw-TCP data plane beside PushKv
+    print(json.dumps({"port": int(port)}), flush=True)
     await server.wait_for_termination()
     del tasks
 
@@ -325,12 +329,13 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
     with EmulatedLink(rate, delay_ms=args.delay_ms, name_prefix=NAME_PREFIX) as link:
         rtt_ms = measure_rtt(link)
         recv = Receiver(link, model=model_dir, ttft_tokens=args.ttft_tokens, count=2 * args.rounds + 2)
-        proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT)
+        tcp = args.kv_transport == "tcp"
+        proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT + (1 if tcp else 0))
         spec = {
             "part": "ttft",
             "model": str(model_dir),
             "tokens": args.ttft_tokens,
-            "address": proxy,
+            "address": f"tcp://{proxy}" if tcp else proxy,
             "conns": args.ttft_connections,
             "rounds": args.rounds,
         }
@@ -343,7 +348,8 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
     rows = [
         f"Link {rate:.0f} Mbit/s ({args.ttft_rate_factor:g} x the KV production rate {production:.0f} Mbit/s: "
         f"{kv / 2**20:.1f} MiB in a {prefill_s:.2f} s standalone prefill), RTT {rtt_ms:.1f} ms, "
-        f"{args.ttft_connections} connections; prefill time P = {ref:.3f} s (median compute phase of the "
+        f"{args.ttft_connections} connections over {args.kv_transport}; prefill time P = {ref:.3f} s "
+        "(median compute phase of the "
         "send-after runs).",
         "",
         "| mode | run | its prefill compute C (s) | TTFT (s) | TTFT / (P + RTT) | TTFT / (C + RTT) |",
@@ -437,6 +443,7 @@ if __name__ == "__main__":
     ap.add_argument("--ttft-tokens", type=int, default=2048)
     ap.add_argument("--ttft-rate-factor", type=float, default=1.25, help="link rate / KV production rate")
     ap.add_argument("--ttft-connections", type=int, default=4)
+    ap.add_argument("--kv-transport", choices=["grpc", "tcp"], default="grpc", help="TTFT part: the KV data plane")
     ap.add_argument("--rounds", type=int, default=3, help="TTFT: runs of each mode, alternated")
     ap.add_argument("--loopback-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=6)
