@@ -232,7 +232,7 @@ async def client_ttft(spec: dict[str, Any]) -> None:
     modes = ["stream"] + [m for _ in range(spec["rounds"]) for m in ("after", "stream")]
     for i, mode in enumerate(modes):  # run 0 warms the connections and the model
         factory = streaming if mode == "stream" else (lambda job: SendAfterPrefill(streaming(job)))
-        node = PrefillNode("bench", ex, factory)
+        node = PrefillNode("bench", ex, factory, chunk_tokens=spec.get("chunk", 0) if mode == "stream" else 0)
         job = PrefillJob(f"r{i}", f"t-{i}", prompt, params, spec["address"], spec["conns"])
         t0 = time.monotonic()
         async for ev in node.prefill(job):
@@ -338,6 +338,7 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
             "address": f"tcp://{proxy}" if tcp else proxy,
             "conns": args.ttft_connections,
             "rounds": args.rounds,
+            "chunk": args.prefill_chunk,
         }
         results = run_client(link, spec, timeout_s=600)
         for r in results:
@@ -348,7 +349,8 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
     rows = [
         f"Link {rate:.0f} Mbit/s ({args.ttft_rate_factor:g} x the KV production rate {production:.0f} Mbit/s: "
         f"{kv / 2**20:.1f} MiB in a {prefill_s:.2f} s standalone prefill), RTT {rtt_ms:.1f} ms, "
-        f"{args.ttft_connections} connections over {args.kv_transport}; prefill time P = {ref:.3f} s "
+        f"{args.ttft_connections} connections over {args.kv_transport}, stream mode prefill chunk "
+        f"{args.prefill_chunk or 'none'}; prefill time P = {ref:.3f} s "
         "(median compute phase of the "
         "send-after runs).",
         "",
@@ -444,6 +446,9 @@ if __name__ == "__main__":
     ap.add_argument("--ttft-rate-factor", type=float, default=1.25, help="link rate / KV production rate")
     ap.add_argument("--ttft-connections", type=int, default=4)
     ap.add_argument("--kv-transport", choices=["grpc", "tcp"], default="grpc", help="TTFT part: the KV data plane")
+    ap.add_argument(
+        "--prefill-chunk", type=int, default=0, help="TTFT part: stream mode prefills in chunks of N tokens"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="TTFT: runs of each mode, alternated")
     ap.add_argument("--loopback-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=6)

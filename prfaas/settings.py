@@ -32,6 +32,7 @@ class NodeSettings:
     metrics_port: int
     log_level: str
     convertible: bool = False  # serves prefill and decode; the router may switch its role
+    prefill_chunk_tokens: int = 2048  # prefill nodes: chunk longer prompts (a power of two; 0 = never)
     kv_transport: str = "tcp"  # decode nodes: also take KV on a raw-TCP data port ("tcp") or gRPC only
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
@@ -50,6 +51,12 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--state-slots", type=int, default=int(_env("STATE_SLOTS", "64")))
     p.add_argument("--kv-connections", type=int, default=int(_env("KV_CONNECTIONS", "4")))
     p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", "32")))
+    p.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=int(_env("PREFILL_CHUNK_TOKENS", "2048")),
+        help="prefill longer prompts in chunks of this many tokens (a power of two), streaming as they go",
+    )
     p.add_argument("--transfer-timeout-s", type=float, default=float(_env("TRANSFER_TIMEOUT_S", "30")))
     p.add_argument("--hardware", default=_env("HARDWARE", "cpu"))
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
@@ -97,6 +104,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
         metrics_port=a.metrics_port,
         log_level=a.log_level,
         convertible=a.convertible,
+        prefill_chunk_tokens=a.prefill_chunk_tokens,
         kv_transport=a.kv_transport,
         device=a.device,
         attention_backend=a.attention_backend,

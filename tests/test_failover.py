@@ -139,7 +139,10 @@ def test_dead_prefill_node_falls_back_to_local(model_dir):
 
     # KV over gRPC PushKv here (the data-path tests use the default raw-TCP data plane)
     spec = ClusterSpec(
-        prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=32,
+        prfaas_prefill=1,
+        local_prefill=1,
+        local_decode=1,
+        threshold_tokens=32,
         extra_env={"PRFAAS_KV_TRANSPORT": "grpc"},
     )
     with LocalCluster(model_dir, spec) as c:
@@ -154,3 +157,26 @@ def test_dead_prefill_node_falls_back_to_local(model_dir):
         # the dead node stays listed until its heartbeats time out; the live nodes hold nothing
         live = {p.name for p in c.procs if p.popen.poll() is None}
         asyncio.run(wait_all_free(c.cachepool_address, only=live))
+
+
+async def test_chunked_streaming_prefill_sends_states_once_and_matches(model_dir):
+    """A prefill node that prefills in chunks streams every chunk's full-attention KV but each
+    linear state only once, and the decode side continues exactly."""
+    decode_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+    receiver = KvReceiver()
+    decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=5)
+    decode.start()
+    prefill_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+    chunked = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), chunk_tokens=128)
+    nodes = [Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]
+    router = Router(Directory(nodes), MemoryClients(decode, {"p0": chunked}), PrfaasPolicy(threshold=1e9))
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(3)).tolist()  # 3 chunks
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    try:
+        outs = [o async for o in router.generate(GenerateInput("c1", "", prompt, params, "auto"))]
+    finally:
+        await decode.stop()
+    expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
+    assert [t for o in outs for t in o.token_ids] == expected
+    assert router.stats.retries == 0
+    assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks

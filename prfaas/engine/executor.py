@@ -58,6 +58,11 @@ class LayerKv:
     token_start: int = 0
     token_end: int = 0
 
+    @property
+    def is_state(self) -> bool:
+        """A linear layer's whole-request state (as opposed to full-attention KV of a token range)."""
+        return LINEAR_RECURRENT in self.tensors
+
 
 @dataclass
 class ExportedKv:

@@ -46,7 +46,11 @@ class WorkerNode:
         self.prefill = self.decode = None
         if role == Role.PREFILL or self.convertible:
             self.prefill = PrefillNode(
-                s.node_id, self.executor, sender_factory(self.executor.layout, self.channels), lock
+                s.node_id,
+                self.executor,
+                sender_factory(self.executor.layout, self.channels),
+                lock,
+                s.prefill_chunk_tokens,
             )
         receiver = KvReceiver()
         self.kv_tcp = KvTcpServer(receiver)  # the raw-TCP data port, started when the node decodes

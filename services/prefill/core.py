@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,9 +60,19 @@ SenderFactory = Callable[[PrefillJob], KvPush]
 
 class PrefillNode:
     def __init__(
-        self, node_id: str, executor: Executor, sender_factory: SenderFactory, compute_lock: asyncio.Lock | None = None
+        self,
+        node_id: str,
+        executor: Executor,
+        sender_factory: SenderFactory,
+        compute_lock: asyncio.Lock | None = None,
+        chunk_tokens: int = 0,
     ) -> None:
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
+        if chunk_tokens & (chunk_tokens - 1):
+            raise ValueError(f"chunk_tokens must be a power of two (the KV chunk grid), got {chunk_tokens}")
+        # prefill long prompts in chunks of this many tokens, streaming each chunk's full-attention KV
+        # while the next computes, so the tail after the last layer shrinks; 0 = whole prompt
+        self.chunk_tokens = chunk_tokens
         # one prefill computes at a time, others queue; shared with a decode core on a convertible node
         self._compute = compute_lock or asyncio.Lock()
         self.queue_depth = 0
@@ -82,23 +92,29 @@ class PrefillNode:
         locked = True
         seq = None
         sender: KvPush | None = None
-        step: asyncio.Future[LayerKv | int] | None = None
+        step: asyncio.Future[LayerKv | int | None] | None = None
         try:
             seq = ex.add(job.request_id, job.prompt, job.params)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
             sender = self.sender_factory(job)
             t0 = time.monotonic()
-            steps = ex.prefill_layerwise(seq)
             first: int | None = None
-            while first is None:
-                # compute runs off the event loop; shielded so a cancel never frees blocks under it
-                step = asyncio.ensure_future(asyncio.to_thread(next, steps))
-                item = await asyncio.shield(step)
-                step = None
-                if isinstance(item, int):
-                    first = item
-                else:
-                    await sender.push_layer(item)  # queued; the sender streams while the next layer runs
+            while first is None:  # one pass per prompt chunk (one pass when not chunked)
+                last_chunk = self.chunk_tokens <= 0 or seq.num_cached + self.chunk_tokens >= len(seq.prompt)
+                steps = ex.prefill_layerwise(seq, self.chunk_tokens or None)
+                while True:
+                    # compute runs off the event loop; shielded so a cancel never frees blocks under it
+                    step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
+                    item = await asyncio.shield(step)
+                    step = None
+                    if item is None:  # this chunk's layers are done
+                        break
+                    if isinstance(item, int):
+                        first = item
+                    elif last_chunk or not item.is_state:
+                        # queued; the sender streams while the next layer runs. A linear layer's state
+                        # is only sent after the last chunk: the decode side takes it exactly once.
+                        await sender.push_layer(item)
             prefill_s = time.monotonic() - t0
             self._compute.release()  # the next prompt may compute while this KV drains
             locked = False
@@ -139,3 +155,7 @@ class PrefillNode:
             "queue_depth": self.queue_depth,
             "running": self.running,
         }
+
+
+def _next_or_none(steps: Iterator[LayerKv | int]) -> LayerKv | int | None:
+    return next(steps, None)
