@@ -180,11 +180,14 @@ class Executor:
         )
 
     @torch.inference_mode()
-    def prefill_layerwise(self, seq: Sequence, chunk_tokens: int | None = None) -> Iterator[LayerKv | int]:
+    def prefill_layerwise(
+        self, seq: Sequence, chunk_tokens: int | None = None, read: bool = True
+    ) -> Iterator[LayerKv | int | None]:
         """Runs the next part of the prompt, [num_cached, num_cached + chunk_tokens) or up to its
         end, through layer 0, then layer 1, ...; after each layer yields that layer's finished
         LayerKv for the part. When the part reaches the end of the prompt, finally yields the
-        first sampled token (an int). Chunked prefill is this called once per chunk."""
+        first sampled token (an int). Chunked prefill is this called once per chunk. With
+        `read=False` nothing is copied out of the pool: each layer yields None."""
         start = seq.num_cached
         end = len(seq.prompt) if chunk_tokens is None else min(len(seq.prompt), start + chunk_tokens)
         if start >= end:
@@ -194,7 +197,7 @@ class Executor:
         x = self.model.embed(ids)
         for i in range(self.model.num_layers):
             x = self.model.layer(i, x, meta, self.caches[i])
-            yield self.read_layer(seq, i, start, end)
+            yield self.read_layer(seq, i, start, end) if read else None
         seq.num_cached = end
         if end < len(seq.prompt):
             return
@@ -207,7 +210,7 @@ class Executor:
         """Prefills the rest of the prompt (in chunks of `chunk_tokens` if given); returns the
         first token."""
         while True:
-            *_, last = self.prefill_layerwise(seq, chunk_tokens)
+            *_, last = self.prefill_layerwise(seq, chunk_tokens, read=False)
             if isinstance(last, int):
                 return last
 

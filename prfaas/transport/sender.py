@@ -42,7 +42,7 @@ from prfaas.transport.stats import GLOBAL, LinkStats
 from prfaas.transport.tcp import TcpPushCall, is_tcp
 from prfaas.v1 import decode_pb2
 
-DEFAULT_CONNECTIONS = 8     # chosen by bench/transport.py (docs/transport.md)
+DEFAULT_CONNECTIONS = 4     # chosen by bench/transport_link.py: >= 0.97 of a shaped link (docs/transport.md)
 DEFAULT_QUEUE_CHUNKS = 4    # per connection: what `push` may run ahead of the network
 
 CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (

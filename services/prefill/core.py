@@ -157,5 +157,5 @@ class PrefillNode:
         }
 
 
-def _next_or_none(steps: Iterator[LayerKv | int]) -> LayerKv | int | None:
+def _next_or_none(steps: Iterator[LayerKv | int | None]) -> LayerKv | int | None:
     return next(steps, None)
