@@ -34,6 +34,7 @@ class NodeSettings:
     convertible: bool = False  # serves prefill and decode; the router may switch its role
     prefill_chunk_tokens: int = 2048  # prefill nodes: chunk longer prompts (a power of two; 0 = never)
     kv_transport: str = "tcp"  # decode nodes: also take KV on a raw-TCP data port ("tcp") or gRPC only
+    kv_tcp_port: int = 0  # that port (0 = any free port; fix it where firewalls need to know)
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
 
@@ -74,6 +75,7 @@ def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
         choices=["tcp", "grpc"],
         help="decode nodes: take KV on a raw-TCP data port beside gRPC PushKv (tcp), or PushKv only",
     )
+    p.add_argument("--kv-tcp-port", type=int, default=int(_env("KV_TCP_PORT", "0")))
     p.add_argument(
         "--attention-backend",
         default=_env("ATTENTION_BACKEND", "auto"),
@@ -106,6 +108,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
         convertible=a.convertible,
         prefill_chunk_tokens=a.prefill_chunk_tokens,
         kv_transport=a.kv_transport,
+        kv_tcp_port=a.kv_tcp_port,
         device=a.device,
         attention_backend=a.attention_backend,
     )

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +157,13 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
     base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prfaas" / "models"
     out = base / f"{family}-{preset}"
     if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
-        tmp = base / f".{family}-{preset}.tmp{id(out)}"
+        # written aside and renamed into place, so that processes starting together never read a
+        # half-written checkpoint; the first rename wins
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-{preset}.", dir=base))
         write_preset(tmp, family, preset)
-        tmp.rename(out) if not out.exists() else None
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -131,7 +131,7 @@ async def run_node(s: NodeSettings, role: Role) -> None:
     async def started(address: str) -> None:
         if node.decode and s.kv_transport == "tcp":
             host = s.listen.rsplit(":", 1)[0]
-            port = await node.kv_tcp.start(host)
+            port = await node.kv_tcp.start(host, s.kv_tcp_port)
             advertised = (s.advertise or address).rsplit(":", 1)[0]
             node.decode.kv_address = f"tcp://{advertised}:{port}"
             log.info("kv_data_port", address=node.decode.kv_address)
