@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from prfaas.engine.sampling import SamplingParams
+from prfaas.engine.sampling import InvalidRequest, SamplingParams
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common.errors import grpc_errors
 from services.router.core import GenerateInput, Router
@@ -25,7 +25,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         async with grpc_errors(context):
             if request.route not in _ROUTE_IN:
-                raise_invalid(f"unknown route {request.route}")
+                raise InvalidRequest(f"unknown route {request.route}")
             params = SamplingParams(
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
@@ -50,8 +50,3 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         cached_tokens=out.cached_tokens,
                     )
 
-
-def raise_invalid(msg: str) -> None:
-    from prfaas.engine.sampling import InvalidRequest
-
-    raise InvalidRequest(msg)
