@@ -14,6 +14,7 @@ from prfaas.model.config import ModelConfigError
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    from prfaas.cluster import PoolUnavailableError
     from prfaas.scheduling.policy import NoCapacityError
     from services.router.core import RouteFailed
 
@@ -21,7 +22,7 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, OutOfCapacity | NoCapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    if isinstance(e, RouteFailed):
+    if isinstance(e, RouteFailed | PoolUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "timed out"
