@@ -180,3 +180,32 @@ async def test_chunked_streaming_prefill_sends_states_once_and_matches(model_dir
     assert [t for o in outs for t in o.token_ids] == expected
     assert router.stats.retries == 0
     assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks
+
+
+async def test_router_spreads_concurrent_prefills_over_equal_nodes(model_dir):
+    """Heartbeats lag: with two idle PrfaaS nodes, concurrent long prompts must not all pick the
+    first one (the router counts its own in-flight requests)."""
+    decode_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=16)
+    receiver = KvReceiver()
+    decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
+    decode.start()
+    prefills = {}
+    for name in ("pa", "pb"):
+        ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
+        prefills[name] = PrefillNode(name, ex, lambda job: MemoryPush(receiver, job, decode_ex.layout))
+    nodes = [Node("pa", "prfaas", "prefill", "pa"), Node("pb", "prfaas", "prefill", "pb"),
+             Node("d0", "local", "decode", "d0")]
+    router = Router(Directory(nodes), MemoryClients(decode, prefills), PrfaasPolicy(threshold=8))
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    async def one(i: int) -> str:
+        prompt = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(i)).tolist()
+        outs = [o async for o in router.generate(GenerateInput(f"s{i}", "", prompt, params, "auto"))]
+        return outs[0].prefill_node
+
+    try:
+        used = await asyncio.gather(*(one(i) for i in range(4)))
+    finally:
+        await decode.stop()
+    assert set(used) == {"pa", "pb"}, used
+    assert not any(router._inflight.values())

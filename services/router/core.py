@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -112,6 +113,7 @@ class Router:
             num_connections,
         )
         self.stats = RouterStats()
+        self._inflight: Counter[str] = Counter()  # requests this router has on each node now
         self._ids = itertools.count()
         self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # controllers, metrics
         self.prefill_observers: list[Callable[[str, int, float], None]] = []  # (cluster, tokens, prefill_s)
@@ -136,7 +138,8 @@ class Router:
                 n.cluster,  # type: ignore[arg-type]  # filtered to "prfaas" / "local" below
                 n.role,  # type: ignore[arg-type]  # filtered to "prefill" / "decode" below
                 n.queue_depth,
-                n.running,
+                # heartbeats lag by seconds: this router's own in-flight count is current
+                max(n.running, self._inflight[n.node_id]),
                 n.free_blocks,
                 hits.get(n.node_id, 0),
             )
@@ -199,6 +202,35 @@ class Router:
         by_id: dict[str, Node],
         t0: float,
     ) -> AsyncGenerator[GenerateOutput, None]:
+        # counted from the decision on (no await in between), so that concurrent requests see it
+        self._inflight[d.decode_node] += 1
+        self._inflight[d.prefill_node] += 1
+        prefill_counted = [True]
+
+        def prefill_over() -> None:
+            if prefill_counted[0]:
+                prefill_counted[0] = False
+                self._inflight[d.prefill_node] -= 1
+
+        try:  # closing the inner stream at once releases the decode reservation with us
+            inner = self._serve_on(request_id, prompt, params, d, by_id, t0, prefill_over)
+            async with contextlib.aclosing(inner):
+                async for out in inner:
+                    yield out
+        finally:
+            prefill_over()
+            self._inflight[d.decode_node] -= 1
+
+    async def _serve_on(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        d: RouteDecision,
+        by_id: dict[str, Node],
+        t0: float,
+        prefill_over: Callable[[], None],
+    ) -> AsyncGenerator[GenerateOutput, None]:
         prefill_node, decode_node = by_id[d.prefill_node], by_id[d.decode_node]
         admit = self.clients.admit(decode_node.address, request_id, prompt, params, self.transfer_timeout_s)
         prefill_task: asyncio.Task[Done] | None = None
@@ -218,7 +250,7 @@ class Router:
                 reserved.wire_dtype,
                 time.time() + self.transfer_timeout_s,
             )
-            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job, d))
+            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job, d, prefill_over))
             try:
                 first = await self._first_tokens(admit, prefill_task)
             except BaseException:
@@ -248,11 +280,16 @@ class Router:
                     break
             await asyncio.gather(prefill_task, return_exceptions=True)
 
-    async def _run_prefill(self, address: str, job: PrefillJob, d: RouteDecision) -> Done:
+    async def _run_prefill(
+        self, address: str, job: PrefillJob, d: RouteDecision, prefill_over: Callable[[], None]
+    ) -> Done:
         done: Done | None = None
-        async for ev in self.clients.prefill(address, job):
-            if isinstance(ev, Done):
-                done = ev
+        try:
+            async for ev in self.clients.prefill(address, job):
+                if isinstance(ev, Done):
+                    done = ev
+        finally:
+            prefill_over()
         if done is None:
             raise ConnectionError("the prefill stream ended without a result")
         for obs in self.prefill_observers:
