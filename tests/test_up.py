@@ -50,3 +50,36 @@ def test_up_demo_and_ctrl_c(tmp_path):
     assert not left.strip(), f"processes left behind: {left}"
     for name in ("cachepool", "router", "prfaas-p0", "local-p0", "local-d0"):
         assert (tmp_path / "logs" / f"{name}.log").stat().st_size > 0
+
+
+def test_router_logs_and_exports_threshold_and_decisions(tmp_path):
+    """The live router runs the prfaas policy by default; t and every decision are in its metrics
+    and its JSON logs."""
+    import asyncio
+    import socket
+    import urllib.request
+
+    from prfaas.cluster.local import ClusterSpec, LocalCluster
+    from prfaas.model.presets import write_preset
+    from prfaas.v1 import common_pb2
+    from tests.test_data_path import generate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = write_preset(tmp_path / "m", "qwen3_next", "tiny")
+    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64, router_metrics_port=port)
+    with LocalCluster(str(model), spec, log_dir=str(tmp_path / "logs")) as c:
+        for n in (10, 200):
+            asyncio.run(generate(c.router_address, list(range(3, 3 + n)), 2, common_pb2.AUTO))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "prfaas_threshold_tokens 64.0" in text
+    assert 'prfaas_routing_decisions_total{route="local"} 1.0' in text
+    assert 'prfaas_routing_decisions_total{route="prfaas"} 1.0' in text
+    assert 'prfaas_ttft_seconds_count{route="prfaas"} 1.0' in text
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "router.log").read_text().splitlines()
+             if line.startswith("{")]
+    policy = next(m for m in lines if m.get("event") == "policy")
+    assert policy["policy"] == "prfaas" and policy["threshold_tokens"] == 64
+    routes = [m for m in lines if m.get("event") == "route"]
+    assert {m["route"] for m in routes} == {"local", "prfaas"} and all("reason" in m for m in routes)

@@ -33,6 +33,7 @@ class ClusterSpec:
     kv_connections: int = 4
     convertible_local: bool = True  # local nodes serve both roles, so the router may convert them
     link_gbps: float = 10.0  # the PrfaaS -> local link capacity the router's controller assumes
+    router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = none
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -153,6 +154,8 @@ class LocalCluster:
                 str(s.threshold_tokens),
                 "--link-gbps",
                 str(s.link_gbps),
+                "--metrics-port",
+                str(s.router_metrics_port),
             ],
         )
         self.router_address = self._wait_listening(router)
