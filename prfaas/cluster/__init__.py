@@ -41,6 +41,7 @@ class NodeLoad:
     running: int = 0              # requests running (prefill) or in the decode batch
     egress_bytes_per_s: float = 0.0
     tokens_per_s: float = 0.0
+    kv_retransmits: int = 0       # TCP retransmits on the node's KV connections (cumulative): congestion
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,7 @@ _ROLE_TO_PB: dict[Role, common_pb2.Role] = {
     Role.CACHEPOOL: common_pb2.CACHEPOOL,
 }
 _ROLE_FROM_PB: dict[int, Role] = {v: k for k, v in _ROLE_TO_PB.items()}
-_KIND_TO_PB: dict[CacheEventKind, pb.CacheEventKind] = {
-    k: pb.CacheEventKind.Value(k.name) for k in CacheEventKind
-}
+_KIND_TO_PB: dict[CacheEventKind, pb.CacheEventKind] = {k: pb.CacheEventKind.Value(k.name) for k in CacheEventKind}
 _KIND_FROM_PB: dict[int, CacheEventKind] = {v: k for k, v in _KIND_TO_PB.items()}
 
 
@@ -62,35 +60,56 @@ def role_from_pb(value: int) -> Role:
 
 def node_info_to_pb(n: NodeInfo) -> common_pb2.NodeInfo:
     return common_pb2.NodeInfo(
-        node_id=n.node_id, cluster=n.cluster, role=role_to_pb(n.role), address=n.address,
-        capacity_blocks=n.capacity_blocks, capacity_slots=n.capacity_slots, hardware=n.hardware,
+        node_id=n.node_id,
+        cluster=n.cluster,
+        role=role_to_pb(n.role),
+        address=n.address,
+        capacity_blocks=n.capacity_blocks,
+        capacity_slots=n.capacity_slots,
+        hardware=n.hardware,
     )
 
 
 def node_info_from_pb(m: common_pb2.NodeInfo) -> NodeInfo:
     return NodeInfo(
-        node_id=m.node_id, cluster=m.cluster, role=role_from_pb(m.role), address=m.address,
-        capacity_blocks=m.capacity_blocks, capacity_slots=m.capacity_slots, hardware=m.hardware,
+        node_id=m.node_id,
+        cluster=m.cluster,
+        role=role_from_pb(m.role),
+        address=m.address,
+        capacity_blocks=m.capacity_blocks,
+        capacity_slots=m.capacity_slots,
+        hardware=m.hardware,
     )
 
 
 def node_load_to_pb(x: NodeLoad) -> common_pb2.NodeLoad:
     return common_pb2.NodeLoad(
-        free_blocks=x.free_blocks, free_slots=x.free_slots, queue_depth=x.queue_depth, running=x.running,
-        egress_bytes_per_s=x.egress_bytes_per_s, tokens_per_s=x.tokens_per_s,
+        free_blocks=x.free_blocks,
+        free_slots=x.free_slots,
+        queue_depth=x.queue_depth,
+        running=x.running,
+        egress_bytes_per_s=x.egress_bytes_per_s,
+        tokens_per_s=x.tokens_per_s,
+        kv_retransmits=x.kv_retransmits,
     )
 
 
 def node_load_from_pb(m: common_pb2.NodeLoad) -> NodeLoad:
     return NodeLoad(
-        free_blocks=m.free_blocks, free_slots=m.free_slots, queue_depth=m.queue_depth, running=m.running,
-        egress_bytes_per_s=m.egress_bytes_per_s, tokens_per_s=m.tokens_per_s,
+        free_blocks=m.free_blocks,
+        free_slots=m.free_slots,
+        queue_depth=m.queue_depth,
+        running=m.running,
+        egress_bytes_per_s=m.egress_bytes_per_s,
+        tokens_per_s=m.tokens_per_s,
+        kv_retransmits=m.kv_retransmits,
     )
 
 
 def node_status_to_pb(s: NodeStatus) -> pb.NodeStatus:
     return pb.NodeStatus(
-        node=node_info_to_pb(s.node), load=node_load_to_pb(s.load),
+        node=node_info_to_pb(s.node),
+        load=node_load_to_pb(s.load),
         last_heartbeat_age_s=s.last_heartbeat_age_s,
     )
 

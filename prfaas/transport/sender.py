@@ -229,7 +229,7 @@ class KvSender:
         for i in range(self.num_connections):
             address = self.addresses[i % len(self.addresses)]
             if is_tcp(address):  # the raw-TCP data plane (prfaas/transport/tcp.py)
-                call: Any = TcpPushCall(address, self.timeout_s)
+                call: Any = TcpPushCall(address, self.timeout_s, self._stats)
             else:
                 channel = self._channels.get(address)[i % self._channels.num_connections]
                 stub = channel.stream_unary(PUSH_KV, request_serializer=_identity,

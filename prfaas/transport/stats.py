@@ -20,6 +20,7 @@ class LinkCounters:
     chunks_sent: int = 0
     transfers: int = 0
     failures: int = 0
+    retransmits: int = 0    # TCP segments retransmitted on this link's KV connections
     sent_buckets: deque[tuple[int, int]] = field(default_factory=deque)   # (second, bytes)
     acked_buckets: deque[tuple[int, int]] = field(default_factory=deque)
 
@@ -52,6 +53,13 @@ class LinkStats:
         c = self._link(link)
         c.bytes_acked += nbytes
         self._add(c.acked_buckets, nbytes)
+
+    def record_retransmits(self, link: str, segments: int) -> None:
+        self._link(link).retransmits += segments
+
+    @property
+    def total_retransmits(self) -> int:
+        return sum(c.retransmits for c in self.links.values())
 
     def record_transfer(self, link: str, ok: bool) -> None:
         c = self._link(link)

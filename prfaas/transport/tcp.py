@@ -32,6 +32,7 @@ from prfaas.obs.log import get_logger
 from prfaas.transport.errors import ErrorCode, TransferError
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.servicer import STATUS_OF, code_from_details
+from prfaas.transport.stats import LinkStats
 
 log = get_logger(__name__)
 
@@ -40,6 +41,22 @@ _LEN = struct.Struct("<I")
 _ACK = struct.Struct("<IQ")
 MAX_FRAME = 256 << 20
 SOCKET_BUFFER = 4 << 20
+
+
+_TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans (u32) in Linux's struct tcp_info
+
+
+def tcp_retransmits(sock: socket.socket | None) -> int:
+    """Segments this connection retransmitted (Linux TCP_INFO); 0 where that is not available.
+    The router's short-term controller reads their rate as the link's congestion signal."""
+    opt = getattr(socket, "TCP_INFO", None)
+    if sock is None or opt is None:
+        return 0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, opt, 104)
+    except OSError:
+        return 0
+    return int(struct.unpack_from("<I", info, _TCPI_TOTAL_RETRANS)[0]) if len(info) >= 104 else 0
 
 
 def is_tcp(address: str) -> bool:
@@ -55,7 +72,8 @@ class TcpAck:
 class TcpPushCall:
     """One TCP connection carrying one transfer's share of chunks."""
 
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
+        self.stats, self.retransmits = stats, 0
         host, _, port = address.removeprefix(SCHEME).rpartition(":")
         self._host, self._port, self._timeout = host, int(port), timeout_s
         self._writer: asyncio.StreamWriter | None = None
@@ -120,6 +138,9 @@ class TcpPushCall:
 
     def _close(self) -> None:
         if self._writer is not None and not self._writer.is_closing():
+            self.retransmits = tcp_retransmits(self._writer.get_extra_info("socket"))
+            if self.stats is not None and self.retransmits:
+                self.stats.record_retransmits(f"{self._host}:{self._port}", self.retransmits)
             self._writer.close()
 
     def __await__(self) -> Generator[Any, None, TcpAck]:

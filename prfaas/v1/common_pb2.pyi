@@ -64,20 +64,22 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., capacity_slots: _Optional[int] = ..., hardware: _Optional[str] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s")
+    __slots__ = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s", "kv_retransmits")
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     EGRESS_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_RETRANSMITS_FIELD_NUMBER: _ClassVar[int]
     free_blocks: int
     free_slots: int
     queue_depth: int
     running: int
     egress_bytes_per_s: float
     tokens_per_s: float
-    def __init__(self, free_blocks: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., egress_bytes_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    kv_retransmits: int
+    def __init__(self, free_blocks: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., egress_bytes_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., kv_retransmits: _Optional[int] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role",)

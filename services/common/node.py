@@ -20,6 +20,7 @@ from prfaas.settings import NodeSettings
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvChannels
 from prfaas.transport.servicer import SERVER_OPTIONS, add_decode_servicer
+from prfaas.transport.stats import GLOBAL as LINK_STATS
 from prfaas.transport.tcp import KvTcpServer
 from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from services.common.bootstrap import build_node_executor, serve
@@ -85,6 +86,7 @@ class WorkerNode:
             st = self.decode.stats()
             queue, running = queue + st["pending_transfers"], running + st["running"]
         return NodeLoad(
+            kv_retransmits=LINK_STATS.total_retransmits,
             free_blocks=ex.blocks.num_free,
             free_slots=ex.slots.num_free,
             queue_depth=queue,

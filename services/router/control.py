@@ -47,6 +47,7 @@ class ControlLoop:
         long_interval_s: float = 30.0,
         short: ShortTermController | None = None,
         long: LongTermController | None = None,
+        congestion_retransmits: int = 50,
     ) -> None:
         self.directory, self.policy, self.set_role = directory, policy, set_role
         self.link_bytes_per_s, self.interval_s, self.long_interval_s = link_bytes_per_s, interval_s, long_interval_s
@@ -61,6 +62,9 @@ class ControlLoop:
                 optimum=float(policy.threshold),
             )
         self.long = long or LongTermController()
+        # retransmitted segments on the PrfaaS nodes' KV connections per interval that mean congestion
+        self.congestion_retransmits = congestion_retransmits
+        self._retransmits: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_long = float("-inf")
 
@@ -109,12 +113,14 @@ class ControlLoop:
                 max(sum(n.role == "prefill" for n in local), 1),
                 max(sum(n.role == "decode" for n in local), 1),
             )
+            retransmits = self._new_retransmits(prfaas)
             change = self.short.observe(
                 LinkObservation(
                     now,
                     sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s,
                     self.link_bytes_per_s,
                     sum(n.queue_depth for n in prfaas),
+                    congested=retransmits >= self.congestion_retransmits,
                 )
             )
             if change is not None:
@@ -123,6 +129,15 @@ class ControlLoop:
         if now - self._last_long >= self.long_interval_s:
             self._last_long = now
             await self._long_term(now, local)
+
+    def _new_retransmits(self, nodes: Sequence[Node]) -> int:
+        """Retransmits since the previous tick, summed over the nodes (counters are cumulative)."""
+        total = 0
+        for n in nodes:
+            last = self._retransmits.get(n.node_id, n.kv_retransmits)
+            total += max(0, n.kv_retransmits - last)
+            self._retransmits[n.node_id] = n.kv_retransmits
+        return total
 
     async def _long_term(self, now: float, local: Sequence[Node]) -> None:
         pre = [n for n in local if n.role == "prefill"]

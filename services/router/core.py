@@ -45,6 +45,7 @@ class Node:
     free_blocks: int = 1 << 30
     egress_bytes_per_s: float = 0.0
     capacity_slots: int = 0
+    kv_retransmits: int = 0  # cumulative TCP retransmits on the node's KV connections
 
 
 class Directory(Protocol):

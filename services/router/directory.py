@@ -31,6 +31,7 @@ class CachePoolDirectory:
                     s.load.free_blocks or s.node.capacity_blocks,
                     s.load.egress_bytes_per_s,
                     s.node.capacity_slots,
+                    s.load.kv_retransmits,
                 )
                 for s in statuses
             ]

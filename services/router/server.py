@@ -49,4 +49,3 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         request_id=out.request_id,
                         cached_tokens=out.cached_tokens,
                     )
-

@@ -54,3 +54,32 @@ async def test_prefill_bound_cluster_converts_a_decode_node():
     for t in range(1, 14):
         await loop.tick(float(t))
     assert changes == [("ld1", "prefill")]
+
+
+async def test_retransmits_on_the_kv_connections_raise_the_threshold():
+    policy = PrfaasPolicy(threshold=100)
+    link = 1e9  # plenty: only congestion can move t
+    pf = Node("pf0", "prfaas", "prefill", "a", kv_retransmits=0)
+    directory = Directory([pf, Node("lp0", "local", "prefill", "b"), Node("ld0", "local", "decode", "c")])
+    loop = ControlLoop(
+        directory, policy, kv_bytes, link, interval_s=1.0, long_interval_s=1e9, congestion_retransmits=10
+    )
+    await loop.tick(1.0)
+    assert policy.threshold == 100, "no retransmits, idle link: t holds"
+    directory.items[0] = Node("pf0", "prfaas", "prefill", "a", kv_retransmits=500)
+    await loop.tick(2.0)
+    assert policy.threshold > 100 and loop.short is not None and loop.short.history[-1].reason == "congestion"
+
+
+async def test_tcp_retransmits_read_from_a_live_socket():
+    import asyncio
+
+    from prfaas.transport.tcp import tcp_retransmits
+
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert tcp_retransmits(writer.get_extra_info("socket")) == 0  # loopback does not lose segments
+    assert tcp_retransmits(None) == 0
+    writer.close()
+    server.close()
