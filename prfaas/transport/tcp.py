@@ -6,10 +6,12 @@ is unchanged, so is the receiver's verification) as length-prefixed frames on pl
 connections; gRPC keeps the control path (Admit, Prefill, the errors' status codes).
 
 Wire, per connection and transfer: frames `u32 little-endian length | KvChunk bytes`, then an
-empty frame (length 0) that ends the sender's share; the receiver answers one frame and closes:
-`b"K" + u32 chunks + u64 bytes` on success, or `b"E" + "CODE: message"` (a TransferError) at the
-first bad chunk. A connection that closes without the end frame is a broken transfer (the sender
-aborted or died): the receiver cancels what it carried, which gRPC's client streams cannot say.
+empty frame (length 0) that ends the sender's share; the receiver answers one verdict frame:
+`b"K" + u32 chunks + u64 bytes` on success (the connection stays open and goes back to the
+sender's pool for the next transfer: no handshake or slow start per transfer on a long link), or
+`b"E" + "CODE: message"` (a TransferError) at the first bad chunk, and closes. A connection that
+closes in the middle of a transfer is a broken transfer (the sender aborted or died): the receiver
+cancels what it carried, which gRPC's client streams cannot say.
 
 `TcpPushCall` quacks like the gRPC stream-unary call the `KvSender` drives (write, done_writing,
 await, cancel, code, details), so the sender's chunking, striping and error rules apply as they
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +72,21 @@ class TcpAck:
     bytes: int
 
 
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[_Conn]]] = (
+    weakref.WeakKeyDictionary()
+)
+MAX_IDLE_PER_ADDRESS = 16
+
+
+def _idle(host: str, port: int) -> list[_Conn]:
+    """Idle connections to one data port, per event loop (a connection belongs to its loop)."""
+    return _IDLE.setdefault(asyncio.get_running_loop(), {}).setdefault((host, port), [])
+
+
 class TcpPushCall:
-    """One TCP connection carrying one transfer's share of chunks."""
+    """One transfer's share of chunks on one TCP connection, taken from (and, after a clean
+    verdict, given back to) a per-address pool."""
 
     def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
         self.stats, self.retransmits = stats, 0
@@ -78,19 +94,29 @@ class TcpPushCall:
         self._host, self._port, self._timeout = host, int(port), timeout_s
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
+        self._retrans_base = 0
         self._code = grpc.StatusCode.OK
         self._details = ""
         self._done: asyncio.Future[TcpAck] = asyncio.get_running_loop().create_future()
         self._done.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
 
     async def _connect(self) -> None:
-        if self._writer is None:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
-            self._reader, self._writer = reader, writer
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._writer is not None:
+            return
+        idle = _idle(self._host, self._port)
+        while idle:
+            reader, writer = idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                self._reader, self._writer = reader, writer
+                self._retrans_base = tcp_retransmits(writer.get_extra_info("socket"))
+                return
+            writer.close()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         if self._code == grpc.StatusCode.OK:
@@ -124,23 +150,40 @@ class TcpPushCall:
             head = await asyncio.wait_for(self._reader.readexactly(_LEN.size), self._timeout)
             body = await self._reader.readexactly(_LEN.unpack(head)[0])
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+            self._close()
             self._fail(grpc.StatusCode.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}")
             return
-        finally:
-            self._close()
         if body[:1] == b"K":
             chunks, nbytes = _ACK.unpack(body[1:])
+            self._release()
             self._done.set_result(TcpAck(chunks, nbytes))
         else:
+            self._close()
             details = body[1:].decode("utf-8", "replace")
             code = code_from_details(details) or "INTERNAL"
             self._fail(STATUS_OF[code], details)
 
+    def _count_retransmits(self) -> None:
+        assert self._writer is not None
+        self.retransmits = tcp_retransmits(self._writer.get_extra_info("socket")) - self._retrans_base
+        if self.stats is not None and self.retransmits > 0:
+            self.stats.record_retransmits(f"{self._host}:{self._port}", self.retransmits)
+
+    def _release(self) -> None:
+        """A clean verdict: the connection goes back to the pool for the next transfer."""
+        if self._writer is None or self._reader is None:
+            return
+        self._count_retransmits()
+        idle = _idle(self._host, self._port)
+        if len(idle) < MAX_IDLE_PER_ADDRESS and not self._writer.is_closing():
+            idle.append((self._reader, self._writer))
+        else:
+            self._writer.close()
+        self._reader = self._writer = None
+
     def _close(self) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self.retransmits = tcp_retransmits(self._writer.get_extra_info("socket"))
-            if self.stats is not None and self.retransmits:
-                self.stats.record_retransmits(f"{self._host}:{self._port}", self.retransmits)
+            self._count_retransmits()
             self._writer.close()
 
     def __await__(self) -> Generator[Any, None, TcpAck]:
@@ -192,9 +235,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             return
         if not self._frame:
             size = _LEN.unpack(self._header)[0]
-            if size == 0:  # the end frame
-                self._finished = True
-                return self._reply(b"K" + _ACK.pack(self.chunks, self.bytes))
+            if size == 0:  # the end frame: verdict, then the connection waits for the next transfer
+                ack = b"K" + _ACK.pack(self.chunks, self.bytes)
+                self.chunks = self.bytes = self._pos = 0
+                self._seen.clear()
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(_LEN.pack(len(ack)) + ack)
+                return
             if size > MAX_FRAME:
                 return self._reply_error(TransferError("INVALID_ARGUMENT", f"bad KV frame length {size}"))
             self._buf, self._pos, self._frame = bytearray(size), 0, True
@@ -211,7 +258,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self._reply_error(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._finished:  # the sender went away mid-transfer
+        if not self._finished:  # the sender went away mid-transfer (nothing seen: an idle close)
             for tid in self._seen:
                 self.receiver.cancel(tid, "the sender's KV connection broke")
         self.on_close(self)
@@ -233,11 +280,13 @@ class KvTcpServer:
         self.receiver = receiver
         self._server: asyncio.Server | None = None
         self._conns: set[_FrameProtocol] = set()
+        self.accepted = 0  # connections accepted (pooled senders reuse theirs)
 
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
 
         def make() -> _FrameProtocol:
+            self.accepted += 1
             p = _FrameProtocol(self.receiver, self._conns.discard)
             self._conns.add(p)
             return p

@@ -86,3 +86,25 @@ async def test_broken_connection_cancels_the_transfer(tcp_node):
     with pytest.raises(TransferError) as e:
         await asyncio.wait_for(transfer.wait(), 5)
     assert e.value.code == "CANCELLED" and sink.released
+
+
+async def test_connections_are_reused_across_transfers(family):
+    receiver = KvReceiver()
+    server = KvTcpServer(receiver)
+    port = await server.start("127.0.0.1", 0)
+    layout = make_layout(family)
+    try:
+        for i in range(3):
+            pieces = make_pieces(layout, 100, seed=i)
+            sink = MemorySink()
+            transfer = receiver.expect(f"r{i}", layout, 100, 0, sink, deadline_s=10)
+            sender = KvSender(f"tcp://127.0.0.1:{port}", f"r{i}", layout, prompt_tokens=100, num_connections=2,
+                              max_chunk_bytes=4096, stats=None)
+            for p in pieces:
+                await sender.push(p)
+            await sender.finish(first_token=i)
+            assert await transfer.wait() == i
+            assert_same(layout, sink, pieces)
+        assert server.accepted == 2, "the second and third transfers ride the first one's connections"
+    finally:
+        await server.stop()
