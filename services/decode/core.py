@@ -115,7 +115,6 @@ class DecodeNode:
         wire = "int8" if "int8" in wire_dtypes else ""
         timeout = transfer_timeout_s or self.transfer_timeout_s
         queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
-        self._pending += 1
         try:
             transfer = self.receiver.expect(
                 transfer_id,
@@ -126,6 +125,7 @@ class DecodeNode:
                 deadline_s=timeout,
                 wire_dtype=wire,
             )
+            self._pending += 1
             try:
                 yield Reserved(transfer_id, self.node_id, wire, self.kv_address)
                 first = await transfer.wait()
