@@ -196,3 +196,37 @@ async def wait_all_free(cachepool_address: str, only: set[str] | None = None, ti
             ):
                 return
         raise AssertionError(f"blocks still held: {[(s.node.node_id, s.load) for s in nodes]}")
+
+
+def test_prefix_hits_are_reused_and_cache_affine(tmp_path):
+    """The prefill node caches the prompt's blocks and a state checkpoint and tells the pool; a
+    second prompt with the same prefix goes to that node (cache-affine) and reuses it."""
+    from prfaas.model.presets import write_preset
+
+    model = write_preset(tmp_path / "m", "qwen3_next", "tiny", seed=2)
+    spec = ClusterSpec(prfaas_prefill=2, local_prefill=1, local_decode=1, threshold_tokens=64)
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, 256, (512,), generator=g).tolist()
+    a = shared + torch.randint(3, 256, (40,), generator=g).tolist()
+    b = shared + torch.randint(3, 256, (70,), generator=g).tolist()
+    with LocalCluster(str(model), spec, log_dir=str(tmp_path / "logs")) as c:
+        got_a, head_a = asyncio.run(generate(c.router_address, a, 6, common_pb2.PRFAAS))
+
+        async def wait_for_hit() -> int:
+            async with CachePoolClient(c.cachepool_address) as pool:
+                for _ in range(100):
+                    hit = (await pool.match(b)).hit_tokens(head_a.prefill_node)
+                    if hit:
+                        return hit
+                    await asyncio.sleep(0.1)
+            return 0
+
+        assert asyncio.run(wait_for_hit()) == 512
+        got_b, head_b = asyncio.run(generate(c.router_address, b, 6, common_pb2.PRFAAS))
+    assert head_b.prefill_node == head_a.prefill_node and head_b.cached_tokens == 512
+    from prfaas.engine.llm import LLM, build_executor
+    from prfaas.engine.sampling import SamplingParams
+
+    ref = LLM(build_executor(str(model))[0])
+    assert got_a == ref.generate([a], SamplingParams(max_tokens=6))[0]
+    assert got_b == ref.generate([b], SamplingParams(max_tokens=6))[0]

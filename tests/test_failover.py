@@ -209,3 +209,51 @@ async def test_router_spreads_concurrent_prefills_over_equal_nodes(model_dir):
         await decode.stop()
     assert set(used) == {"pa", "pb"}, used
     assert not any(router._inflight.values())
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])
+async def test_prefix_cache_reuses_blocks_and_state(tmp_path, family):
+    """A second prompt sharing a 256-token prefix computes only its suffix on the prefill node,
+    which sends the whole KV (the decode side lacks the prefix) and publishes what it caches."""
+    from prfaas.kv.allocator import BlockAllocator
+    from prfaas.kv.prefix_cache import PrefixCache
+    from prfaas.kv.prefix_index import CacheEventKind
+
+    path = str(write_preset(tmp_path, family, "tiny", seed=5))
+    decode_ex, _ = build_executor(path, num_blocks=256, num_slots=8)
+    receiver = KvReceiver()
+    decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
+    decode.start()
+    prefill_ex, _ = build_executor(path, num_blocks=256, num_slots=8)
+    grid = tokens_per_chunk(prefill_ex.layout, prefill_ex.layout.full_layers[0].layer, "", MAX_CHUNK)
+    grid = max(grid, prefill_ex.layout.block_size)
+    events = []
+    cache = PrefixCache("p0", prefill_ex.blocks, prefill_ex.slots)
+    node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout),
+                       prefix_cache=cache, grid_tokens=grid, on_cache_events=events.extend)
+    router = Router(Directory([Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]),
+                    MemoryClients(decode, {"p0": node}), PrfaasPolicy(threshold=1e9))
+    g = torch.Generator().manual_seed(8)
+    shared = torch.randint(0, 256, (2 * grid,), generator=g).tolist()
+    a = shared + torch.randint(0, 256, (44,), generator=g).tolist()
+    b = shared + torch.randint(0, 256, (50,), generator=g).tolist()
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    try:
+        got = []
+        for i, prompt in enumerate((a, b)):
+            outs = [o async for o in router.generate(GenerateInput(f"q{i}", "", prompt, params, "auto"))]
+            got.append([t for o in outs for t in o.token_ids])
+    finally:
+        await decode.stop()
+    ref = LLM(build_executor(path)[0])
+    assert got == [ref.generate([a], params)[0], ref.generate([b], params)[0]]
+    assert node.cached_tokens == 2 * grid, "the second prompt reused the first one's checkpoint"
+    kinds = [e.kind for e in events]
+    assert CacheEventKind.BLOCK_STORED in kinds and CacheEventKind.STATE_STORED in kinds
+    held = 2 * grid // prefill_ex.layout.block_size
+    assert prefill_ex.blocks.num_free == prefill_ex.blocks.num_blocks - held and prefill_ex.slots.num_free == 7
+    assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks
+    evicted = cache.evict(prefill_ex.blocks.num_blocks, 8)
+    assert prefill_ex.blocks.num_free == prefill_ex.blocks.num_blocks and prefill_ex.slots.num_free == 8
+    assert {e.kind for e in evicted} == {CacheEventKind.BLOCK_EVICTED, CacheEventKind.STATE_EVICTED}
+    assert isinstance(prefill_ex.blocks, BlockAllocator)

@@ -181,15 +181,24 @@ class Executor:
 
     @torch.inference_mode()
     def prefill_layerwise(
-        self, seq: Sequence, chunk_tokens: int | None = None, read: bool = True
+        self,
+        seq: Sequence,
+        chunk_tokens: int | None = None,
+        read: bool = True,
+        until: int | None = None,
+        read_start: int | None = None,
     ) -> Iterator[LayerKv | int | None]:
         """Runs the next part of the prompt, [num_cached, num_cached + chunk_tokens) or up to its
         end, through layer 0, then layer 1, ...; after each layer yields that layer's finished
         LayerKv for the part. When the part reaches the end of the prompt, finally yields the
         first sampled token (an int). Chunked prefill is this called once per chunk. With
-        `read=False` nothing is copied out of the pool: each layer yields None."""
+        `read=False` nothing is copied out of the pool: each layer yields None. `until` stops the
+        part at that token (a checkpoint boundary); `read_start` makes the yielded full-attention KV
+        start before the computed part (a cached prefix that the receiver lacks)."""
         start = seq.num_cached
         end = len(seq.prompt) if chunk_tokens is None else min(len(seq.prompt), start + chunk_tokens)
+        if until is not None:
+            end = min(end, until)
         if start >= end:
             raise InvalidRequest(f"request {seq.request_id}: nothing to prefill")
         ids = torch.tensor(seq.prompt[start:end], dtype=torch.long, device=self.device)
@@ -197,7 +206,7 @@ class Executor:
         x = self.model.embed(ids)
         for i in range(self.model.num_layers):
             x = self.model.layer(i, x, meta, self.caches[i])
-            yield self.read_layer(seq, i, start, end) if read else None
+            yield self.read_layer(seq, i, start if read_start is None else read_start, end) if read else None
         seq.num_cached = end
         if end < len(seq.prompt):
             return
@@ -213,6 +222,31 @@ class Executor:
             *_, last = self.prefill_layerwise(seq, chunk_tokens, read=False)
             if isinstance(last, int):
                 return last
+
+    # --- prefix reuse -----------------------------------------------------------------------------
+    def attach_prefix(self, seq: Sequence, block_ids: list[int], state_slot: int) -> None:
+        """Starts `seq` after a cached prefix: its first blocks become the cached ones (shared,
+        one more reference each), its linear state a copy of the checkpoint at the prefix's end."""
+        n = len(block_ids)
+        if n * self.layout.block_size >= len(seq.prompt):
+            raise ValueError("a cached prefix must leave at least one token to compute")
+        self.blocks.incref(block_ids)
+        self.blocks.free(seq.block_table[:n])
+        seq.block_table[:n] = block_ids
+        for c in self.caches:
+            if isinstance(c, LinearStateCache):
+                c.recurrent[seq.slot].copy_(c.recurrent[state_slot])
+                c.conv[seq.slot].copy_(c.conv[state_slot])
+        seq.num_cached = n * self.layout.block_size
+
+    def checkpoint_state(self, seq: Sequence) -> int:
+        """A new slot holding a copy of `seq`'s linear state as it is now (raises OutOfCapacity)."""
+        slot = self.slots.allocate()
+        for c in self.caches:
+            if isinstance(c, LinearStateCache):
+                c.recurrent[slot].copy_(c.recurrent[seq.slot])
+                c.conv[slot].copy_(c.conv[seq.slot])
+        return slot
 
     # --- reading and writing one layer's KV ------------------------------------------------------
     def read_layer(self, seq: Sequence, layer: int, token_start: int, token_end: int) -> LayerKv:

@@ -8,6 +8,7 @@ long-term controller through `NodeControl.SetRole`; requests of the old role run
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -15,6 +16,10 @@ import grpc
 from prfaas.cluster import NodeInfo, NodeLoad, Role
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.membership import MembershipAgent
+from prfaas.engine.executor import Executor
+from prfaas.kv.codec import DEFAULT_MAX_CHUNK_BYTES, tokens_per_chunk
+from prfaas.kv.prefix_cache import PrefixCache
+from prfaas.kv.prefix_index import CacheEvent
 from prfaas.obs.log import configure, get_logger
 from prfaas.settings import NodeSettings
 from prfaas.transport.receiver import KvReceiver
@@ -35,6 +40,16 @@ _ROLE_PB = {Role.PREFILL: common_pb2.PREFILL, Role.DECODE: common_pb2.DECODE}
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_PB.items()}
 
 
+def prefix_grid(executor: Executor, chunk_tokens: int) -> tuple[int, int]:
+    """Where prefix checkpoints may sit: multiples of the block size and of the KV chunk grid (so a
+    reused prefix keeps the KV stream's pieces on its grid). Returns (grid, the prefill chunk
+    rounded down to a multiple of it, 0 for no chunking)."""
+    layout = executor.layout
+    tpc = max(tokens_per_chunk(layout, f.layer, "", DEFAULT_MAX_CHUNK_BYTES) for f in layout.full_layers)
+    grid = math.lcm(layout.block_size, tpc)
+    return grid, (chunk_tokens // grid * grid if chunk_tokens >= grid else 0)
+
+
 class WorkerNode:
     """The cores a node hosts, its current role and its load as it reports it."""
 
@@ -45,13 +60,21 @@ class WorkerNode:
         lock = asyncio.Lock()
         self.channels = KvChannels(s.kv_connections)
         self.prefill = self.decode = None
+        self.pool: CachePoolClient | None = CachePoolClient(s.cachepool) if s.cachepool else None
+        self.prefix_cache: PrefixCache | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
         if role == Role.PREFILL or self.convertible:
+            grid, chunk = prefix_grid(self.executor, s.prefill_chunk_tokens)
+            self.prefix_cache = PrefixCache(s.node_id, self.executor.blocks, self.executor.slots)
             self.prefill = PrefillNode(
                 s.node_id,
                 self.executor,
                 sender_factory(self.executor.layout, self.channels),
                 lock,
-                s.prefill_chunk_tokens,
+                chunk,
+                self.prefix_cache,
+                grid,
+                self.publish,
             )
         receiver = KvReceiver()
         self.kv_tcp = KvTcpServer(receiver)  # the raw-TCP data port, started when the node decodes
@@ -59,6 +82,27 @@ class WorkerNode:
             self.decode = DecodeNode(s.node_id, self.executor, receiver, s.max_batch, s.transfer_timeout_s, lock)
         self.agent: MembershipAgent | None = None
         self._egress_at, self._egress_bytes = time.monotonic(), 0
+
+    def publish(self, events: list[CacheEvent]) -> None:
+        """Tells the cache pool what the prefix cache stored or evicted (in the background)."""
+        if not events or self.pool is None:
+            return
+        pool = self.pool
+
+        async def send() -> None:
+            try:
+                await pool.publish(events)
+            except Exception as e:  # the pool learns the inventory again at re-registration
+                log.warning("cache_events_not_published", error=repr(e), events=len(events))
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def republish(self) -> None:
+        """After (re-)registering, the pool starts this node with an empty index entry."""
+        if self.prefix_cache is not None:
+            self.publish(self.prefix_cache.inventory())
 
     def set_role(self, role: Role) -> Role:
         if role not in (Role.PREFILL, Role.DECODE):
@@ -147,7 +191,8 @@ async def run_node(s: NodeSettings, role: Role) -> None:
                 capacity_slots=s.state_slots,
                 hardware=s.hardware,
             )
-            node.agent = MembershipAgent(CachePoolClient(s.cachepool), info, node.load)
+            assert node.pool is not None
+            node.agent = MembershipAgent(node.pool, info, node.load, on_register=node.republish)
             await node.agent.start()
 
     async def stopping() -> None:

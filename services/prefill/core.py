@@ -13,8 +13,12 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from prfaas.engine.executor import Executor, LayerKv
+from prfaas.engine.executor import Executor, LayerKv, Sequence
 from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.allocator import OutOfCapacity
+from prfaas.kv.prefix import block_hashes
+from prfaas.kv.prefix_cache import PrefixCache
+from prfaas.kv.prefix_index import CacheEvent
 from prfaas.obs.log import get_logger
 
 log = get_logger(__name__)
@@ -66,6 +70,9 @@ class PrefillNode:
         sender_factory: SenderFactory,
         compute_lock: asyncio.Lock | None = None,
         chunk_tokens: int = 0,
+        prefix_cache: PrefixCache | None = None,
+        grid_tokens: int = 0,
+        on_cache_events: Callable[[list[CacheEvent]], None] | None = None,
     ) -> None:
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         if chunk_tokens & (chunk_tokens - 1):
@@ -73,6 +80,15 @@ class PrefillNode:
         # prefill long prompts in chunks of this many tokens, streaming each chunk's full-attention KV
         # while the next computes, so the tail after the last layer shrinks; 0 = whole prompt
         self.chunk_tokens = chunk_tokens
+        # prefix reuse: checkpoints sit on multiples of `grid_tokens` (block size and KV chunk grid
+        # both divide it), so a reused prefix never breaks the chunk grid of the KV stream
+        if prefix_cache is not None and (grid_tokens <= 0 or grid_tokens % executor.layout.block_size):
+            raise ValueError(f"grid_tokens {grid_tokens} must be a positive multiple of the block size")
+        if prefix_cache is not None and chunk_tokens % grid_tokens:
+            raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of grid_tokens {grid_tokens}")
+        self.prefix_cache, self.grid_tokens = prefix_cache, grid_tokens
+        self.on_cache_events = on_cache_events or (lambda events: None)
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache so far
         # one prefill computes at a time, others queue; shared with a decode core on a convertible node
         self._compute = compute_lock or asyncio.Lock()
         self.queue_depth = 0
@@ -94,14 +110,20 @@ class PrefillNode:
         sender: KvPush | None = None
         step: asyncio.Future[LayerKv | int | None] | None = None
         try:
-            seq = ex.add(job.request_id, job.prompt, job.params)
+            seq = self._add(job)
+            hit, checkpoint_at, hashes = self._reuse_prefix(seq)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
             sender = self.sender_factory(job)
             t0 = time.monotonic()
             first: int | None = None
-            while first is None:  # one pass per prompt chunk (one pass when not chunked)
-                last_chunk = self.chunk_tokens <= 0 or seq.num_cached + self.chunk_tokens >= len(seq.prompt)
-                steps = ex.prefill_layerwise(seq, self.chunk_tokens or None)
+            read_start: int | None = 0 if hit else None  # the decode side lacks the cached prefix too
+            while first is None:  # one pass per prompt chunk (and a stop at the checkpoint boundary)
+                start, n = seq.num_cached, len(seq.prompt)
+                until = checkpoint_at if start < checkpoint_at else None
+                end = min(n, start + self.chunk_tokens) if self.chunk_tokens > 0 else n
+                last_chunk = min(end, until or n) >= n
+                steps = ex.prefill_layerwise(seq, self.chunk_tokens or None, until=until, read_start=read_start)
+                read_start = None
                 while True:
                     # compute runs off the event loop; shielded so a cancel never frees blocks under it
                     step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
@@ -115,6 +137,8 @@ class PrefillNode:
                         # queued; the sender streams while the next layer runs. A linear layer's state
                         # is only sent after the last chunk: the decode side takes it exactly once.
                         await sender.push_layer(item)
+                if checkpoint_at and seq.num_cached == checkpoint_at:
+                    self._checkpoint(seq, hashes[: checkpoint_at // ex.layout.block_size])
             prefill_s = time.monotonic() - t0
             self._compute.release()  # the next prompt may compute while this KV drains
             locked = False
@@ -146,6 +170,45 @@ class PrefillNode:
             self.running -= 1
             if locked:
                 self._compute.release()
+
+    # --- prefix reuse ---------------------------------------------------------------------------
+    def _add(self, job: PrefillJob) -> Sequence:
+        """Reserves the request; a full pool first gives back least recently used cache entries."""
+        try:
+            return self.executor.add(job.request_id, job.prompt, job.params)
+        except OutOfCapacity:
+            if self.prefix_cache is None:
+                raise
+            need = self.executor.layout.blocks_for(len(job.prompt))
+            self.on_cache_events(self.prefix_cache.evict(need, 1))
+            return self.executor.add(job.request_id, job.prompt, job.params)
+
+    def _reuse_prefix(self, seq: Sequence) -> tuple[int, int, list[int]]:
+        """(tokens reused from the cache, the checkpoint boundary to stop at or 0, block hashes)."""
+        cache, bs = self.prefix_cache, self.executor.layout.block_size
+        if cache is None:
+            return 0, 0, []
+        hashes = block_hashes(seq.prompt, bs)
+        boundary = (len(seq.prompt) - 1) // self.grid_tokens * self.grid_tokens  # last one before the end
+        ids, slot = cache.lookup(hashes, boundary // bs)
+        hit = 0
+        if ids and slot is not None:
+            self.executor.attach_prefix(seq, ids, slot)
+            hit = len(ids) * bs
+            self.cached_tokens += hit
+        return hit, boundary if boundary > hit else 0, hashes
+
+    def _checkpoint(self, seq: Sequence, hashes: list[int]) -> None:
+        assert self.prefix_cache is not None
+        try:
+            slot = self.executor.checkpoint_state(seq)
+        except OutOfCapacity:
+            self.on_cache_events(self.prefix_cache.evict(0, 1))
+            try:
+                slot = self.executor.checkpoint_state(seq)
+            except OutOfCapacity:
+                return  # no slot to spare: this prefix is not cached
+        self.on_cache_events(self.prefix_cache.insert(hashes, seq.block_table[: len(hashes)], slot))
 
     def stats(self) -> dict[str, int]:
         ex = self.executor
