@@ -43,7 +43,8 @@ def test_service_cores_import_no_generated_or_grpc_code():
 
 
 def test_deterministic_cores_import_neither_torch_nor_grpc():
-    for module in ["prfaas.kv.allocator", "prfaas.kv.prefix", "prfaas.kv.prefix_index", "prfaas.scheduling.policy",
+    for module in ["prfaas.kv.allocator", "prfaas.kv.prefix", "prfaas.kv.prefix_index", "prfaas.kv.prefix_cache",
+                   "prfaas.scheduling.policy",
                    "prfaas.scheduling.controller", "prfaas.scheduling.planner", "prfaas.scheduling.online",
                    "prfaas.sim.simulator"]:
         loaded = loaded_by(module)
