@@ -27,6 +27,10 @@ class FamilyParts:
     mlp: Callable[[ModelConfig, int], nn.Module]
     zero_centered_norm: bool
     checkpoint_name: Callable[[str], str] = lambda name: name  # a checkpoint tensor name -> ours
+    # a checkpoint tensor (our name) -> our layout, and back, for families that keep a weight in
+    # another order than their checkpoints
+    from_checkpoint: Callable[[ModelConfig, str, torch.Tensor], torch.Tensor] = lambda cfg, name, t: t
+    to_checkpoint: Callable[[ModelConfig, str, torch.Tensor], torch.Tensor] = lambda cfg, name, t: t
 
 
 class DecoderLayer(nn.Module):

@@ -29,11 +29,6 @@ def checkpoint_name(name: str) -> str:
     return name.replace(".block_sparse_moe.", ".mlp.")
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim (the FLA variant Kimi uses)."""
-    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
-
-
 class KimiDeltaAttention(nn.Module):
     """KDA: short causal conv over q, k, v; a per-channel forget gate; the delta rule; a
     sigmoid-gated RMSNorm on the output heads."""
@@ -72,10 +67,10 @@ class KimiDeltaAttention(nn.Module):
         return -self.A_log.float().view(self.num_heads, 1).exp() * F.softplus(a, threshold=20.0)
 
     def _heads(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., 3 * dim) -> q, k L2-normalised and v, each (..., H, K) in float32."""
+        """(..., 3 * dim) -> q, k, v, each (..., H, K)."""
         lead = mixed.shape[:-1]
-        q, k, v = (t.reshape(*lead, self.num_heads, self.head_dim).float() for t in mixed.chunk(3, dim=-1))
-        return l2norm(q), l2norm(k), v
+        q, k, v = (t.reshape(*lead, self.num_heads, self.head_dim) for t in mixed.chunk(3, dim=-1))
+        return q, k, v
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cache: LinearStateCache) -> torch.Tensor:
         t = x.shape[0]

@@ -1,9 +1,12 @@
 """The part of a linear-attention layer both families share: the short causal conv over the
-mixed q/k/v channels, then the gated delta rule, from and back into each sequence's state slot.
+mixed q/k/v channels, L2-normalised q and k, then the gated delta rule, from and back into each
+sequence's state slot.
 
 Decode (one token per sequence) runs every sequence at once on the gathered slots; prefill runs
 each sequence's tokens with the chunked form, continuing from its slot (so a chunked prefill or an
-imported state carries on exactly)."""
+imported state carries on exactly). Prefill stays in token-major layout from the projection to
+the delta rule: the conv reads the projection's columns in place, and the normalisation is folded
+into the delta rule's first copy of q and k."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from collections.abc import Callable
 import torch
 
 from prfaas.model.base import ForwardMeta, LinearStateCache
-from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step
-from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
+from prfaas.model.ops.conv import causal_conv1d_step, causal_conv1d_tokens
+from prfaas.model.ops.delta_rule import chunk_delta_rule, l2norm, recurrent_delta_step
 
 HeadsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -29,27 +32,33 @@ def conv_delta_rule(
     cache: LinearStateCache,
 ) -> torch.Tensor:
     """mixed (T, C) q/k/v channels before the conv; g (T, H) or (T, H, K) log decay; beta (T, H);
-    conv_weight (C, W); `heads` maps conv output (..., C) to q, k (..., H, K) normalised and v
-    (..., H, V). Returns the delta-rule output (T, H, V)."""
+    conv_weight (C, W); `heads` splits conv output (..., C) into q, k (..., Hk, K) and v (..., H, V)
+    (views; Hk divides H, value head h reading key head h // (H / Hk)). Returns the delta-rule
+    output (T, H, V) in mixed's dtype."""
     if meta.is_decode:
         slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
         conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
         y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
         state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
         q, k, v = heads(y)
-        o = recurrent_delta_step(q, k, v, g, beta, state, scale)  # (B, H, V)
+        q, k = l2norm(q.float()), l2norm(k.float())
+        if q.shape[-2] < v.shape[-2]:
+            r = v.shape[-2] // q.shape[-2]
+            q, k = q.repeat_interleave(r, dim=-2), k.repeat_interleave(r, dim=-2)
+        o = recurrent_delta_step(q, k, v, g, beta, state, scale).to(mixed.dtype)  # (B, H, V)
         cache.conv.index_copy_(0, slots, conv_state)
         cache.recurrent.index_copy_(0, slots, state)
         return o
     outs = []
     for i, (s, e) in enumerate(meta.seq_ranges()):
         slot = meta.state_slots[i]
-        y, new_conv = causal_conv1d_prefill(mixed[s:e].T.unsqueeze(0), conv_weight, cache.conv[slot : slot + 1])
-        q, k, v = heads(y[0].T.unsqueeze(0))  # (1, L, H, K)
+        y, new_conv = causal_conv1d_tokens(mixed[s:e], conv_weight, cache.conv[slot])  # (L, C) float32
+        q, k, v = (x.unsqueeze(0) for x in heads(y))  # (1, L, Hk | H, K | V)
         o_i, state = chunk_delta_rule(
-            q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale, initial_state=cache.recurrent[slot : slot + 1]
+            q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
+            initial_state=cache.recurrent[slot : slot + 1], l2norm_qk=True,
         )
-        cache.conv[slot].copy_(new_conv[0])
+        cache.conv[slot].copy_(new_conv)
         cache.recurrent[slot].copy_(state[0])
-        outs.append(o_i[0])
-    return torch.cat(outs, dim=0)  # (T, H, V)
+        outs.append(o_i[0].to(mixed.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (T, H, V)

@@ -36,7 +36,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         model = HybridForCausalLM(cfg)
     expected = model.state_dict(keep_vars=True)
     tied = cfg.tie_word_embeddings
-    rename = family_parts(cfg.family).checkpoint_name
+    parts = family_parts(cfg.family)
+    rename = parts.checkpoint_name
     loaded: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -54,7 +55,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                     raise CheckpointError(
                         f"tensor {name!r}: shape {tuple(t.shape)} in {file.name}, model expects {want}"
                     )
-                loaded[name] = t
+                loaded[name] = parts.from_checkpoint(cfg, name, t)
     missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from prfaas.model.config import ModelConfig
-from prfaas.model.hybrid import HybridForCausalLM
+from prfaas.model.hybrid import HybridForCausalLM, family_parts
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3_next": {
@@ -139,7 +139,8 @@ def write_preset(out: str | Path, family: str, preset: str = "tiny", seed: int =
     cfg = ModelConfig.from_dict(raw)
     model = HybridForCausalLM(cfg)
     init_weights(model, seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    to_checkpoint = family_parts(family).to_checkpoint
+    state = {k: to_checkpoint(cfg, k, v).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out

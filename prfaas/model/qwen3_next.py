@@ -1,6 +1,11 @@
 """Qwen3-Next: Gated DeltaNet linear attention, gated GQA full attention, dense or MoE MLP.
 
-Parameter names follow the Hugging Face checkpoints (`linear_attn.in_proj_qkvz`, ...).
+Parameter names follow the Hugging Face checkpoints (`linear_attn.in_proj_qkvz`, ...). Two of
+them are held in another row order than the checkpoint's: the checkpoint groups the rows of
+`in_proj_qkvz` by key head ([q_h, k_h, v_h, z_h] for each h) and `in_proj_ba` likewise; we keep
+[all q, all k, all v, all z] and [all b, all a], so that the projection's output splits into
+views (q|k|v is the conv input as it is) instead of being regathered on every forward.
+`from_checkpoint` / `to_checkpoint` convert at load and save.
 """
 
 from __future__ import annotations
@@ -15,10 +20,6 @@ from prfaas.model.hybrid import FamilyParts
 from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm, apply_rotary, rotary_cos_sin
 from prfaas.model.linear_mixing import conv_delta_rule
 from prfaas.model.ops.attention import gather_context, store_tokens
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 class GatedAttention(nn.Module):
@@ -80,36 +81,57 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, activation="silu")
         self.out_proj = nn.Linear(self.value_dim, d, bias=False)
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Projections in the checkpoint's head-grouped order -> mixed_qkv (T, conv_dim),
-        z (T, Hv, dv), b and a (T, Hv)."""
-        t, r = x.shape[0], self.nv // self.nk
-        qkvz = self.in_proj_qkvz(x).view(t, self.nk, 2 * self.dk + 2 * r * self.dv)
-        q, k, v, z = torch.split(qkvz, [self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
-        ba = self.in_proj_ba(x).view(t, self.nk, 2 * r)
-        b, a = torch.split(ba, [r, r], dim=-1)
-        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
-        return mixed, z.reshape(t, self.nv, self.dv), b.reshape(t, self.nv), a.reshape(t, self.nv)
-
-    def _qkv_heads(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., conv_dim) -> q, k (..., Hv, dk) L2-normalised in float32 and expanded to the value
-        heads, v (..., Hv, dv)."""
-        q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        lead = mixed.shape[:-1]
-        r = self.nv // self.nk
-        q = l2norm(q.reshape(*lead, self.nk, self.dk).float()).repeat_interleave(r, dim=-2)
-        k = l2norm(k.reshape(*lead, self.nk, self.dk).float()).repeat_interleave(r, dim=-2)
-        return q, k, v.reshape(*lead, self.nv, self.dv)
+    def _heads(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """conv output (..., conv_dim) -> q, k (..., Hk, dk), v (..., Hv, dv): views."""
+        q, k, v = torch.split(y, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        lead = y.shape[:-1]
+        return q.view(*lead, self.nk, self.dk), k.view(*lead, self.nk, self.dk), v.view(*lead, self.nv, self.dv)
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cache: LinearStateCache) -> torch.Tensor:
-        mixed, z, b, a = self._split(x)
+        t = x.shape[0]
+        qkvz = self.in_proj_qkvz(x)  # (T, conv_dim + value_dim): q | k | v | z, see the module doc
+        mixed, z = qkvz[:, : self.conv_dim], qkvz[:, self.conv_dim :].view(t, self.nv, self.dv)
+        ba = self.in_proj_ba(x)
+        b, a = ba[:, : self.nv], ba[:, self.nv :]
         beta = torch.sigmoid(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (T, Hv), log decay
         weight = self.conv1d.weight.squeeze(1)  # (C, W)
         scale = self.dk**-0.5
-        o = conv_delta_rule(mixed, g, beta, weight, scale, self._qkv_heads, meta, cache)
-        o = self.norm(o.to(x.dtype), z)
-        return self.out_proj(o.reshape(x.shape[0], -1))
+        o = conv_delta_rule(mixed, g, beta, weight, scale, self._heads, meta, cache)
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(t, -1))
+
+
+_GROUPED_ROWS = (".linear_attn.in_proj_qkvz.weight", ".linear_attn.in_proj_ba.weight")
+
+
+def _group_sizes(cfg: ModelConfig, name: str) -> list[int]:
+    """Rows per key head of each part of a grouped projection, in checkpoint order."""
+    spec = cfg.linear
+    r = spec.num_v_heads // spec.num_k_heads
+    if name.endswith(_GROUPED_ROWS[0]):
+        return [spec.head_k_dim, spec.head_k_dim, r * spec.head_v_dim, r * spec.head_v_dim]
+    return [r, r]
+
+
+def from_checkpoint(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Checkpoint rows grouped by key head -> ours, grouped by part (see the module doc)."""
+    if not name.endswith(_GROUPED_ROWS) or t.dim() != 2:
+        return t
+    sizes = _group_sizes(cfg, name)
+    if t.shape[0] != cfg.linear.num_k_heads * sum(sizes):
+        return t  # the loader's shape check names the tensor
+    parts = t.view(cfg.linear.num_k_heads, sum(sizes), -1).split(sizes, dim=1)
+    return torch.cat([p.reshape(-1, t.shape[1]) for p in parts])
+
+
+def to_checkpoint(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `from_checkpoint`."""
+    if not name.endswith(_GROUPED_ROWS) or t.dim() != 2:
+        return t
+    sizes, nk = _group_sizes(cfg, name), cfg.linear.num_k_heads
+    parts = t.split([nk * n for n in sizes])
+    return torch.cat([p.view(nk, n, -1) for p, n in zip(parts, sizes, strict=True)], dim=1).reshape(t.shape)
 
 
 class SparseMoe(nn.Module):
@@ -147,4 +169,6 @@ def _mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     return MLP(cfg.hidden_size, cfg.intermediate_size)
 
 
-PARTS = FamilyParts(mixer=_mixer, mlp=_mlp, zero_centered_norm=True)
+PARTS = FamilyParts(
+    mixer=_mixer, mlp=_mlp, zero_centered_norm=True, from_checkpoint=from_checkpoint, to_checkpoint=to_checkpoint
+)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.qwen3_next.modeling_qwen3_next import causal_conv1d_fn, causal_conv1d_update
 
-from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step
+from prfaas.model.ops.conv import causal_conv1d_prefill, causal_conv1d_step, causal_conv1d_tokens
 
 B, C, W = 2, 24, 4
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
@@ -72,3 +72,21 @@ def test_steps_equal_prefill() -> None:
     ys = [causal_conv1d_step(x[:, :, t], w, state) for t in range(x.shape[-1])]
     assert_close("y", y_ref, torch.stack(ys, dim=-1), 1e-6)
     assert torch.equal(state, state_ref), "conv_state"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 17, 300, 515])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+def test_token_major_matches_prefill(dtype: torch.dtype, T: int, with_state: bool) -> None:
+    """causal_conv1d_tokens on (T, C) - a column slice of a wider tensor, as the projections give
+    it - against causal_conv1d_prefill on (1, C, T), with and without a carried state."""
+    x, w = make(T, dtype)
+    x = x[:1]
+    state = torch.randn(1, C, W - 1, generator=torch.Generator().manual_seed(3)).to(dtype) if with_state else None
+    y_ref, s_ref = causal_conv1d_prefill(x, w, state)
+    wide = torch.randn(T, 2 * C, dtype=dtype)
+    wide[:, :C] = x[0].T
+    y, s = causal_conv1d_tokens(wide[:, :C], w, None if state is None else state[0])
+    assert y.dtype == torch.float32
+    assert_close("y", y_ref[0].T.float(), y, 1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(s, s_ref[0]), "new_state is not the last W - 1 inputs"

@@ -25,6 +25,49 @@ def causal_conv1d_prefill(
     return F.silu(y).to(x.dtype), new_state
 
 
+ROW_BLOCK = 256  # rows per block of the token-major conv: its taps stay in cache between passes
+
+
+def causal_conv1d_tokens(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill conv of one sequence in token-major layout, as the projections produce it:
+    x (T, C) (may be a column slice of a wider projection), weight (C, W), conv_state (C, W - 1)
+    or None (zeros). Returns (y (T, C) float32 after SiLU, new_state (C, W - 1) in the state's
+    dtype, or x's without a state).
+
+    Computed as W shifted multiply-adds in float32, a block of rows at a time, plus the state's
+    share of the first W - 1 outputs: no padded copy and no transpose of x (conv1d on the
+    transposed view reorders the whole input first and is several times slower). The taps are
+    laid out (W, C) so that each broadcast operand is contiguous (a strided one halves the speed)."""
+    T, C = x.shape
+    W = weight.shape[-1]
+    taps = weight.float().t().contiguous()  # (W, C): taps[W - 1 - s] multiplies the input s tokens back
+    y = torch.empty(T, C, dtype=torch.float32, device=x.device)
+    for t0 in range(0, T, ROW_BLOCK):
+        t1 = min(T, t0 + ROW_BLOCK)
+        h0 = max(0, t0 - (W - 1))  # the block's inputs, with the W - 1 before it
+        xb = x[h0:t1].float()
+        yb = y[t0:t1]
+        torch.mul(xb[t0 - h0 :], taps[W - 1], out=yb)
+        for s in range(1, W):
+            lo = max(t0, s)  # the first row whose input s tokens back is in x
+            if lo < t1:
+                yb[lo - t0 :].addcmul_(xb[lo - s - h0 : t1 - s - h0], taps[W - 1 - s])
+        if t0 == 0 and conv_state is not None:
+            sf = conv_state.float()  # sf[:, j] is the input W - 1 - j tokens before x[0]
+            for t in range(min(t1, W - 1)):
+                yb[t] += (sf[:, t:] * weight[:, : W - 1 - t].float()).sum(-1)
+        F.silu(yb, inplace=True)
+    dtype = conv_state.dtype if conv_state is not None else x.dtype
+    if T >= W - 1:
+        new_state = x[T - (W - 1) :].T.to(dtype)
+    else:
+        old = conv_state if conv_state is not None else x.new_zeros(C, W - 1)
+        new_state = torch.cat([old[:, T:].to(dtype), x.T.to(dtype)], dim=-1)
+    return y, new_state
+
+
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
     """One token: x (B, C), weight (C, W); shifts x into conv_state (B, C, W - 1) in place.
     Returns y (B, C) in x's dtype."""

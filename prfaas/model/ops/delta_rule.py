@@ -29,10 +29,14 @@ from __future__ import annotations
 import torch
 
 # Fastest on CPU (bench/ops.py, T = 4096): the per-channel decay's intra-chunk work grows with C.
-CHUNK_PER_HEAD = 64
+CHUNK_PER_HEAD = 32
 CHUNK_PER_CHANNEL = 32
 SUB_CHUNKS = (8, 1)  # per-channel decay: nested block sizes inside a chunk (see _decayed_dots)
 SLAB_ELEMENTS = 1 << 24  # bound on the largest intra-chunk temporary, in float32 elements
+# Decay factors below e^FLUSH_BELOW (about 1e-13 of the largest, which is 1) are taken as 0. Without
+# this, strong decays put float32 products into the denormal range, where x86 CPUs run many times
+# slower (the whole chunked rule about 2x slower on a checkpoint whose decay is -1.3 per token).
+FLUSH_BELOW = -30.0
 
 
 def naive_delta_rule(
@@ -84,6 +88,16 @@ def recurrent_delta_step(
     return o.to(out_dtype)
 
 
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (the q/k normalisation of both families)."""
+    return x * _inv_norm(x, eps)
+
+
+def _inv_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return torch.linalg.vecdot(xf, xf).unsqueeze(-1).add_(eps).rsqrt_()
+
+
 def chunk_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,24 +107,123 @@ def chunk_delta_rule(
     scale: float,
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    *,
+    l2norm_qk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked prefill. q, k (B, T, H, K), v (B, T, H, V), g (B, T, H) or (B, T, H, K), beta (B, T, H),
-    initial_state (B, H, K, V) or None (zeros); chunk_size None picks the measured best for the
-    gate kind. Returns (o (B, T, H, V) in q's dtype, final state (B, H, K, V) float32)."""
+    """Chunked prefill. q, k (B, T, Hk, K), v (B, T, H, V), g (B, T, H) or (B, T, H, K), beta (B, T, H),
+    initial_state (B, H, K, V) or None (zeros). Hk divides H: value head h reads key head
+    h // (H / Hk) (grouped heads, as Gated DeltaNet's), without the keys being copied per value head.
+    `l2norm_qk` normalises q and k here (as `l2norm`), folded into their first copy. chunk_size None
+    picks the measured best for the gate kind. Returns (o (B, T, H, V) in v's dtype, final state
+    (B, H, K, V) float32)."""
+    B, T, Hk, K = q.shape
+    H = v.shape[2]
+    if H % Hk or k.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not group the {H} value heads")
+    if g.dim() == 4:
+        if l2norm_qk:
+            q, k = l2norm(q.float()), l2norm(k.float())
+        if Hk < H:
+            q, k = (x.repeat_interleave(H // Hk, dim=2) for x in (q, k))
+        return _chunk_per_channel(q, k, v, g, beta, scale, initial_state, chunk_size or CHUNK_PER_CHANNEL)
+    return _chunk_per_head(q, k, v, g, beta, scale, initial_state, chunk_size or CHUNK_PER_HEAD, l2norm_qk)
+
+
+def _chunk_per_head(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    C: int,
+    l2norm_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scalar-decay case, written for few passes over memory (the op is bandwidth-bound on a CPU):
+    normalisation, scale and beta are applied in the copies into the chunked layout; the key
+    products are formed once per key head and decayed per value head; the intra-chunk work, the
+    state carry and the outputs run a slab of chunks at a time, so temporaries stay bounded."""
+    B, T, Hk, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    r = H // Hk
+    N, GK, G = -(-T // C), B * Hk, B * H
+    f32 = torch.float32
+    q_mul = _inv_norm(q).mul_(scale) if l2norm_qk else scale
+    k_mul = _inv_norm(k) if l2norm_qk else None
+    qk = q.new_empty(N, GK, 2, C, K, dtype=f32)  # per chunk and key head: C keys, then C queries
+    _to_chunks(k, C, qk[:, :, 0], k_mul)
+    _to_chunks(q, C, qk[:, :, 1], q_mul)
+    vb = _to_chunks(v, C, v.new_empty(N, G, C, V, dtype=f32), beta.float().unsqueeze(-1))  # beta v
+    gc = _to_chunks(g, C, g.new_empty(N, G, C, dtype=f32))
+    bc = _to_chunks(beta, C, beta.new_empty(N, G, C, dtype=f32))
+    b = gc.cumsum(-1)  # (N, G, C): decay from the chunk start, inclusive
+    eb = _decay(b.clone())  # e^b
+    k_to_end = _decay(b[..., -1:] - b)  # (N, G, C): e^(b_end - b)
+
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    eye = torch.eye(C, dtype=f32, device=q.device)
+    states = q.new_empty(N + 1, G, K, V, dtype=f32)  # the state entering each chunk, and the final one
+    states[0] = 0 if initial_state is None else initial_state.reshape(G, K, V)
+    o = q.new_empty(N, G, C, V, dtype=f32)
+    slab = max(1, SLAB_ELEMENTS // (G * C * (4 * C + 3 * K + 2 * V)))
+    for n0 in range(0, N, slab):
+        n1 = min(N, n0 + slab)
+        n = n1 - n0
+        kq, b_s = qk[n0:n1], b[n0:n1]
+        k_s = kq[:, :, 0]  # (n, GK, C, K)
+        q_s = kq[:, :, 1]
+        # keys against keys and queries in one product per key head: (n, GK, 2C, C)
+        dots = torch.matmul(kq.view(n, GK, 2 * C, K), k_s.transpose(-1, -2))
+        diff = b_s.unsqueeze(-1) - b_s.unsqueeze(-2)  # (n, G, C, C): b_i - b_j
+        far = (diff < FLUSH_BELOW).logical_or_(upper)  # the decay is 0 (flushed, or j > i)
+        decay = diff.masked_fill_(far, float("-inf")).exp_().view(n, GK, r, C, C)
+        dots = dots.view(n, GK, 1, 2, C, C)
+        A = torch.mul(dots[:, :, :, 0], decay).view(n, G, C, C).mul_(bc[n0:n1].unsqueeze(-1))
+        P = torch.mul(dots[:, :, :, 1], decay).view(n, G, C, C)
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (I + A)^-1
+        inverse.masked_fill_(far, 0.0)  # every path from j to i carries e^(b_i - b_j): 0 where that is
+        delta = torch.matmul(inverse, vb[n0:n1])  # U; becomes delta = U - W S0 below
+        kbe = k_s.unsqueeze(2) * (bc[n0:n1] * eb[n0:n1]).view(n, GK, r, C, 1)  # beta k e^b per value head
+        Wm = torch.matmul(inverse, kbe.view(n, G, C, K))
+        ke = (k_s.unsqueeze(2) * k_to_end[n0:n1].view(n, GK, r, C, 1)).view(n, G, C, K).transpose(-1, -2)
+        end_decay = eb[n0:n1, :, -1:].unsqueeze(-1)  # (n, G, 1, 1)
+        # the carry, the only sequential part: S1 = e^b_end S0 + (k e^(b_end - b))^T delta
+        for i in range(n):
+            s0 = states[n0 + i]
+            delta[i].baddbmm_(Wm[i], s0, alpha=-1)
+            torch.mul(s0, end_decay[i], out=states[n0 + i + 1]).baddbmm_(ke[i], delta[i])
+        # outputs of the slab's chunks at once: o = (q e^b) S0 + P delta
+        qe = (q_s.unsqueeze(2) * eb[n0:n1].view(n, GK, r, C, 1)).view(n * G, C, K)
+        o_s = o[n0:n1].view(n * G, C, V)
+        torch.bmm(qe, states[n0:n1].view(n * G, K, V), out=o_s)
+        o_s.baddbmm_(P.view(n * G, C, C), delta.view(n * G, C, V))
+    return _unchunked(o.view(N, B, H, C, V), T, v.dtype), states[N].view(B, H, K, V).clone()
+
+
+def _chunk_per_channel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    C: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel decay (KDA): q, k (B, T, H, K) one per value head."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    out_dtype = q.dtype
-    per_channel = g.dim() == 4
-    C = chunk_size or (CHUNK_PER_CHANNEL if per_channel else CHUNK_PER_HEAD)
-    if per_channel and C % SUB_CHUNKS[0]:
+    out_dtype = v.dtype
+    if C % SUB_CHUNKS[0]:
         raise ValueError(f"chunk_size {C} is not a multiple of {SUB_CHUNKS[0]}")
     N = -(-T // C)
     G = B * H
 
     q, k, v, g, beta = (_chunked(x, C) for x in (q, k, v, g, beta))
     q = q * scale
-    b = g.cumsum(2)  # (N, G, C) or (N, G, C, K): decay from the chunk start, inclusive
-    bk = b if per_channel else b.unsqueeze(-1)  # broadcasts over key channels
+    b = g.cumsum(2)  # (N, G, C, K): decay from the chunk start, inclusive
+    eb = _decay(b.clone())
     kb = k * beta.unsqueeze(-1)
 
     # Intra-chunk, every chunk at once (a slab at a time, to bound the temporaries):
@@ -121,18 +234,17 @@ def chunk_delta_rule(
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     per_chunk = G * C * (3 * C + 2 * (K + V))
     slab = max(1, SLAB_ELEMENTS // per_chunk)
-    pairwise = _pairwise_per_channel if per_channel else _pairwise_per_head
     for n0 in range(0, N, slab):
         n = slice(n0, n0 + slab)
-        A, P[n] = pairwise(q[n], k[n], kb[n], b[n])
+        A, P[n] = _decayed_dots([kb[n], q[n]], k[n], b[n], SUB_CHUNKS)
         inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (I + A)^-1
         torch.matmul(inverse, v[n] * beta[n].unsqueeze(-1), out=U[n])
-        torch.matmul(inverse, kb[n] * bk[n].exp(), out=W[n])
+        torch.matmul(inverse, kb[n] * eb[n], out=W[n])
 
     # Inter-chunk, the only sequential part: S1 = e^b_end S0 + (k e^(b_end - b))^T delta.
-    b_end = bk[:, :, -1:]  # (N, G, 1, K or 1)
-    end_decay = b_end.exp().transpose(-1, -2)  # (N, G, K or 1, 1): scales the rows of S
-    k_to_end = (k * (b_end - bk).exp()).transpose(-1, -2)  # (N, G, K, C)
+    b_end = b[:, :, -1:]  # (N, G, 1, K)
+    end_decay = eb[:, :, -1:].transpose(-1, -2)  # (N, G, K, 1): scales the rows of S
+    k_to_end = (k * _decay(b_end - b)).transpose(-1, -2)  # (N, G, K, C)
     starts = q.new_empty(N + 1, G, K, V)  # the state entering each chunk, and the final one
     starts[0] = 0 if initial_state is None else initial_state.reshape(G, K, V)
     delta = U  # overwritten in place: delta = U - W S0
@@ -141,9 +253,14 @@ def chunk_delta_rule(
         torch.mul(starts[i], end_decay[i], out=starts[i + 1]).baddbmm_(k_to_end[i], delta[i])
 
     # Outputs of every chunk at once: o = (q e^b) S0 + P delta.
-    o = (q * bk.exp()).view(N * G, C, K).bmm(starts[:N].view(N * G, K, V))
+    o = (q * eb).view(N * G, C, K).bmm(starts[:N].view(N * G, K, V))
     o = o.baddbmm_(P.view(N * G, C, C), delta.view(N * G, C, V))
     return _unchunked(o.view(N, B, H, C, V), T, out_dtype), starts[N].view(B, H, K, V).clone()
+
+
+def _decay(x: torch.Tensor) -> torch.Tensor:
+    """e^x in place for x <= 0, with e^x < e^FLUSH_BELOW set to exactly 0."""
+    return x.masked_fill_(x < FLUSH_BELOW, float("-inf")).exp_()
 
 
 def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
@@ -160,6 +277,29 @@ def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
     return out.view(N, B * H, C, *tail)
 
 
+def _to_chunks(
+    x: torch.Tensor, C: int, out: torch.Tensor, mul: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Writes x (B, T, Hx, ...) times `mul` (a float32 tensor broadcasting like x, or a scalar) into `out`, a
+    (N, B * Hx, C, ...) view, zero-padded to N * C tokens, in one pass. Returns out."""
+    B, T, Hx, *tail = x.shape
+    N, full = out.shape[0], T // C
+    dst = out.view(N, B, Hx, C, *tail).movedim((0, 3), (1, 2))  # (B, N, C, Hx, ...) view
+    parts = [(dst[:, :full], slice(0, full * C), (B, full, C, Hx, *tail))]
+    if full < N:
+        parts.append((dst[:, full, : T - full * C], slice(full * C, T), (B, T - full * C, Hx, *tail)))
+        dst[:, full, T - full * C :].zero_()
+    for d, span, shape in parts:
+        src = x[:, span].reshape(shape)
+        if mul is None:
+            d.copy_(src)
+        elif isinstance(mul, float):  # a python scalar would be applied in x's dtype
+            d.copy_(src).mul_(mul)
+        else:
+            torch.mul(src, mul[:, span].reshape(*shape[: len(shape) - len(tail)], *mul.shape[3:]), out=d)
+    return out
+
+
 def _unchunked(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     """(N, B, H, C, V) -> (B, T, H, V) in `dtype`, dropping the padding."""
     N, B, H, C, V = o.shape
@@ -170,26 +310,6 @@ def _unchunked(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     if full < N:
         out[:, full * C :].copy_(src[:, full, : T - full * C])
     return out
-
-
-def _pairwise_per_head(
-    q: torch.Tensor, k: torch.Tensor, kb: torch.Tensor, b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_ij = kb_i . k_j e^(b_i - b_j) and P_ij = q_i . k_j e^(b_i - b_j) for j <= i, else 0:
-    (..., C, C) from (..., C, K) and b (..., C). The diagonal of A stays: the solve reads it as 1."""
-    C = q.shape[-2]
-    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
-    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()  # (G, n, C, C)
-    kt = k.transpose(-1, -2)
-    return (kb @ kt).mul_(decay), (q @ kt).mul_(decay)
-
-
-def _pairwise_per_channel(
-    q: torch.Tensor, k: torch.Tensor, kb: torch.Tensor, b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `_pairwise_per_head` with b (..., C, K): the decay e^(b_ic - b_jc) differs per channel."""
-    A, P = _decayed_dots([kb, q], k, b, SUB_CHUNKS)
-    return A, P
 
 
 def _decayed_dots(
