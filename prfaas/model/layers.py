@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rms_inv(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim of a float32 tensor, (..., 1): one read of x
+    (pow and mean would write and read a squared copy)."""
+    return torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(xf.shape[-1]).add_(eps).rsqrt_()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. `zero_centered` (Qwen3-Next) scales by (1 + weight) and
     casts after the product; the plain form (Kimi-Linear) casts before multiplying the weight."""
@@ -19,10 +25,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = xf * rms_inv(xf, self.eps)
         if self.zero_centered:
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * xf.to(x.dtype)
+            return y.mul_(1.0 + self.weight.float()).to(x.dtype)
+        return self.weight * y.to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -38,12 +44,14 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = xf * rms_inv(xf, self.eps)
         if self.activation == "silu":
-            y = self.weight * xf.to(dtype)
-            return (y * F.silu(gate.float())).to(dtype)
-        y = self.weight.float() * xf
-        return (y * torch.sigmoid(gate.float())).to(dtype)
+            if dtype != torch.float32:  # the cast before the weight, as the reference rounds
+                y = y.to(dtype).float()
+            y.mul_(self.weight.to(dtype).float())
+            return y.mul_(F.silu(gate.float())).to(dtype)
+        y.mul_(self.weight.float())
+        return y.mul_(torch.sigmoid(gate.float())).to(dtype)
 
 
 class MLP(nn.Module):
@@ -80,18 +88,18 @@ class Experts(nn.ModuleList):
         return tuple(getattr(e, n) for n in self.proj_names)  # type: ignore[return-value]
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate/up as one (2, E, I, D) tensor and down as (E, I, D); the experts' own weights
+        """gate/up as one (E, 2, I, D) tensor and down as (E, I, D); the experts' own weights
         become views of them (down transposed), so the packing costs no memory."""
         packed = getattr(self, "_packed", None)
         if packed is None or packed[0][0, 0].data_ptr() != self._projs(0)[0].weight.data_ptr():
             with torch.no_grad():
                 e = len(self)
-                gu = torch.stack([torch.stack([self._projs(i)[j].weight for i in range(e)]) for j in (0, 1)])
+                gu = torch.stack([torch.stack([self._projs(i)[j].weight for j in (0, 1)]) for i in range(e)])
                 dn = torch.stack([self._projs(i)[2].weight.t() for i in range(e)]).contiguous()
                 for i in range(e):
                     gate, up, down = self._projs(i)
-                    gate.weight = nn.Parameter(gu[0, i], requires_grad=False)
-                    up.weight = nn.Parameter(gu[1, i], requires_grad=False)
+                    gate.weight = nn.Parameter(gu[i, 0], requires_grad=False)
+                    up.weight = nn.Parameter(gu[i, 1], requires_grad=False)
                     down.weight = nn.Parameter(dn[i].t(), requires_grad=False)
             packed = self._packed = (gu, dn)
         return packed  # type: ignore[return-value]
@@ -119,12 +127,12 @@ class Experts(nn.ModuleList):
         return out
 
     def _forward_all(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        gu, dn = self._stacked()  # (2, E, I, D), (E, I, D)
-        t, (_, e, i, d) = x.shape[0], gu.shape
-        a = (x @ gu.view(2 * e * i, d).t()).view(t, 2, e, i)
+        gu, dn = self._stacked()  # (E, 2, I, D), (E, I, D)
+        t, (e, _, i, d) = x.shape[0], gu.shape
+        a = (x @ gu.view(e * 2 * i, d).t()).view(t, e, 2, i)
         w = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         w.scatter_add_(1, top_idx, top_w.to(x.dtype))  # routing weights, zero for unselected experts
-        h = F.silu(a[:, 0]) * a[:, 1] * w[:, :, None]  # (T, E, I)
+        h = F.silu(a[:, :, 0]) * a[:, :, 1] * w[:, :, None]  # (T, E, I)
         return h.reshape(t, e * i) @ dn.view(e * i, d)
 
 
@@ -139,10 +147,13 @@ def rotary_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D); rotates the first rotary_dim channels, passes the rest through."""
+    """x (T, H, D); rotates the first rotary_dim channels, passes the rest through. In place on x
+    when it is a tensor of our own (the caller's fresh q or k), which it returns."""
     rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
     half = rd // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
-    return torch.cat((out, rest), dim=-1)
+    c, s = cos[:, None, :half], sin[:, None, :half]  # both halves of cos / sin are equal
+    x1 = x[..., :half].clone()
+    x2 = x[..., half:rd]
+    x[..., :half].mul_(c).addcmul_(x2, s, value=-1.0)  # x1 cos - x2 sin
+    x2.mul_(c).addcmul_(x1, s)  # x2 cos + x1 sin
+    return x

@@ -42,7 +42,7 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cache: FullAttnCache) -> torch.Tensor:
         t = x.shape[0]
         q, gate = self.q_proj(x).view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # (T, H, D) each
-        q = self.q_norm(q)
+        q = self.q_norm(q)  # new tensors: rotated in place below
         k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))  # (T, Hkv, D)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         cos, sin = rotary_cos_sin(meta.positions, self.rotary_dim, self.rope_theta, x.dtype)
@@ -56,8 +56,11 @@ class GatedAttention(nn.Module):
             out = torch.empty_like(q)
             for i, (s, e) in enumerate(meta.seq_ranges()):
                 n = meta.context_lens[i]
-                k_ctx = gather_context(cache.k, meta.block_tables[i], n)
-                v_ctx = gather_context(cache.v, meta.block_tables[i], n)
+                if n == e - s:  # no cached prefix: the context is these tokens, no need to gather it
+                    k_ctx, v_ctx = k[s:e], v[s:e]
+                else:
+                    k_ctx = gather_context(cache.k, meta.block_tables[i], n)
+                    v_ctx = gather_context(cache.v, meta.block_tables[i], n)
                 out[s:e] = meta.attn.attend(q[s:e], k_ctx, v_ctx, self.scale)
         out = out.reshape(t, -1) * torch.sigmoid(gate.reshape(t, -1))
         return self.o_proj(out)
