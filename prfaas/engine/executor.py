@@ -350,17 +350,20 @@ class Executor:
         appends them to the sequences."""
         if not seqs:
             return []
-        ids = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
-        positions = [s.num_tokens - 1 for s in seqs]
-        meta = self._meta(seqs, [1] * len(seqs), positions)
+        # in slot order: packed slots then form one run, which linear layers update in place
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
+        batch = [seqs[i] for i in order]
+        ids = torch.tensor([s.output[-1] for s in batch], dtype=torch.long, device=self.device)
+        positions = [s.num_tokens - 1 for s in batch]
+        meta = self._meta(batch, [1] * len(batch), positions)
         logits = self.model(ids, meta, self.caches)  # (B, vocab)
         greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
-        tokens = []
-        for seq, row, best in zip(seqs, logits, greedy, strict=True):
+        tokens = [0] * len(seqs)
+        for i, seq, row, best in zip(order, batch, logits, greedy, strict=True):
             seq.num_cached += 1
             tok = best if seq.params.greedy else sample(row, seq.params, seq.generator)
             self.append_token(seq, tok)
-            tokens.append(tok)
+            tokens[i] = tok
         return tokens
 
     def decode_step(self, seqs: list[Sequence]) -> list[int]:

@@ -6,6 +6,7 @@ block returns to the free list when its last reference is dropped.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 
@@ -55,13 +56,15 @@ class BlockAllocator:
 
 
 class SlotAllocator:
-    """Linear-attention state slots, one per running request."""
+    """Linear-attention state slots, one per running request. The lowest free slot goes first,
+    which keeps the running requests' slots packed: a decode batch whose slots form one run reads
+    and updates its states in place instead of gathering and scattering them."""
 
     def __init__(self, num_slots: int) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
-        self._free: deque[int] = deque(range(num_slots))
+        self._free: list[int] = list(range(num_slots))  # a heap
         self._used: set[int] = set()
 
     @property
@@ -71,7 +74,7 @@ class SlotAllocator:
     def allocate(self) -> int:
         if not self._free:
             raise OutOfCapacity(f"all {self.num_slots} state slots are in use")
-        s = self._free.popleft()
+        s = heapq.heappop(self._free)
         self._used.add(s)
         return s
 
@@ -79,4 +82,4 @@ class SlotAllocator:
         if slot not in self._used:
             raise ValueError(f"state slot {slot} freed twice")
         self._used.remove(slot)
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)

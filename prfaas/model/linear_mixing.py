@@ -16,7 +16,7 @@ import torch
 
 from prfaas.model.base import ForwardMeta, LinearStateCache
 from prfaas.model.ops.conv import causal_conv1d_step, causal_conv1d_tokens
-from prfaas.model.ops.delta_rule import chunk_delta_rule, l2norm, recurrent_delta_step
+from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
 
 HeadsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -36,18 +36,20 @@ def conv_delta_rule(
     (views; Hk divides H, value head h reading key head h // (H / Hk)). Returns the delta-rule
     output (T, H, V) in mixed's dtype."""
     if meta.is_decode:
-        slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
-        conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
+        first, n = meta.state_slots[0], len(meta.state_slots)
+        in_place = meta.state_slots == list(range(first, first + n))
+        if in_place:  # the slots are one run (the executor orders a batch by slot): views
+            conv_state, state = cache.conv[first : first + n], cache.recurrent[first : first + n]
+        else:
+            slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
+            conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
+            state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
         y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
-        state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
         q, k, v = heads(y)
-        q, k = l2norm(q.float()), l2norm(k.float())
-        if q.shape[-2] < v.shape[-2]:
-            r = v.shape[-2] // q.shape[-2]
-            q, k = q.repeat_interleave(r, dim=-2), k.repeat_interleave(r, dim=-2)
-        o = recurrent_delta_step(q, k, v, g, beta, state, scale).to(mixed.dtype)  # (B, H, V)
-        cache.conv.index_copy_(0, slots, conv_state)
-        cache.recurrent.index_copy_(0, slots, state)
+        o = recurrent_delta_step(q, k, v, g, beta, state, scale, l2norm_qk=True).to(mixed.dtype)  # (B, H, V)
+        if not in_place:
+            cache.conv.index_copy_(0, slots, conv_state)
+            cache.recurrent.index_copy_(0, slots, state)
         return o
     outs = []
     for i, (s, e) in enumerate(meta.seq_ranges()):

@@ -60,6 +60,29 @@ def test_batched_decode_matches_alone(model_dir):
     assert ex.blocks.num_free == ex.blocks.num_blocks
 
 
+def test_batched_decode_on_scattered_slots(model_dir):
+    """A batch whose state slots are not one run (held slots between them, listed out of slot
+    order) gathers and scatters its states, and still gives each request its own tokens."""
+    ex = new_executor(model_dir)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = [prompt_of(n, seed=n) for n in (9, 21, 40)]
+    alone = [LLM(ex).generate([p], params)[0] for p in prompts]
+    held = [ex.add(f"hold{i}", prompt_of(4), params) for i in range(4)]
+    ex.free(held[0])
+    ex.free(held[2])  # slots 0 and 2 free, 1 and 3 held: the batch gets 0, 2, 4
+    seqs = [ex.add(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    assert sorted(s.slot for s in seqs) == [0, 2, 4]
+    for s in seqs:
+        ex.prefill(s)
+    seqs.reverse()
+    while not all(s.finished for s in seqs):
+        ex.decode_step(seqs)
+    assert [s.output for s in reversed(seqs)] == alone
+    for s in [*seqs, held[1], held[3]]:
+        ex.free(s)
+    assert ex.slots.num_free == ex.slots.num_slots
+
+
 def test_seeded_sampling_is_reproducible(model_dir):
     ex = new_executor(model_dir)
     params = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=123, ignore_eos=True)

@@ -74,18 +74,35 @@ def recurrent_delta_step(
     beta: torch.Tensor,
     state: torch.Tensor,
     scale: float,
+    *,
+    l2norm_qk: bool = False,
 ) -> torch.Tensor:
-    """One token per sequence: q, k (B, H, K), v (B, H, V), g (B, H) or (B, H, K), beta (B, H).
-    Updates `state` (B, H, K, V) float32 in place; returns o (B, H, V) in q's dtype."""
-    out_dtype = q.dtype
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    decay = g.exp().unsqueeze(-1)  # (B, H, K, 1) or (B, H, 1)
-    state.mul_(decay if g.dim() == 3 else decay.unsqueeze(-1))
-    kv_mem = (k.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, V)
-    delta = beta.unsqueeze(-1) * (v - kv_mem)
-    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
-    o = ((q * scale).unsqueeze(-2) @ state).squeeze(-2)  # (B, H, V)
-    return o.to(out_dtype)
+    """One token per sequence: q, k (B, Hk, K) with Hk dividing H (grouped, as in
+    `chunk_delta_rule`), v (B, H, V), g (B, H) or (B, H, K), beta (B, H); `l2norm_qk` normalises q
+    and k first. Updates `state` (B, H, K, V) float32 in place; returns o (B, H, V) in v's dtype.
+    Written as few batched products as possible: a decode step runs it once per linear layer."""
+    B, Hk, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    qf, kf = q.float(), k.float()
+    if l2norm_qk:
+        qf, kf = qf * _inv_norm(qf).mul_(scale), kf * _inv_norm(kf)
+    else:
+        qf = qf * scale
+    if Hk < H:  # each key head serves H / Hk value heads
+        qf = qf.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B, H, K)
+        kf = kf.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B, H, K)
+    S = state if state.is_contiguous() else state.contiguous()
+    decay = g.float().exp()
+    S.mul_(decay.view(B, H, K, 1) if g.dim() == 3 else decay.view(B, H, 1, 1))
+    S3 = S.view(B * H, K, V)
+    kf = kf.reshape(B * H, K)
+    kv_mem = torch.bmm(kf.view(B * H, 1, K), S3)  # (BH, 1, V)
+    delta = torch.sub(v.float().reshape(B * H, 1, V), kv_mem).mul_(beta.float().reshape(B * H, 1, 1))
+    S3.baddbmm_(kf.view(B * H, K, 1), delta)  # S += k delta^T
+    o = torch.bmm(qf.reshape(B * H, 1, K), S3).view(B, H, V)
+    if S is not state:
+        state.copy_(S)
+    return o.to(v.dtype)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
