@@ -13,6 +13,7 @@ from functools import cached_property
 
 import torch
 
+from prfaas.model.layers import rotary_cos_sin
 from prfaas.model.ops.attention import AttentionBackend, TorchAttention
 
 
@@ -44,6 +45,14 @@ class ForwardMeta:
     @cached_property
     def context_lens_tensor(self) -> torch.Tensor:
         return torch.tensor(self.context_lens, dtype=torch.long, device=self.positions.device)
+
+    def rotary(self, rotary_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, rotary_dim) of this step's positions, computed once for all layers."""
+        key = (rotary_dim, theta, dtype)
+        memo = self.__dict__.setdefault("_rotary", {})
+        if key not in memo:
+            memo[key] = rotary_cos_sin(self.positions, rotary_dim, theta, dtype)
+        return memo[key]  # type: ignore[no-any-return]
 
     def seq_ranges(self) -> list[tuple[int, int]]:
         """(start, end) of each sequence's tokens in the packed dimension."""

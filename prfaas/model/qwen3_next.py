@@ -17,7 +17,7 @@ from torch import nn
 from prfaas.model.base import ForwardMeta, FullAttnCache, LinearStateCache
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import FamilyParts
-from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm, apply_rotary, rotary_cos_sin
+from prfaas.model.layers import MLP, Experts, GatedRMSNorm, RMSNorm, apply_rotary
 from prfaas.model.linear_mixing import conv_delta_rule
 from prfaas.model.ops.attention import gather_context, store_tokens
 
@@ -45,7 +45,7 @@ class GatedAttention(nn.Module):
         q = self.q_norm(q)  # new tensors: rotated in place below
         k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))  # (T, Hkv, D)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        cos, sin = rotary_cos_sin(meta.positions, self.rotary_dim, self.rope_theta, x.dtype)
+        cos, sin = meta.rotary(self.rotary_dim, self.rope_theta, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         assert cache.v is not None
         store_tokens(cache.k, meta.slot_mapping, k)
