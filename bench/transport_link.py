@@ -57,11 +57,10 @@ def bench_model_dir() -> Path:
     """Writes the 32-layer checkpoint once (random weights, seeded) with the presets' own code."""
     if (MODEL_DIR / "config.json").is_file():
         return MODEL_DIR
-    from safetensors.torch import save_file
 
     from prfaas.model.config import ModelConfig
     from prfaas.model.hybrid import HybridForCausalLM
-    from prfaas.model.presets import init_weights, preset_config
+    from prfaas.model.presets import init_weights, preset_config, save_weights
 
     raw = preset_config("qwen3_next", "tiny")
     raw.pop("layer_types")
@@ -70,7 +69,7 @@ def bench_model_dir() -> Path:
     init_weights(model, seed=0)
     tmp = MODEL_DIR.with_name(f".{MODEL_DIR.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_weights(model, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     tmp.rename(MODEL_DIR)
     return MODEL_DIR

@@ -139,11 +139,17 @@ def write_preset(out: str | Path, family: str, preset: str = "tiny", seed: int =
     cfg = ModelConfig.from_dict(raw)
     model = HybridForCausalLM(cfg)
     init_weights(model, seed)
-    to_checkpoint = family_parts(family).to_checkpoint
-    state = {k: to_checkpoint(cfg, k, v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(model, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out
+
+
+def save_weights(model: HybridForCausalLM, file: str | Path) -> None:
+    """Our model's weights as a Hugging Face safetensors file (checkpoint names and layouts)."""
+    cfg = model.config
+    to_checkpoint = family_parts(cfg.family).to_checkpoint
+    state = {k: to_checkpoint(cfg, k, v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(file), metadata={"format": "pt"})
 
 
 def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:

@@ -159,6 +159,40 @@ def test_chunk_then_decode(gate: str) -> None:
     assert_close("state", s_ref, state, FP32_TOL)
 
 
+@pytest.mark.parametrize("gate", ["head", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_heads_and_l2norm_in_kernel(gate: str, dtype: torch.dtype) -> None:
+    """q and k on fewer heads than v (each key head serving H / Hk value heads), unnormalised and
+    normalised in the op: chunked prefill and then decode steps against the naive rule on the
+    normalised, expanded inputs."""
+    B, T, Hk, H, K, V = 2, 75, 2, 6, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    q = (3 * torch.randn(B, T, Hk, K, generator=gen)).to(dtype)
+    k = (3 * torch.randn(B, T, Hk, K, generator=gen)).to(dtype)
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    g = -torch.rand((B, T, H, K) if gate == "channel" else (B, T, H), generator=gen).to(dtype)
+    beta = torch.rand(B, T, H, generator=gen).to(dtype)
+    s0 = random_state(B, H, K, V)
+    qn, kn = (F.normalize(x.float(), dim=-1, eps=1e-3).repeat_interleave(H // Hk, dim=2) for x in (q, k))
+    o_ref, s_ref = naive_delta_rule(qn, kn, v.float(), g.float(), beta.float(), K**-0.5, s0)
+    o, s = chunk_delta_rule(q[:, :60], k[:, :60], v[:, :60], g[:, :60], beta[:, :60], K**-0.5, s0, l2norm_qk=True)
+    assert o.dtype == dtype
+    o_tol, s_tol = TOL[dtype]
+    assert_close("o (chunked)", o_ref[:, :60], o, o_tol)
+    outs = [
+        recurrent_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s, K**-0.5, l2norm_qk=True)
+        for t in range(60, T)
+    ]
+    assert_close("o (decoded)", o_ref[:, 60:], torch.stack(outs, dim=1), o_tol)
+    assert_close("final_state", s_ref, s, s_tol)
+
+
+def test_chunk_rejects_ungrouped_heads() -> None:
+    q, k, v, g, beta = make_inputs(1, 8, 3, 16, 16, "head")
+    with pytest.raises(ValueError, match="do not group"):
+        chunk_delta_rule(q[:, :, :2], k[:, :, :2], v, g, beta, 0.25)
+
+
 def test_inputs_left_untouched() -> None:
     q, k, v, g, beta = make_inputs(1, 64, 1, 16, 16, "channel")
     s0 = random_state(1, 1, 16, 16)

@@ -104,3 +104,27 @@ def test_greedy_generation_matches_transformers(tmp_path, name):
         with torch.inference_mode():
             gen = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
         assert out == gen[0, len(prompt) :].tolist()
+
+
+def test_grouped_projections_round_trip(tmp_path):
+    """in_proj_qkvz / in_proj_ba are held regrouped by part (q | k | v | z): the loaded rows are
+    the checkpoint's, moved, and saving writes the checkpoint's order back, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from prfaas.model.presets import save_weights
+
+    make_checkpoint(tmp_path / "hf", "wide-heads")
+    ours = load_model(tmp_path / "hf")
+    stored = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    name = "model.layers.1.linear_attn.in_proj_qkvz.weight"
+    nk, dk, dv, r = 4, 16, 16, 2
+    grouped = stored[name].view(nk, 2 * dk + 2 * r * dv, -1)
+    ours_w = ours.state_dict()[name]
+    assert torch.equal(ours_w[: nk * dk], grouped[:, :dk].reshape(nk * dk, -1)), "q rows"
+    v_rows = grouped[:, 2 * dk : 2 * dk + r * dv].reshape(nk * r * dv, -1)
+    assert torch.equal(ours_w[2 * nk * dk : 2 * nk * dk + nk * r * dv], v_rows), "v rows"
+    save_weights(ours, tmp_path / "again.safetensors")
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert set(again) == set(stored)
+    for n, t in stored.items():
+        assert torch.equal(again[n], t), f"{n} changed by a load and save"
