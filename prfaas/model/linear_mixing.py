@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from prfaas.model.base import ForwardMeta, LinearStateCache
+from prfaas.model.ops import cpu_kernel
 from prfaas.model.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
 
@@ -52,15 +53,20 @@ def conv_delta_rule(
             cache.recurrent.index_copy_(0, slots, state)
         return o
     outs = []
+    kernel = mixed.device.type == "cpu" and cpu_kernel.available()
     for i, (s, e) in enumerate(meta.seq_ranges()):
         slot = meta.state_slots[i]
         y, new_conv = causal_conv1d_tokens(mixed[s:e], conv_weight, cache.conv[slot])  # (L, C) float32
-        q, k, v = (x.unsqueeze(0) for x in heads(y))  # (1, L, Hk | H, K | V)
-        o_i, state = chunk_delta_rule(
-            q, k, v, g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
-            initial_state=cache.recurrent[slot : slot + 1], l2norm_qk=True,
-        )
+        q, k, v = heads(y)  # (L, Hk | H, K | V), views of y
+        if kernel:  # the recurrent form in our C kernel, on the slot's state in place
+            o_i = cpu_kernel.delta_rule(q, k, v, g[s:e], beta[s:e], scale, cache.recurrent[slot], l2norm_qk=True)
+        else:
+            o, state = chunk_delta_rule(
+                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
+                initial_state=cache.recurrent[slot : slot + 1], l2norm_qk=True,
+            )
+            cache.recurrent[slot].copy_(state[0])
+            o_i = o[0]
         cache.conv[slot].copy_(new_conv)
-        cache.recurrent[slot].copy_(state[0])
-        outs.append(o_i[0].to(mixed.dtype))
+        outs.append(o_i.to(mixed.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (T, H, V)

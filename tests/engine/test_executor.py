@@ -21,9 +21,17 @@ def model_dir(request, tmp_path_factory):
     return write_preset(tmp_path_factory.mktemp(request.param), request.param, "tiny", seed=7)
 
 
-def new_executor(model_dir, num_blocks=128, num_slots=16) -> Executor:
-    model = load_model(model_dir)
-    return Executor(model, KvLayout(model.config, block_size=16), num_blocks=num_blocks, num_slots=num_slots)
+def new_executor(model_dir, num_blocks=128, num_slots=16, dtype=torch.float32) -> Executor:
+    model = load_model(model_dir, dtype=dtype)
+    layout = KvLayout(model.config, block_size=16, dtype=dtype)
+    return Executor(model, layout, num_blocks=num_blocks, num_slots=num_slots)
+
+
+# Batched and alone runs are compared in float64. Matrix products round differently with the batch
+# shape, and top-k expert routing is discontinuous: in float32 a near tie between two experts
+# (seen: router probabilities 1.6e-7 apart) can flip with that rounding and send one request down
+# another path. In float64 ties at that scale do not occur; the code under test is the same.
+EXACT = torch.float64
 
 
 def prompt_of(n: int, seed: int = 0) -> list[int]:
@@ -51,7 +59,7 @@ def test_export_import_continues_exactly(model_dir):
 
 
 def test_batched_decode_matches_alone(model_dir):
-    ex = new_executor(model_dir)
+    ex = new_executor(model_dir, dtype=EXACT)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompts = [prompt_of(n, seed=n) for n in (3, 17, 33, 64, 5)]
     alone = [LLM(ex).generate([p], params)[0] for p in prompts]
@@ -63,7 +71,7 @@ def test_batched_decode_matches_alone(model_dir):
 def test_batched_decode_on_scattered_slots(model_dir):
     """A batch whose state slots are not one run (held slots between them, listed out of slot
     order) gathers and scatters its states, and still gives each request its own tokens."""
-    ex = new_executor(model_dir)
+    ex = new_executor(model_dir, dtype=EXACT)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     prompts = [prompt_of(n, seed=n) for n in (9, 21, 40)]
     alone = [LLM(ex).generate([p], params)[0] for p in prompts]

@@ -218,7 +218,16 @@ def test_config_parses_saved_checkpoint(pair):
         assert c.moe.routed_scaling_factor == h.routed_scaling_factor
 
 
-def test_prefill_matches_transformers_layer_by_layer(pair):
+@pytest.mark.parametrize("kernel", [True, False], ids=["c_kernel", "torch_chunked"])
+def test_prefill_matches_transformers_layer_by_layer(pair, monkeypatch, kernel):
+    """Both delta-rule paths: our C kernel (the CPU default) and the chunked torch form."""
+    from prfaas.model import linear_mixing
+    from prfaas.model.ops import cpu_kernel
+
+    if kernel and not cpu_kernel.available():
+        pytest.skip("no C compiler for the CPU kernel")
+    if not kernel:
+        monkeypatch.setattr(linear_mixing.cpu_kernel, "available", lambda: False)
     name, hf, ours = pair
     tokens = prompt_of(40, seed=1)
     with torch.no_grad():

@@ -78,8 +78,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["c_kernel", "torch_chunked"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_logits_match_transformers(tmp_path, name):
+def test_prefill_logits_match_transformers(tmp_path, monkeypatch, name, kernel):
+    """Both delta-rule paths of the prefill: our C kernel (the CPU default) and the chunked torch
+    form (other devices, or no C compiler)."""
+    from prfaas.model import linear_mixing
+    from prfaas.model.ops import cpu_kernel
+
+    if kernel and not cpu_kernel.available():
+        pytest.skip("no C compiler for the CPU kernel")
+    if not kernel:
+        monkeypatch.setattr(linear_mixing.cpu_kernel, "available", lambda: False)
     ref = make_checkpoint(tmp_path, name)
     model = load_model(tmp_path)
     ex = Executor(model, KvLayout(model.config, block_size=16), num_blocks=64, num_slots=4)

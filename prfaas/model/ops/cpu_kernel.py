@@ -1,0 +1,186 @@
+"""Our C kernel for the gated delta rule on the CPU (`csrc/delta_rule.c`), compiled on first use
+with the machine's C compiler and called through ctypes.
+
+Why a kernel: on a CPU the chunked form spends most of its time in passes over memory and in
+hundreds of small tensor ops per layer; the recurrent form keeps each head's state (K x V floats)
+in L1 and does two passes over it per token, several times faster at prefill lengths (numbers in
+docs/engine.md). The chunked torch form (`delta_rule.chunk_delta_rule`) stays the reference and
+the path for other devices, and for machines without a C compiler.
+
+The shared object is cached under `$PRFAAS_KERNEL_CACHE` (default `~/.cache/prfaas/kernels`),
+keyed by the source, the compiler and the CPU's feature flags (it is built with -march=native),
+and written aside then renamed, so processes starting together never load a half-written file.
+`PRFAAS_CPU_KERNELS=0` turns the kernel off. Value heads are split across threads: ctypes
+releases the GIL for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "delta_rule.c"
+log = structlog.get_logger(__name__)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return cc
+
+
+def _build(cc: str, out: Path) -> None:
+    """Compiles SOURCE into `out` (aside, then renamed into place)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        base = [cc, "-O3", "-shared", "-fPIC", "-std=c99", "-o", tmp, str(SOURCE), "-lm"]
+        try:
+            subprocess.run([*base[:2], "-march=native", *base[2:]], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:  # a compiler without -march=native
+            subprocess.run(base, check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (turned off, no compiler, or the build failed: logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("PRFAAS_CPU_KERNELS", "1") == "0":
+            return None
+        cc = _compiler()
+        if cc is None:
+            log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc or clang) on PATH")
+            return None
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256(
+                SOURCE.read_bytes() + version.encode() + _cpu_flags().encode() + platform.machine().encode()
+            ).hexdigest()[:16]
+            cache = Path(os.environ.get("PRFAAS_KERNEL_CACHE") or Path.home() / ".cache" / "prfaas" / "kernels")
+            so = cache / f"delta_rule-{key}.so"
+            if not so.is_file():
+                _build(cc, so)
+            lib = ctypes.CDLL(str(so))
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-2000:]
+            log.warning("cpu_kernel_unavailable", reason=str(e), compiler_output=detail)
+            return None
+        f = lib.prfaas_delta_rule
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        f.argtypes = [p, p, i64, p, i64, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i32, i32, i32]
+        f.restype = None
+        lib.prfaas_max_dim.restype = ctypes.c_int
+        _lib = lib
+        return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    n = max(1, torch.get_num_threads())
+    with _lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="prfaas-kernel"), n
+        return _pool
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """(T, heads, D) float32 with each token's heads contiguous (any token stride)."""
+    x = x.float()
+    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        x = x.contiguous()
+    return x
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+    *,
+    l2norm_qk: bool = False,
+) -> torch.Tensor:
+    """One sequence on the CPU: q, k (T, Hk, K) with Hk dividing H, v (T, H, V), g (T, H) or
+    (T, H, K) log decay, beta (T, H); `state` (H, K, V) float32, contiguous, updated in place.
+    Returns o (T, H, V) float32. q, k and v may be column slices of a wider tensor (a token
+    stride larger than their row): they are read in place."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU delta-rule kernel is not available")
+    T, Hk, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    limit = lib.prfaas_max_dim()
+    if K > limit or V > limit or H % Hk or k.shape != q.shape:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        raise ValueError(f"unsupported shapes for the CPU kernel: {shapes}")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (H, K, V):
+        raise ValueError(f"state must be float32, contiguous, ({H}, {K}, {V}); got {state.dtype} {tuple(state.shape)}")
+    q, k, v = _token_major(q), _token_major(k), _token_major(v)
+    if k.stride(0) != q.stride(0):
+        k = k.contiguous()
+        q = q.contiguous()
+    g = g.float().contiguous()
+    beta = beta.float().contiguous()
+    out = torch.empty(T, H, V, dtype=torch.float32)
+    if T == 0:
+        return out
+    args = (
+        q.data_ptr(), k.data_ptr(), q.stride(0), v.data_ptr(), v.stride(0),
+        g.data_ptr(), int(g.dim() == 3), beta.data_ptr(), state.data_ptr(), out.data_ptr(),
+        T, H, Hk, K, V, float(scale), int(l2norm_qk),
+    )
+    pool = _threads()
+    n = min(_pool_size, H)
+    bounds = [H * i // n for i in range(n + 1)]
+    # keep every tensor alive until the calls return: they only hold raw pointers
+    keep = (q, k, v, g, beta, state, out)
+    futures = [pool.submit(lib.prfaas_delta_rule, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    lib.prfaas_delta_rule(*args, bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+    del keep
+    return out
