@@ -36,6 +36,7 @@ def conv_delta_rule(
     conv_weight (C, W); `heads` splits conv output (..., C) into q, k (..., Hk, K) and v (..., H, V)
     (views; Hk divides H, value head h reading key head h // (H / Hk)). Returns the delta-rule
     output (T, H, V) in mixed's dtype."""
+    kernel = mixed.device.type == "cpu" and cpu_kernel.available()
     if meta.is_decode:
         first, n = meta.state_slots[0], len(meta.state_slots)
         in_place = meta.state_slots == list(range(first, first + n))
@@ -44,16 +45,19 @@ def conv_delta_rule(
         else:
             slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
             conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
-            state = cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
+            state = cache.recurrent if kernel else cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
         y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
         q, k, v = heads(y)
-        o = recurrent_delta_step(q, k, v, g, beta, state, scale, l2norm_qk=True).to(mixed.dtype)  # (B, H, V)
+        if kernel:  # reads and updates the states in the pool at their slots
+            o = cpu_kernel.delta_rule_decode(q, k, v, g, beta, scale, cache.recurrent, meta.state_slots, l2norm_qk=True)
+        else:
+            o = recurrent_delta_step(q, k, v, g, beta, state, scale, l2norm_qk=True)
         if not in_place:
             cache.conv.index_copy_(0, slots, conv_state)
-            cache.recurrent.index_copy_(0, slots, state)
-        return o
+            if not kernel:
+                cache.recurrent.index_copy_(0, slots, state)
+        return o.to(mixed.dtype)  # (B, H, V)
     outs = []
-    kernel = mixed.device.type == "cpu" and cpu_kernel.available()
     for i, (s, e) in enumerate(meta.seq_ranges()):
         slot = meta.state_slots[i]
         y, new_conv = causal_conv1d_tokens(mixed[s:e], conv_weight, cache.conv[slot])  # (L, C) float32

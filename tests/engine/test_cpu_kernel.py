@@ -147,3 +147,24 @@ def test_kernel_can_be_turned_off():
     env = {**os.environ, "PRFAAS_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_decode_kernel_updates_states_at_their_slots(gate):
+    """One token for each of several sequences whose states sit at scattered slots of a pool:
+    each matches the naive rule on its own, and no other slot is touched."""
+    B, Hk, H, K, V, slots_n = 4, 2, 4, 64, 64, 9
+    q, k, v, g, beta, _ = inputs(B, Hk, H, K, V, gate)
+    pool = torch.randn(slots_n, H, K, V, generator=torch.Generator().manual_seed(3))
+    before = pool.clone()
+    slots = [7, 2, 5, 0]
+    o = cpu_kernel.delta_rule_decode(q, k, v, g, beta, 0.125, pool, slots, l2norm_qk=True)
+    for b, slot in enumerate(slots):
+        o_ref, s_ref = reference(q[b : b + 1], k[b : b + 1], v[b : b + 1], g[b : b + 1], beta[b : b + 1],
+                                 before[slot], 0.125, True)
+        assert rel_err(o_ref[0], o[b]) < TOL, f"sequence {b}: output"
+        assert rel_err(s_ref, pool[slot]) < TOL, f"sequence {b}: state at slot {slot}"
+    untouched = [s for s in range(slots_n) if s not in slots]
+    assert torch.equal(pool[untouched], before[untouched]), "a slot outside the batch changed"
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernel.delta_rule_decode(q, k, v, g, beta, 0.125, pool, [0, 1, 2, 9], l2norm_qk=True)

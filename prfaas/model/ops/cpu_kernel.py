@@ -105,6 +105,9 @@ def load() -> ctypes.CDLL | None:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
         f.argtypes = [p, p, i64, p, i64, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i32, i32, i32]
         f.restype = None
+        d = lib.prfaas_delta_rule_decode
+        d.argtypes = [p, p, i64, p, i64, p, i32, p, p, p, p, i32, i32, i32, i32, i32, f32, i32]
+        d.restype = None
         lib.prfaas_max_dim.restype = ctypes.c_int
         _lib = lib
         return _lib
@@ -133,6 +136,14 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _check(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    limit = lib.prfaas_max_dim()
+    K, V, Hk, H = q.shape[-1], v.shape[-1], q.shape[-2], v.shape[-2]
+    if K > limit or V > limit or H % Hk or k.shape != q.shape:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        raise ValueError(f"unsupported shapes for the CPU kernel: {shapes}")
+
+
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -153,10 +164,7 @@ def delta_rule(
         raise RuntimeError("the CPU delta-rule kernel is not available")
     T, Hk, K = q.shape
     H, V = v.shape[1], v.shape[2]
-    limit = lib.prfaas_max_dim()
-    if K > limit or V > limit or H % Hk or k.shape != q.shape:
-        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        raise ValueError(f"unsupported shapes for the CPU kernel: {shapes}")
+    _check(lib, q, k, v)
     if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (H, K, V):
         raise ValueError(f"state must be float32, contiguous, ({H}, {K}, {V}); got {state.dtype} {tuple(state.shape)}")
     q, k, v = _token_major(q), _token_major(k), _token_major(v)
@@ -183,4 +191,47 @@ def delta_rule(
     for f in futures:
         f.result()
     del keep
+    return out
+
+
+def delta_rule_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    states: torch.Tensor,
+    slots: list[int],
+    *,
+    l2norm_qk: bool = False,
+) -> torch.Tensor:
+    """One token for each of B sequences: q, k (B, Hk, K), v (B, H, V), g (B, H) or (B, H, K),
+    beta (B, H); sequence b's state is states[slots[b]] in the pool `states` (num_slots, H, K, V)
+    float32 contiguous, read and updated in place (no gather, no scatter). Returns o (B, H, V)
+    float32. One thread: a decode step is too small to split."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU delta-rule kernel is not available")
+    B, Hk, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    _check(lib, q, k, v)
+    if states.dtype != torch.float32 or not states.is_contiguous() or states.shape[1:] != (H, K, V):
+        raise ValueError(f"states must be float32, contiguous, (slots, {H}, {K}, {V}); got {tuple(states.shape)}")
+    if len(slots) != B or not all(0 <= s < states.shape[0] for s in slots):
+        raise ValueError(f"slots {slots} do not fit {B} sequences and {states.shape[0]} state slots")
+    q, k, v = _token_major(q), _token_major(k), _token_major(v)
+    if k.stride(0) != q.stride(0):
+        k = k.contiguous()
+        q = q.contiguous()
+    g = g.float().contiguous()
+    beta = beta.float().contiguous()
+    index = torch.tensor(slots, dtype=torch.long)
+    out = torch.empty(B, H, V, dtype=torch.float32)
+    if B:
+        lib.prfaas_delta_rule_decode(
+            q.data_ptr(), k.data_ptr(), q.stride(0), v.data_ptr(), v.stride(0),
+            g.data_ptr(), int(g.dim() == 3), beta.data_ptr(), states.data_ptr(), index.data_ptr(), out.data_ptr(),
+            B, H, Hk, K, V, float(scale), int(l2norm_qk),
+        )
     return out

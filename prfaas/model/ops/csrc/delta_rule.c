@@ -144,6 +144,16 @@ static inline __attribute__((always_inline)) void run_heads(const args_t *a, int
     }
 }
 
+static void run(const args_t *a, int h0, int h1, int K, int V)
+{
+    if (K == 64 && V == 64) run_heads(a, h0, h1, 64, 64);
+    else if (K == 128 && V == 128) run_heads(a, h0, h1, 128, 128);
+    else if (K == 128 && V == 64) run_heads(a, h0, h1, 128, 64);
+    else if (K == 32 && V == 32) run_heads(a, h0, h1, 32, 32);
+    else run_heads(a, h0, h1, K, V);
+}
+
+/* Prefill: the tokens of one sequence, value heads [h0, h1). */
 void prfaas_delta_rule(
     const float *q, const float *k, long qk_stride, /* token t, key head h: q + t*qk_stride + h*K */
     const float *v, long v_stride,                   /* token t, value head h: v + t*v_stride + h*V */
@@ -159,11 +169,32 @@ void prfaas_delta_rule(
     _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
 #endif
     const args_t a = {q, k, v, g, beta, qk_stride, v_stride, per_channel, T, H, Hk, l2norm, scale, state, out};
-    if (K == 64 && V == 64) run_heads(&a, h0, h1, 64, 64);
-    else if (K == 128 && V == 128) run_heads(&a, h0, h1, 128, 128);
-    else if (K == 128 && V == 64) run_heads(&a, h0, h1, 128, 64);
-    else if (K == 32 && V == 32) run_heads(&a, h0, h1, 32, 32);
-    else run_heads(&a, h0, h1, K, V);
+    run(&a, h0, h1, K, V);
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#endif
+}
+
+/* Decode: one token for each of B sequences, row b of the inputs, whose states sit in the pool
+   `states` (num_slots, H, K, V) at slots[b]: read and updated in place, never gathered. */
+void prfaas_delta_rule_decode(
+    const float *q, const float *k, long qk_stride, const float *v, long v_stride,
+    const float *g, int per_channel, const float *beta, float *states, const long *slots, float *out,
+    int B, int H, int Hk, int K, int V, float scale, int l2norm)
+{
+#if defined(__SSE__)
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+#endif
+    const size_t gsize = per_channel ? (size_t)H * K : (size_t)H;
+    for (int b = 0; b < B; b++) {
+        const args_t a = {
+            q + (size_t)b * qk_stride, k + (size_t)b * qk_stride, v + (size_t)b * v_stride,
+            g + (size_t)b * gsize, beta + (size_t)b * H, qk_stride, v_stride, per_channel, 1, H, Hk, l2norm,
+            scale, states + (size_t)slots[b] * H * K * V, out + (size_t)b * H * V,
+        };
+        run(&a, 0, H, K, V);
+    }
 #if defined(__SSE__)
     _mm_setcsr(csr);
 #endif
