@@ -18,6 +18,7 @@ The machine is shared: compare the ratios of one run, not absolute numbers acros
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from prfaas.engine.executor import Executor, Sequence
 from prfaas.engine.sampling import SamplingParams
 from prfaas.kv.layout import KvLayout
 from prfaas.model.loader import load_model
+from prfaas.model.ops import cpu_kernel
 
 FAMILIES = ("qwen3_next", "kimi_linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -285,7 +287,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="repeats per measurement (0: the preset's)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: leave as is); 1 is steadier when other jobs share the cores")
+    parser.add_argument("--delta-rule", choices=["kernel", "torch"], default="kernel",
+                        help="our linear-attention path on the CPU: the C kernel (default where a C compiler "
+                             "exists) or the chunked torch form")
     args = parser.parse_args()
+    if args.delta_rule == "torch":
+        os.environ["PRFAAS_CPU_KERNELS"] = "0"  # read on first use, which is after this
     if args.threads:
         torch.set_num_threads(args.threads)
     families = [f for f in args.families.split(",") if f]
@@ -302,6 +309,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     start = time.perf_counter()
+    path_name = "C kernel (prfaas/model/ops/csrc)" if cpu_kernel.available() else "chunked torch form"
+    log(f"our delta rule: {path_name}")
     peaks = {d: matmul_gflops(DTYPES[d]) for d in dnames}
     log("matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))
     rows: list[Row] = []
@@ -313,6 +322,7 @@ def main() -> None:
                 rows += bench_family(family, path, d, sizes, peaks)
     log(f"done in {time.perf_counter() - start:.0f} s")
     print(table(rows, peaks))
+    print(f"our delta rule: {path_name}")
 
 
 if __name__ == "__main__":
