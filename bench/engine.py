@@ -279,6 +279,51 @@ def table(rows: list[Row], peaks: dict[str, float]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[Row], out: Path, title: str) -> None:
+    """The ratios against transformers as bars, one group per family and dtype, targets as marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["prefill 512", "prefill 4096", "decode b1", "decode b16 vs their b1"]
+    groups = sorted({(r.family, r.dtype) for r in rows}, key=lambda g: (FAMILIES.index(g[0]), list(DTYPES).index(g[1])))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(metrics)
+    for j, metric in enumerate(metrics):
+        for gi, g in enumerate(groups):
+            row = next((r for r in rows if (r.family, r.dtype) == g and r.metric == metric), None)
+            if row is None:
+                continue
+            x = gi + (j - (len(metrics) - 1) / 2) * width
+            ax.bar(x, row.ratio, width, color=f"C{j}", label=metric if gi == 0 else None)
+            ax.text(x, row.ratio, f"{row.ratio:.1f}", ha="center", va="bottom", fontsize=7)
+            if row.target:
+                ax.plot([x - width / 2, x + width / 2], [row.target] * 2, color="black", lw=2)
+    ax.set_xticks(range(len(groups)), [f"{f}\n{d}" for f, d in groups])
+    ax.set_ylabel("ours / transformers (tokens/s)")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_title(title + "  (black marks: the issue's targets)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def rows_from_table(text: str) -> list[Row]:
+    """Rows back from the markdown table this script prints (for --plot-from)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] not in FAMILIES:
+            continue
+        target = float(cells[6].removeprefix(">= ").removesuffix("x")) if cells[6] else None
+        ours, theirs = (float(c.replace(",", "")) for c in cells[3:5])
+        rows.append(Row(cells[0], cells[1], cells[2], ours, theirs, "tok/s", target))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -287,10 +332,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="repeats per measurement (0: the preset's)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: leave as is); 1 is steadier when other jobs share the cores")
+    parser.add_argument("--plot", type=Path, default=None, help="write the ratios as a bar chart (PNG) here")
+    parser.add_argument("--plot-from", type=Path, default=None,
+                        help="no run: plot the table of an earlier run's output (with --plot)")
     parser.add_argument("--delta-rule", choices=["kernel", "torch"], default="kernel",
                         help="our linear-attention path on the CPU: the C kernel (default where a C compiler "
                              "exists) or the chunked torch form")
     args = parser.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot-from needs --plot")
+        plot(rows_from_table(args.plot_from.read_text()), args.plot, f"bench/engine.py ({args.plot_from.name})")
+        return
     if args.delta_rule == "torch":
         os.environ["PRFAAS_CPU_KERNELS"] = "0"  # read on first use, which is after this
     if args.threads:
@@ -323,6 +376,9 @@ def main() -> None:
     log(f"done in {time.perf_counter() - start:.0f} s")
     print(table(rows, peaks))
     print(f"our delta rule: {path_name}")
+    if args.plot:
+        plot(rows, args.plot, f"bench/engine.py, {torch.get_num_threads()} threads, delta rule: {args.delta_rule}")
+        log(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
