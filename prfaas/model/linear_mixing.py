@@ -38,25 +38,7 @@ def conv_delta_rule(
     output (T, H, V) in mixed's dtype."""
     kernel = mixed.device.type == "cpu" and cpu_kernel.available()
     if meta.is_decode:
-        first, n = meta.state_slots[0], len(meta.state_slots)
-        in_place = meta.state_slots == list(range(first, first + n))
-        if in_place:  # the slots are one run (the executor orders a batch by slot): views
-            conv_state, state = cache.conv[first : first + n], cache.recurrent[first : first + n]
-        else:
-            slots = torch.tensor(meta.state_slots, dtype=torch.long, device=mixed.device)
-            conv_state = cache.conv.index_select(0, slots)  # (B, C, W-1)
-            state = cache.recurrent if kernel else cache.recurrent.index_select(0, slots)  # (B, H, K, V) float32
-        y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
-        q, k, v = heads(y)
-        if kernel:  # reads and updates the states in the pool at their slots
-            o = cpu_kernel.delta_rule_decode(q, k, v, g, beta, scale, cache.recurrent, meta.state_slots, l2norm_qk=True)
-        else:
-            o = recurrent_delta_step(q, k, v, g, beta, state, scale, l2norm_qk=True)
-        if not in_place:
-            cache.conv.index_copy_(0, slots, conv_state)
-            if not kernel:
-                cache.recurrent.index_copy_(0, slots, state)
-        return o.to(mixed.dtype)  # (B, H, V)
+        return _decode(mixed, g, beta, conv_weight, scale, heads, meta, cache, kernel)
     outs = []
     for i, (s, e) in enumerate(meta.seq_ranges()):
         slot = meta.state_slots[i]
@@ -74,3 +56,39 @@ def conv_delta_rule(
         cache.conv[slot].copy_(new_conv)
         outs.append(o_i.to(mixed.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (T, H, V)
+
+
+def _decode(
+    mixed: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    conv_weight: torch.Tensor,
+    scale: float,
+    heads: HeadsFn,
+    meta: ForwardMeta,
+    cache: LinearStateCache,
+    kernel: bool,
+) -> torch.Tensor:
+    """One token per sequence, every sequence at once. When the slots form one run (the executor
+    orders a batch by slot) the states are views, updated in place; otherwise they are gathered
+    and scattered, except that the C kernel updates recurrent states at their slots directly."""
+    slots = meta.state_slots
+    first, n = slots[0], len(slots)
+    index: torch.Tensor | None = None
+    if slots == list(range(first, first + n)):
+        conv_state = cache.conv[first : first + n]
+    else:
+        index = torch.tensor(slots, dtype=torch.long, device=mixed.device)
+        conv_state = cache.conv.index_select(0, index)  # (B, C, W-1)
+    y = causal_conv1d_step(mixed, conv_weight, conv_state)  # (B, C)
+    q, k, v = heads(y)
+    if kernel:
+        o = cpu_kernel.delta_rule_decode(q, k, v, g, beta, scale, cache.recurrent, slots, l2norm_qk=True)
+    else:
+        state = cache.recurrent[first : first + n] if index is None else cache.recurrent.index_select(0, index)
+        o = recurrent_delta_step(q, k, v, g, beta, state, scale, l2norm_qk=True)  # updates state
+        if index is not None:
+            cache.recurrent.index_copy_(0, index, state)
+    if index is not None:
+        cache.conv.index_copy_(0, index, conv_state)
+    return o.to(mixed.dtype)  # (B, H, V)

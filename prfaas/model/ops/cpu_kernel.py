@@ -136,6 +136,16 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _kernel_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """float32, each token's heads contiguous (q and k with one token stride), g and beta contiguous."""
+    q, k, v = _token_major(q), _token_major(k), _token_major(v)
+    if k.stride(0) != q.stride(0):
+        q, k = q.contiguous(), k.contiguous()
+    return q, k, v, g.float().contiguous(), beta.float().contiguous()
+
+
 def _check(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     limit = lib.prfaas_max_dim()
     K, V, Hk, H = q.shape[-1], v.shape[-1], q.shape[-2], v.shape[-2]
@@ -167,12 +177,7 @@ def delta_rule(
     _check(lib, q, k, v)
     if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (H, K, V):
         raise ValueError(f"state must be float32, contiguous, ({H}, {K}, {V}); got {state.dtype} {tuple(state.shape)}")
-    q, k, v = _token_major(q), _token_major(k), _token_major(v)
-    if k.stride(0) != q.stride(0):
-        k = k.contiguous()
-        q = q.contiguous()
-    g = g.float().contiguous()
-    beta = beta.float().contiguous()
+    q, k, v, g, beta = _kernel_inputs(q, k, v, g, beta)
     out = torch.empty(T, H, V, dtype=torch.float32)
     if T == 0:
         return out
@@ -220,12 +225,7 @@ def delta_rule_decode(
         raise ValueError(f"states must be float32, contiguous, (slots, {H}, {K}, {V}); got {tuple(states.shape)}")
     if len(slots) != B or not all(0 <= s < states.shape[0] for s in slots):
         raise ValueError(f"slots {slots} do not fit {B} sequences and {states.shape[0]} state slots")
-    q, k, v = _token_major(q), _token_major(k), _token_major(v)
-    if k.stride(0) != q.stride(0):
-        k = k.contiguous()
-        q = q.contiguous()
-    g = g.float().contiguous()
-    beta = beta.float().contiguous()
+    q, k, v, g, beta = _kernel_inputs(q, k, v, g, beta)
     index = torch.tensor(slots, dtype=torch.long)
     out = torch.empty(B, H, V, dtype=torch.float32)
     if B:
