@@ -36,8 +36,7 @@ log = structlog.get_logger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _cpu_flags() -> str:
@@ -117,15 +116,14 @@ def available() -> bool:
     return load() is not None
 
 
-def _threads() -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    n = max(1, torch.get_num_threads())
+def _threads(n: int) -> ThreadPoolExecutor:
+    """A pool of n workers, kept for the process (one per size asked for: a pool in use by another
+    caller is never shut down under it)."""
     with _lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="prfaas-kernel"), n
-        return _pool
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="prfaas-kernel")
+        return pool
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
@@ -186,16 +184,17 @@ def delta_rule(
         g.data_ptr(), int(g.dim() == 3), beta.data_ptr(), state.data_ptr(), out.data_ptr(),
         T, H, Hk, K, V, float(scale), int(l2norm_qk),
     )
-    pool = _threads()
-    n = min(_pool_size, H)
+    n = min(max(1, torch.get_num_threads()), H)
     bounds = [H * i // n for i in range(n + 1)]
-    # keep every tensor alive until the calls return: they only hold raw pointers
-    keep = (q, k, v, g, beta, state, out)
-    futures = [pool.submit(lib.prfaas_delta_rule, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    # the kernel holds raw pointers: q, k, v, g, beta, state and out stay referenced (locals) until
+    # every call has returned
+    futures = []
+    if n > 1:  # heads [bounds[i], bounds[i + 1]) on workers; the first range on this thread
+        pool = _threads(n - 1)
+        futures = [pool.submit(lib.prfaas_delta_rule, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
     lib.prfaas_delta_rule(*args, bounds[0], bounds[1])
     for f in futures:
         f.result()
-    del keep
     return out
 
 
