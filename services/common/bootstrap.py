@@ -15,6 +15,7 @@ from prfaas.engine.backends import make_backend
 from prfaas.engine.executor import Executor
 from prfaas.kv.layout import KvLayout
 from prfaas.model.loader import load_model
+from prfaas.model.ops import cpu_kernel
 from prfaas.model.presets import resolve_model
 from prfaas.obs.log import get_logger
 from prfaas.rpc import add_health_and_reflection, new_server
@@ -30,8 +31,11 @@ def build_node_executor(s: NodeSettings) -> Executor:
     model = load_model(resolve_model(s.model), dtype=dtype, device=s.device)
     layout = KvLayout(model.config, block_size=s.block_size, dtype=dtype)
     attn = make_backend(s.attention_backend if s.device != "cpu" else "torch")
-    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, kv_blocks=s.kv_blocks,
-             state_slots=s.state_slots, **layout.summary())
+    # on the CPU the linear layers run our C kernel: built (once per machine) and loaded here, at
+    # start, rather than inside the first request
+    linear = "c_kernel" if s.device == "cpu" and cpu_kernel.available() else "torch_chunked"
+    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, delta_rule=linear,
+             kv_blocks=s.kv_blocks, state_slots=s.state_slots, **layout.summary())
     return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
 
