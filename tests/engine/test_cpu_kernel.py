@@ -6,8 +6,10 @@ and the thread split over heads. Skipped where the machine has no C compiler."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -168,3 +170,33 @@ def test_decode_kernel_updates_states_at_their_slots(gate):
     assert torch.equal(pool[untouched], before[untouched]), "a slot outside the batch changed"
     with pytest.raises(ValueError, match="do not fit"):
         cpu_kernel.delta_rule_decode(q, k, v, g, beta, 0.125, pool, [0, 1, 2, 9], l2norm_qk=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernel_works_in_a_forked_child():
+    """The worker threads do not survive a fork; a child that calls the kernel starts its own."""
+    q, k, v, g, beta, s0 = inputs(20, 2, 4, 64, 64, "head")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = cpu_kernel.delta_rule(q, k, v, g, beta, 0.1, s0.clone(), l2norm_qk=True)  # pools exist now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                o = cpu_kernel.delta_rule(q, k, v, g, beta, 0.1, s0.clone(), l2norm_qk=True)
+                os.write(write, b"1" if torch.equal(o, expected) else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the kernel hung in a forked child (its worker pool came from the parent)")
+            time.sleep(0.05)
+        assert os.read(read, 1) == b"1", "the child's result differs"
+        os.close(read)
+    finally:
+        torch.set_num_threads(before)

@@ -37,6 +37,8 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _pools: dict[int, ThreadPoolExecutor] = {}
+# a forked child inherits the pools but not their threads: it starts its own
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _cpu_flags() -> str:
