@@ -142,6 +142,12 @@ def test_kernel_rejects_bad_arguments():
         cpu_kernel.delta_rule(q[:, :, :32], k, v, g, beta, 0.1, s0)
     with pytest.raises(ValueError, match="unsupported shapes"):
         cpu_kernel.delta_rule(q, k, v[:, :3], g[:, :3], beta[:, :3], 0.1, s0[:3])
+    # the C code indexes by these: fewer tokens in v, g or beta than in q must not reach it
+    for bad in ((v[:3], g, beta), (v, g[:3], beta), (v, g, beta[:3]), (v, g[:, :, None].expand(4, 4, 8), beta)):
+        with pytest.raises(ValueError, match="unsupported shapes"):
+            cpu_kernel.delta_rule(q, k, *bad[:2], bad[2], 0.1, s0)
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        cpu_kernel.delta_rule_decode(q, k, v[:3], g[:3], beta[:3], 0.1, s0[None].expand(4, 4, 64, 64), [0, 1, 2])
 
 
 def test_kernel_can_be_turned_off():

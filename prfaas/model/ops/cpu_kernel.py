@@ -146,11 +146,27 @@ def _kernel_inputs(
     return q, k, v, g.float().contiguous(), beta.float().contiguous()
 
 
-def _check(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(
+    lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> None:
+    """Every shape the C code will index by, checked here: it trusts them. q, k (N, Hk, K),
+    v (N, H, V), g (N, H) or (N, H, K), beta (N, H), N tokens (prefill) or sequences (decode)."""
     limit = lib.prfaas_max_dim()
-    K, V, Hk, H = q.shape[-1], v.shape[-1], q.shape[-2], v.shape[-2]
-    if K > limit or V > limit or H % Hk or k.shape != q.shape:
-        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    ok = q.dim() == 3 and v.dim() == 3 and k.shape == q.shape
+    if ok:
+        N, Hk, K = q.shape
+        H, V = v.shape[1], v.shape[2]
+        ok = (
+            v.shape[0] == N
+            and 0 < K <= limit
+            and 0 < V <= limit
+            and Hk > 0
+            and H % Hk == 0
+            and g.shape in ((N, H), (N, H, K))
+            and beta.shape == (N, H)
+        )
+    if not ok:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)))
         raise ValueError(f"unsupported shapes for the CPU kernel: {shapes}")
 
 
@@ -174,7 +190,7 @@ def delta_rule(
         raise RuntimeError("the CPU delta-rule kernel is not available")
     T, Hk, K = q.shape
     H, V = v.shape[1], v.shape[2]
-    _check(lib, q, k, v)
+    _check(lib, q, k, v, g, beta)
     if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (H, K, V):
         raise ValueError(f"state must be float32, contiguous, ({H}, {K}, {V}); got {state.dtype} {tuple(state.shape)}")
     q, k, v, g, beta = _kernel_inputs(q, k, v, g, beta)
@@ -221,7 +237,7 @@ def delta_rule_decode(
         raise RuntimeError("the CPU delta-rule kernel is not available")
     B, Hk, K = q.shape
     H, V = v.shape[1], v.shape[2]
-    _check(lib, q, k, v)
+    _check(lib, q, k, v, g, beta)
     if states.dtype != torch.float32 or not states.is_contiguous() or states.shape[1:] != (H, K, V):
         raise ValueError(f"states must be float32, contiguous, (slots, {H}, {K}, {V}); got {tuple(states.shape)}")
     if len(slots) != B or not all(0 <= s < states.shape[0] for s in slots):
