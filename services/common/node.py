@@ -75,6 +75,7 @@ class WorkerNode:
                 self.prefix_cache,
                 grid,
                 self.publish,
+                yield_between_chunks=self.convertible,
             )
         receiver = KvReceiver()
         self.kv_tcp = KvTcpServer(receiver)  # the raw-TCP data port, started when the node decodes

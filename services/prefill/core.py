@@ -73,8 +73,13 @@ class PrefillNode:
         prefix_cache: PrefixCache | None = None,
         grid_tokens: int = 0,
         on_cache_events: Callable[[list[CacheEvent]], None] | None = None,
+        yield_between_chunks: bool = False,
     ) -> None:
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
+        # a convertible node shares the compute lock with its decode batch: between two chunks of a
+        # prompt the lock is handed over (asyncio's lock is FIFO, so a waiting decode step goes
+        # first), and a long prefill no longer stalls the node's decoding for its whole duration
+        self.yield_between_chunks = yield_between_chunks
         if chunk_tokens & (chunk_tokens - 1):
             raise ValueError(f"chunk_tokens must be a power of two (the KV chunk grid), got {chunk_tokens}")
         # prefill long prompts in chunks of this many tokens, streaming each chunk's full-attention KV
@@ -139,6 +144,11 @@ class PrefillNode:
                         await sender.push_layer(item)
                 if checkpoint_at and seq.num_cached == checkpoint_at:
                     self._checkpoint(seq, hashes[: checkpoint_at // ex.layout.block_size])
+                if first is None and self.yield_between_chunks:
+                    self._compute.release()
+                    locked = False
+                    await self._compute.acquire()
+                    locked = True
             prefill_s = time.monotonic() - t0
             self._compute.release()  # the next prompt may compute while this KV drains
             locked = False
