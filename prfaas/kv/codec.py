@@ -172,6 +172,15 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
 
 def encode_chunk(transfer_id: str, seq: int, total_chunks: int, piece: KvPiece, wire_dtype: str = WIRE_EXACT) -> bytes:
     """One piece (already cut to chunk size) as a serialized `KvChunk`."""
+    return b"".join(encode_chunk_parts(transfer_id, seq, total_chunks, piece, wire_dtype))
+
+
+def encode_chunk_parts(
+    transfer_id: str, seq: int, total_chunks: int, piece: KvPiece, wire_dtype: str = WIRE_EXACT
+) -> list[bytes | memoryview]:
+    """The serialized `KvChunk` as buffers to send back to back, the payload a view of the piece's
+    tensor (no copy: the raw-TCP plane hands them to one `sendmsg`). The tensor must not change
+    until they are sent; the checksum is taken here, so a change would fail the transfer."""
     tensor, scales = piece.tensor, None
     if wire_dtype == WIRE_INT8 and piece.kind in FULL_KINDS:
         tensor, scales = quantize_int8(tensor)
@@ -194,7 +203,7 @@ def encode_chunk(transfer_id: str, seq: int, total_chunks: int, piece: KvPiece, 
         shape=tensor.shape,
         checksum=crc,
     ).SerializeToString()
-    return b"".join([header, *parts, _PAYLOAD_TAG, _varint(len(payload)), payload])
+    return [b"".join([header, *parts[:2]]), *parts[2:], _PAYLOAD_TAG + _varint(len(payload)), payload]
 
 
 def encode_first_token(transfer_id: str, seq: int, total_chunks: int, token: int) -> bytes:

@@ -28,7 +28,7 @@ from prfaas.kv.codec import (
     WIRE_DTYPES,
     WIRE_EXACT,
     KvPiece,
-    encode_chunk,
+    encode_chunk_parts,
     encode_first_token,
     plan_total_chunks,
     split_piece,
@@ -96,7 +96,8 @@ class _Connection:
     def __init__(self, link: str, call: Any, queue_chunks: int) -> None:  # a gRPC call or a TcpPushCall
         self.link = link
         self.call = call
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_chunks)
+        # a chunk's buffers and size; a gRPC call gets them joined, the TCP plane as they are
+        self.queue: asyncio.Queue[tuple[list[bytes | memoryview], int] | None] = asyncio.Queue(queue_chunks)
         self.queued_bytes = 0
         self.drained = False   # the writer took the end-of-stream sentinel
         self.task: asyncio.Task[decode_pb2.KvAck | None] | None = None
@@ -165,10 +166,10 @@ class KvSender:
         for part in split_piece(piece, tpc, self.skip_tokens):
             if self._seq >= self.total_chunks - 1:
                 raise ValueError(f"more chunks than planned ({self.total_chunks}): a piece was pushed twice?")
-            data = encode_chunk(self.transfer_id, self._seq, self.total_chunks, part, self.wire_dtype)
+            parts = encode_chunk_parts(self.transfer_id, self._seq, self.total_chunks, part, self.wire_dtype)
             self._seq += 1
             self._bytes += part.tensor.numel() * part.tensor.element_size()
-            await self._enqueue(data)
+            await self._enqueue(parts)
 
     async def finish(self, first_token: int) -> TransferStats:
         """Sends the first token, closes the streams and waits for every acknowledgement."""
@@ -184,7 +185,7 @@ class KvSender:
         if self._seq != self.total_chunks - 1:
             await self.abort()
             raise ValueError(f"finish after {self._seq} chunks, {self.total_chunks - 1} planned")
-        await self._enqueue(encode_first_token(self.transfer_id, self._seq, self.total_chunks, first_token))
+        await self._enqueue([encode_first_token(self.transfer_id, self._seq, self.total_chunks, first_token)])
         self._seq += 1
         for c in self._conns:
             await c.queue.put(None)
@@ -239,20 +240,24 @@ class KvSender:
             conn.task = asyncio.create_task(self._write(conn))
             self._conns.append(conn)
 
-    async def _enqueue(self, data: bytes) -> None:
+    async def _enqueue(self, parts: list[bytes | memoryview]) -> None:
+        size = sum(len(p) for p in parts)
         conn = min(self._conns, key=lambda c: c.queued_bytes)
-        conn.queued_bytes += len(data)
-        self._wire_bytes += len(data)
-        await conn.queue.put(data)
+        conn.queued_bytes += size
+        self._wire_bytes += size
+        await conn.queue.put((parts, size))
         self._check()
 
     async def _write(self, conn: _Connection) -> decode_pb2.KvAck | None:
+        tcp = isinstance(conn.call, TcpPushCall)
         try:
-            while (data := await conn.queue.get()) is not None:
-                await conn.call.write(data)
-                conn.queued_bytes -= len(data)
+            while (item := await conn.queue.get()) is not None:
+                parts, size = item
+                # the TCP plane sends the buffers as they are (one sendmsg); gRPC wants one bytes
+                await conn.call.write(parts if tcp else b"".join(parts))
+                conn.queued_bytes -= size
                 if self._stats is not None:
-                    self._stats.record_sent(conn.link, len(data))
+                    self._stats.record_sent(conn.link, size)
             conn.drained = True
             await conn.call.done_writing()
             return await conn.call

@@ -15,7 +15,9 @@ cancels what it carried, which gRPC's client streams cannot say.
 
 `TcpPushCall` quacks like the gRPC stream-unary call the `KvSender` drives (write, done_writing,
 await, cancel, code, details), so the sender's chunking, striping and error rules apply as they
-are: an address `tcp://host:port` selects it. `KvTcpServer` feeds a `KvReceiver`.
+are: an address `tcp://host:port` selects it. It writes on a plain non-blocking socket with
+`sendmsg`, each chunk's header and payload as separate buffers: the payload is never joined or
+buffered in user space. `KvTcpServer` feeds a `KvReceiver`.
 """
 
 from __future__ import annotations
@@ -72,28 +74,84 @@ class TcpAck:
     bytes: int
 
 
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[_Conn]]] = (
+_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[socket.socket]]] = (
     weakref.WeakKeyDictionary()
 )
 MAX_IDLE_PER_ADDRESS = 16
 
 
-def _idle(host: str, port: int) -> list[_Conn]:
-    """Idle connections to one data port, per event loop (a connection belongs to its loop)."""
+def _idle(host: str, port: int) -> list[socket.socket]:
+    """Idle connections to one data port, per event loop."""
     return _IDLE.setdefault(asyncio.get_running_loop(), {}).setdefault((host, port), [])
 
 
+def _usable(sock: socket.socket) -> bool:
+    """An idle pooled connection is usable when the peer has neither closed it nor sent anything."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": closed; bytes: out of turn
+    except (BlockingIOError, InterruptedError):
+        return True  # nothing to read: open and quiet
+    except OSError:
+        pass
+    return False
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+async def send_buffers(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
+    """Sends the buffers back to back on a non-blocking socket with `sendmsg`, without joining
+    them: the payload goes from the tensor's memory to the kernel in one copy (asyncio's transports
+    join or buffer what the socket does not take at once, a second copy of every chunk)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            await _writable(sock)
+            continue
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < n:
+        got = await loop.sock_recv(sock, n - len(out))
+        if not got:
+            raise ConnectionError(f"connection closed after {len(out)} of {n} bytes")
+        out += got
+    return bytes(out)
+
+
 class TcpPushCall:
-    """One transfer's share of chunks on one TCP connection, taken from (and, after a clean
-    verdict, given back to) a per-address pool."""
+    """One transfer's share of chunks on one TCP connection (a plain non-blocking socket), taken
+    from (and, after a clean verdict, given back to) a per-address pool."""
 
     def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
         self.stats, self.retransmits = stats, 0
         host, _, port = address.removeprefix(SCHEME).rpartition(":")
         self._host, self._port, self._timeout = host, int(port), timeout_s
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
+        self._sock: socket.socket | None = None
         self._retrans_base = 0
         self._code = grpc.StatusCode.OK
         self._details = ""
@@ -101,22 +159,29 @@ class TcpPushCall:
         self._done.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
 
     async def _connect(self) -> None:
-        if self._writer is not None:
+        if self._sock is not None:
             return
         idle = _idle(self._host, self._port)
         while idle:
-            reader, writer = idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                self._reader, self._writer = reader, writer
-                self._retrans_base = tcp_retransmits(writer.get_extra_info("socket"))
+            sock = idle.pop()
+            if _usable(sock):
+                self._sock = sock
+                self._retrans_base = tcp_retransmits(sock)
                 return
-            writer.close()
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
-        self._reader, self._writer = reader, writer
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+            sock.close()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), self._timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
 
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         if self._code == grpc.StatusCode.OK:
@@ -124,13 +189,13 @@ class TcpPushCall:
         if not self._done.done():
             self._done.set_exception(TransferError(code_from_details(details) or _code_name(code), details))
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | list[bytes | memoryview]) -> None:
+        """One frame: a chunk as bytes, or as the buffers of `encode_chunk_parts` (sent unjoined)."""
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         try:
             await self._connect()
-            assert self._writer is not None
-            self._writer.write(_LEN.pack(len(data)))
-            self._writer.write(data)
-            await self._writer.drain()
+            assert self._sock is not None
+            await send_buffers(self._sock, [_LEN.pack(sum(len(p) for p in parts)), *parts])
         except (OSError, TimeoutError) as e:
             await self._read_verdict()  # the receiver may have said why it closed
             self._fail(grpc.StatusCode.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}")
@@ -138,18 +203,17 @@ class TcpPushCall:
 
     async def done_writing(self) -> None:
         await self._connect()
-        assert self._writer is not None
-        self._writer.write(_LEN.pack(0))  # the end frame
-        await self._writer.drain()
+        assert self._sock is not None
+        await send_buffers(self._sock, [_LEN.pack(0)])  # the end frame
         await self._read_verdict()
 
     async def _read_verdict(self) -> None:
-        if self._reader is None or self._done.done():
+        if self._sock is None or self._done.done():
             return
         try:
-            head = await asyncio.wait_for(self._reader.readexactly(_LEN.size), self._timeout)
-            body = await self._reader.readexactly(_LEN.unpack(head)[0])
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+            head = await asyncio.wait_for(_recv_exactly(self._sock, _LEN.size), self._timeout)
+            body = await asyncio.wait_for(_recv_exactly(self._sock, _LEN.unpack(head)[0]), self._timeout)
+        except (OSError, TimeoutError) as e:
             self._close()
             self._fail(grpc.StatusCode.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}")
             return
@@ -164,27 +228,27 @@ class TcpPushCall:
             self._fail(STATUS_OF[code], details)
 
     def _count_retransmits(self) -> None:
-        assert self._writer is not None
-        self.retransmits = tcp_retransmits(self._writer.get_extra_info("socket")) - self._retrans_base
+        assert self._sock is not None
+        self.retransmits = tcp_retransmits(self._sock) - self._retrans_base
         if self.stats is not None and self.retransmits > 0:
             self.stats.record_retransmits(f"{self._host}:{self._port}", self.retransmits)
 
     def _release(self) -> None:
         """A clean verdict: the connection goes back to the pool for the next transfer."""
-        if self._writer is None or self._reader is None:
+        if self._sock is None:
             return
         self._count_retransmits()
         idle = _idle(self._host, self._port)
-        if len(idle) < MAX_IDLE_PER_ADDRESS and not self._writer.is_closing():
-            idle.append((self._reader, self._writer))
+        if len(idle) < MAX_IDLE_PER_ADDRESS:
+            idle.append(self._sock)
         else:
-            self._writer.close()
-        self._reader = self._writer = None
+            self._sock.close()
+        self._sock = None
 
     def _close(self) -> None:
-        if self._writer is not None and not self._writer.is_closing():
+        if self._sock is not None and self._sock.fileno() != -1:
             self._count_retransmits()
-            self._writer.close()
+            self._sock.close()
 
     def __await__(self) -> Generator[Any, None, TcpAck]:
         return self._done.__await__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from prfaas.kv.codec import KvKind, KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver, MemorySink
 from prfaas.transport.sender import KvSender
-from prfaas.transport.tcp import KvTcpServer
+from prfaas.transport.tcp import KvTcpServer, send_buffers
 from tests.transport.conftest import make_layout, make_pieces
 from tests.transport.test_kv_stream import assert_same
 
@@ -108,3 +109,32 @@ async def test_connections_are_reused_across_transfers(family):
         assert server.accepted == 2, "the second and third transfers ride the first one's connections"
     finally:
         await server.stop()
+
+
+async def test_send_buffers_survives_partial_sends():
+    """Many buffers (bytes and views of a tensor) through a socket whose buffers are small and a
+    reader that lags: sendmsg takes part of them at a time, and the bytes arrive whole and in order."""
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = torch.arange(300_000, dtype=torch.int32)
+    view = memoryview(payload.numpy()).cast("B")
+    buffers = [b"head", view[:100_001], b"", bytes(range(256)) * 40, view[100_001:]]
+    expected = b"".join(bytes(x) for x in buffers)
+    loop = asyncio.get_running_loop()
+
+    async def read_all() -> bytes:
+        out = bytearray()
+        while len(out) < len(expected):
+            await asyncio.sleep(0)  # lag behind the writer
+            out += await loop.sock_recv(b, 7000)
+        return bytes(out)
+
+    try:
+        got, _ = await asyncio.gather(read_all(), send_buffers(a, buffers))
+    finally:
+        a.close()
+        b.close()
+    assert got == expected
