@@ -109,7 +109,8 @@ async def _writable(sock: socket.socket) -> None:
     try:
         await ready
     finally:
-        loop.remove_writer(fd)
+        if sock.fileno() == fd:  # still open, so the registration is ours (a closed fd may be reused)
+            loop.remove_writer(fd)
 
 
 async def send_buffers(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
@@ -248,6 +249,10 @@ class TcpPushCall:
     def _close(self) -> None:
         if self._sock is not None and self._sock.fileno() != -1:
             self._count_retransmits()
+            try:  # a writer waiting for room must not stay registered on a closed (reusable) fd
+                asyncio.get_running_loop().remove_writer(self._sock.fileno())
+            except RuntimeError:
+                pass
             self._sock.close()
 
     def __await__(self) -> Generator[Any, None, TcpAck]:

@@ -138,3 +138,44 @@ async def test_send_buffers_survives_partial_sends():
         a.close()
         b.close()
     assert got == expected
+
+
+async def test_abort_while_blocked_on_a_full_socket():
+    """A receiver that accepts and never reads: the sender's writer waits for room in the socket;
+    abort() ends it promptly, closes the connection, and leaves no writer registered on the loop."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+    port = lsock.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    accepted: list[socket.socket] = []
+
+    async def accept() -> None:
+        conn, _ = await loop.sock_accept(lsock)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        accepted.append(conn)
+
+    acceptor = asyncio.ensure_future(accept())
+    layout = make_layout("qwen3_next")
+    tokens = 32768  # ~34 MB: more than the queue and both socket buffers hold
+    sender = KvSender(f"tcp://127.0.0.1:{port}", "stuck", layout, prompt_tokens=tokens, num_connections=1,
+                      max_chunk_bytes=1 << 20, stats=None)
+    pushing = asyncio.ensure_future(_push_all(sender, make_pieces(layout, tokens)))
+    selector = loop._selector  # type: ignore[attr-defined]
+    for _ in range(100):  # until the writer waits for room in the socket
+        await asyncio.sleep(0.05)
+        if any(key.events & 2 for key in selector.get_map().values()):
+            break
+    else:
+        pytest.fail("the sender never blocked behind a receiver that does not read")
+    await asyncio.wait_for(sender.abort(), 2)
+    pushing.cancel()
+    await asyncio.gather(pushing, return_exceptions=True)
+    await acceptor
+    assert not any(key.events & 2 for key in selector.get_map().values()), "a writer stayed registered"
+    for s in (*accepted, lsock):
+        s.close()
+
+
+async def _push_all(sender: KvSender, pieces) -> None:
+    for p in pieces:
+        await sender.push(p)
