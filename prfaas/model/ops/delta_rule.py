@@ -8,8 +8,11 @@ Per head, with the state S (K, V) and the decay g <= 0 in log space, each token 
     o_t = S^T (scale * q_t)
 
 `g` is (B, T, H) for a per-head decay (Qwen3-Next) or (B, T, H, K) for a per-channel decay
-(Kimi Delta Attention). q and k come L2-normalised and expanded to the value heads. The state
-is always float32; outputs take q's dtype.
+(Kimi Delta Attention). The chunked form and the step take q and k on the key heads (Hk dividing
+H, grouped as Gated DeltaNet's) and can L2-normalise them themselves (`l2norm_qk`); the naive
+reference takes them normalised and expanded to the value heads. The state is always float32.
+On the CPU the model runs our C kernel instead (`cpu_kernel.py`, the recurrent form); these torch
+forms are the reference it is tested against and the path on other devices.
 
 The chunked form cuts the sequence into chunks of C tokens. In a chunk that starts from the
 state S0, with b_i the decay summed from the chunk start to token i, the deltas solve a unit
@@ -21,7 +24,7 @@ so delta = U - W S0, with U and W solved for every chunk at once. Only the carry
 from one chunk to the next runs sequentially (two matmuls per chunk); the outputs of all chunks
 then come from their start states in one batched matmul. For a per-channel decay the pairwise
 factors e^(b_i - b_j) are never split as e^(b_i) e^(-b_j), which overflows for strong decays
-(see `_decayed_dots`).
+(see `_decayed_dots`); decay factors below e^FLUSH_BELOW are flushed to 0 (denormals).
 """
 
 from __future__ import annotations
