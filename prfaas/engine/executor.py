@@ -162,22 +162,31 @@ class Executor:
         bs = self.layout.block_size
         tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
         pos = torch.tensor(positions, dtype=torch.long)
-        owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(query_lens))
-        if len(seqs) == 1:
-            block_ids = tables[0][pos // bs]
+        decode = all(n == 1 for n in query_lens)
+        if decode:  # one token per sequence: its slot straight from the block table
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+            slot_mapping = torch.tensor(slots, dtype=torch.long)
+        elif len(seqs) == 1:
+            slot_mapping = tables[0][pos // bs] * bs + pos % bs
         else:  # (B, max_blocks) padded; each token looks up its own sequence's row
+            owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(query_lens))
             width = max(len(t) for t in tables)
             padded = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables])
-            block_ids = padded[owner, pos // bs]
-        return ForwardMeta(
+            slot_mapping = padded[owner, pos // bs] * bs + pos % bs
+        meta = ForwardMeta(
             positions=pos.to(self.device),
             query_lens=query_lens,
             context_lens=[s.num_cached + n for s, n in zip(seqs, query_lens, strict=True)],
             block_tables=[t.to(self.device) for t in tables],
-            slot_mapping=(block_ids * bs + pos % bs).to(self.device),
+            slot_mapping=slot_mapping.to(self.device),
             state_slots=[s.slot for s in seqs],
             attn=self.attn,
         )
+        if decode:  # the padded tables of paged decode, built from the lists in one go
+            width = max(len(s.block_table) for s in seqs)
+            rows = [s.block_table + s.block_table[:1] * (width - len(s.block_table)) for s in seqs]
+            meta.__dict__["padded_block_tables"] = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return meta
 
     @torch.inference_mode()
     def prefill_layerwise(
