@@ -122,6 +122,10 @@ class PrefillNode:
             t0 = time.monotonic()
             first: int | None = None
             read_start: int | None = 0 if hit else None  # the decode side lacks the cached prefix too
+            # Besides the checkpoint at the last grid boundary (the whole earlier prompt: a later turn
+            # of the conversation hits it), one at the end of the first prompt chunk past the hit: a
+            # prompt that shares only a shorter prefix with this one (a system prompt) hits there.
+            early_at = hit + self.chunk_tokens if self.chunk_tokens and hit + self.chunk_tokens < checkpoint_at else 0
             while first is None:  # one pass per prompt chunk (and a stop at the checkpoint boundary)
                 start, n = seq.num_cached, len(seq.prompt)
                 until = checkpoint_at if start < checkpoint_at else None
@@ -144,6 +148,8 @@ class PrefillNode:
                         await sender.push_layer(item)
                 if checkpoint_at and seq.num_cached == checkpoint_at:
                     self._checkpoint(seq, hashes[: checkpoint_at // ex.layout.block_size])
+                elif hashes and seq.num_cached == early_at:
+                    self._checkpoint(seq, hashes[: early_at // ex.layout.block_size])
                 if first is None and self.yield_between_chunks:
                     self._compute.release()
                     locked = False

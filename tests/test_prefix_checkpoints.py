@@ -1,0 +1,65 @@
+"""A prefill node's prefix cache keeps two checkpoints per prompt: at the last grid boundary before
+its end (a later turn of the same conversation hits it) and at the end of its first chunk (a prompt
+that shares only a shorter prefix, such as a system prompt, hits there). Cores in one process, KV
+through the real codec and receiver; tokens checked against a run without any cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prfaas.engine.llm import LLM, build_executor
+from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.prefix_cache import PrefixCache
+from prfaas.model.presets import write_preset
+from prfaas.scheduling.policy import PrfaasPolicy
+from prfaas.transport.receiver import KvReceiver
+from services.common.node import prefix_grid
+from services.decode.core import DecodeNode
+from services.prefill.core import PrefillNode
+from services.router.core import GenerateInput, Node, Router
+from tests.test_failover import Directory, MemoryClients, MemoryPush
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(write_preset(tmp_path_factory.mktemp("qwen"), "qwen3_next", "tiny", seed=4))
+
+
+async def test_shorter_shared_prefix_hits_the_early_checkpoint(model_dir):
+    decode_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=16)
+    receiver = KvReceiver()
+    decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
+    prefill_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=16)
+    grid, chunk = prefix_grid(prefill_ex, 512)  # the tiny preset's grid is 512 tokens
+    assert chunk and chunk % grid == 0
+    cache = PrefixCache("p0", prefill_ex.blocks, prefill_ex.slots)
+    node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), None, chunk,
+                       cache, grid)
+    router = Router(
+        Directory([Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]),
+        MemoryClients(decode, {"p0": node}),
+        PrfaasPolicy(threshold=1e9),
+    )
+    gen = torch.Generator().manual_seed(0)
+    system = torch.randint(0, 256, (chunk + 40,), generator=gen).tolist()  # shared: one chunk and a bit
+    first = system + torch.randint(0, 256, (5 * chunk,), generator=gen).tolist()
+    second = system + torch.randint(0, 256, (2 * chunk,), generator=gen).tolist()
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    decode.start()
+    try:
+        outs = []
+        for i, prompt in enumerate((first, second)):
+            got = [o async for o in router.generate(GenerateInput(f"r{i}", "", prompt, params, "auto"))]
+            outs.append([t for o in got for t in o.token_ids])
+            if i == 0:
+                assert node.cached_tokens == 0
+                assert len(cache.states) == 2, "checkpoints at the first chunk's end and the last boundary"
+    finally:
+        await decode.stop()
+    assert node.cached_tokens == chunk, "the second prompt reused the first chunk of the first one"
+    alone = LLM(build_executor(model_dir)[0])
+    assert outs == [alone.generate([first], params)[0], alone.generate([second], params)[0]]
+    held = len(cache.states)
+    assert prefill_ex.slots.num_free == prefill_ex.slots.num_slots - held, "only the cache holds slots"
+    assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks
