@@ -182,7 +182,8 @@ class Executor:
             state_slots=[s.slot for s in seqs],
             attn=self.attn,
         )
-        if decode:  # the padded tables of paged decode, built from the lists in one go
+        if decode:  # paged decode's padded tables, built here from the lists in one go (the property's
+            # tensor form, for other callers, would cat and stack one row per sequence)
             width = max(len(s.block_table) for s in seqs)
             rows = [s.block_table + s.block_table[:1] * (width - len(s.block_table)) for s in seqs]
             meta.__dict__["padded_block_tables"] = torch.tensor(rows, dtype=torch.long, device=self.device)
