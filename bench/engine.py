@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import transformers
 
-from prfaas.engine.executor import Executor, Sequence
-from prfaas.engine.sampling import SamplingParams
+from prfaas.engine.executor import Executor, SeqState
 from prfaas.kv.layout import KvLayout
+from prfaas.messages import SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 
@@ -145,7 +145,7 @@ class Ours:
         self.ex = Executor(self.model, layout, num_blocks=1024, num_slots=32)
         self._n = 0
 
-    def _add(self, prompt: list[int], max_tokens: int) -> Sequence:
+    def _add(self, prompt: list[int], max_tokens: int) -> SeqState:
         self._n += 1
         return self.ex.add(f"b{self._n}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 

@@ -16,20 +16,17 @@ def _model_init(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from prfaas.dtypes import torch_dtype
     from prfaas.engine.llm import LLM, build_executor
-    from prfaas.engine.sampling import InvalidRequest, SamplingParams
-    from prfaas.model.config import ModelConfigError
-    from prfaas.model.loader import CheckpointError
+    from prfaas.errors import InvalidRequest
+    from prfaas.messages import SamplingParams
 
     if (args.prompt is None) == (args.token_ids is None):
         print("error: give exactly one of --prompt and --token-ids", file=sys.stderr)
         return 2
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
-        executor, tok = build_executor(args.model, dtype=dtype)
-    except (ModelConfigError, CheckpointError, OSError) as e:
+        executor, tok = build_executor(args.model, dtype=torch_dtype(args.dtype))
+    except (InvalidRequest, OSError) as e:
         print(f"error: {args.model}: {e}", file=sys.stderr)
         return 2
     try:
@@ -72,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         from prfaas.cluster.demo import demo_command
 
         return demo_command(argv[1:])
+    if argv and argv[0] == "status":
+        from prfaas.cluster.status import status_command
+
+        return status_command(argv[1:])
 
     p = argparse.ArgumentParser(prog="prfaas", description="Prefill-as-a-Service for hybrid-attention LLMs")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="start a local cluster on loopback (see `prfaas up --help`)")
     sub.add_parser("demo", help="send a demo workload to a router (see `prfaas demo --help`)")
+    sub.add_parser("status", help="members of a cluster and their accounting (see `prfaas status --help`)")
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
 

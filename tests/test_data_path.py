@@ -225,7 +225,7 @@ def test_prefix_hits_are_reused_and_cache_affine(tmp_path):
         got_b, head_b = asyncio.run(generate(c.router_address, b, 6, common_pb2.PRFAAS))
     assert head_b.prefill_node == head_a.prefill_node and head_b.cached_tokens == 512
     from prfaas.engine.llm import LLM, build_executor
-    from prfaas.engine.sampling import SamplingParams
+    from prfaas.messages import SamplingParams
 
     ref = LLM(build_executor(str(model))[0])
     assert got_a == ref.generate([a], SamplingParams(max_tokens=6))[0]

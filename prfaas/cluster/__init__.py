@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prfaas.errors import Code, PrfaasError
 from prfaas.kv.prefix_index import CacheEvent, CacheEventKind
 
 
@@ -73,20 +74,26 @@ class MatchResult:
         return next((h.hit_tokens for h in self.hits if h.node_id == node_id), 0)
 
 
-class CachePoolError(Exception):
+class CachePoolError(PrfaasError):
     """Base of the cache pool's domain errors."""
 
 
 class UnknownNodeError(CachePoolError):
     """The node is not (or no longer) a member: it must register (again)."""
 
+    code = Code.NOT_FOUND
+
 
 class InvalidArgumentError(CachePoolError):
     """The request itself is malformed (empty node id, bad address, unknown event kind...)."""
 
+    code = Code.INVALID_ARGUMENT
+
 
 class PoolUnavailableError(CachePoolError):
     """The pool could not be reached; retrying later may succeed."""
+
+    code = Code.UNAVAILABLE
 
 
 class CachePoolApi(Protocol):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+from prfaas.errors import OutOfCapacity
 
-class OutOfCapacity(RuntimeError):
-    """Not enough free blocks or state slots for the request."""
+__all__ = ["BlockAllocator", "SlotAllocator", "OutOfCapacity"]
 
 
 class BlockAllocator:

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prfaas.errors import InvalidRequest
+
 FAMILIES = ("qwen3_next", "kimi_linear")
 
 FullKind = Literal["gqa", "mla"]
 LinearKind = Literal["gdn", "kda"]
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InvalidRequest):
     """A config.json that this engine cannot serve."""
 
 

@@ -4,7 +4,7 @@ here so services just import and update them (`metrics.TTFT_SECONDS.labels(route
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -78,8 +78,3 @@ class MetricsServer:
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> MetricsServer:
     """Serves /metrics on `port` (0 picks a free one; read it back from `.port`)."""
     return MetricsServer(port, addr)
-
-
-def render() -> bytes:
-    """The text exposition of every metric, as /metrics would serve it."""
-    return generate_latest(REGISTRY)

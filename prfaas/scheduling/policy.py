@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from prfaas.errors import Code, PrfaasError
+
 Cluster = Literal["prfaas", "local"]
 Role = Literal["prefill", "decode"]
 Forced = Literal["auto", "local", "prfaas"]
@@ -73,8 +75,10 @@ class RouteDecision:
     prefix_from: Cluster | None = None   # abundant mode: the prefix is moved from this cluster
 
 
-class NoCapacityError(RuntimeError):
+class NoCapacityError(PrfaasError):
     """No node of the needed cluster and role can take the request."""
+
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class RoutingPolicy(Protocol):

@@ -94,3 +94,35 @@ class SetRoleResponse(_message.Message):
     previous: Role
     role: Role
     def __init__(self, previous: _Optional[_Union[Role, str]] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class NodeStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStats(_message.Message):
+    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "total_slots", "free_slots", "cached_blocks", "cached_states", "pending_transfers", "running", "queue_depth", "tokens_done")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STATES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DONE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: Role
+    total_blocks: int
+    free_blocks: int
+    total_slots: int
+    free_slots: int
+    cached_blocks: int
+    cached_states: int
+    pending_transfers: int
+    running: int
+    queue_depth: int
+    tokens_done: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., cached_states: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., running: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_done: _Optional[int] = ...) -> None: ...

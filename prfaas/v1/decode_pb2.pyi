@@ -108,25 +108,3 @@ class KvAck(_message.Message):
     chunks: int
     bytes: int
     def __init__(self, chunks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
-
-class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "total_blocks", "free_blocks", "total_slots", "free_slots", "pending_transfers", "running")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
-    total_blocks: int
-    free_blocks: int
-    total_slots: int
-    free_slots: int
-    pending_transfers: int
-    running: int
-    def __init__(self, node_id: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...

@@ -11,58 +11,28 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
-from prfaas.engine import executor as names
-from prfaas.engine.executor import Executor, Sequence
-from prfaas.engine.sampling import SamplingParams
-from prfaas.kv.kinds import KvKind
+from prfaas.engine.executor import Executor, SeqState
+from prfaas.messages import Reserved, SamplingParams, TokenBatch
 from prfaas.obs.log import get_logger
 
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
+    from prfaas.transport.chunks import KvPiece
     from prfaas.transport.receiver import KvReceiver
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Reserved:
-    transfer_id: str
-    node_id: str
-    wire_dtype: str
-    kv_address: str = ""  # "tcp://host:port" when this node takes KV on its raw-TCP data port
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    token_ids: list[int]
-    finish_reason: str | None
-
-
-KIND_NAMES = {
-    KvKind.FULL_K: names.FULL_K,
-    KvKind.FULL_V: names.FULL_V,
-    KvKind.FULL_LATENT: names.FULL_LATENT,
-    KvKind.LINEAR_RECURRENT: names.LINEAR_RECURRENT,
-    KvKind.LINEAR_CONV: names.LINEAR_CONV,
-}
 
 
 class _ExecutorSink:
     """Writes received chunks straight into the executor's pool for one sequence. Freeing is the
     admit generator's job (it outlives the transfer), so `release` has nothing to do."""
 
-    def __init__(self, executor: Executor, seq: Sequence) -> None:
+    def __init__(self, executor: Executor, seq: SeqState) -> None:
         self.executor, self.seq = executor, seq
 
-    def write_full(self, layer: int, kind: KvKind, token_start: int, token_end: int, tensor: torch.Tensor) -> None:
-        self.executor.write_full(self.seq, layer, KIND_NAMES[kind], token_start, token_end, tensor)
-
-    def write_linear(self, layer: int, kind: KvKind, tensor: torch.Tensor) -> None:
-        self.executor.write_linear(self.seq, layer, KIND_NAMES[kind], tensor)
+    def write(self, piece: KvPiece) -> None:
+        self.executor.write_kv(self.seq, piece.layer, piece.kind, piece.token_start, piece.token_end, piece.tensor)
 
     def release(self) -> None:
         pass
@@ -82,10 +52,10 @@ class DecodeNode:
         self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
-        self._running: dict[str, tuple[Sequence, asyncio.Queue[TokenBatch]]] = {}
+        self._running: dict[str, tuple[SeqState, asyncio.Queue[TokenBatch]]] = {}
         self._pending = 0
         self._stepping: set[int] = set()  # id() of sequences inside the running decode step
-        self._deferred_free: list[Sequence] = []
+        self._deferred_free: list[SeqState] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -191,12 +161,4 @@ class DecodeNode:
 
     # --- accounting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
-        ex = self.executor
-        return {
-            "total_blocks": ex.blocks.num_blocks,
-            "free_blocks": ex.blocks.num_free,
-            "total_slots": ex.slots.num_slots,
-            "free_slots": ex.slots.num_free,
-            "pending_transfers": self._pending,
-            "running": len(self._running),
-        }
+        return {"pending_transfers": self._pending, "running": len(self._running)}

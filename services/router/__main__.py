@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from prfaas.cluster import Role
 from prfaas.cluster.client import CachePoolClient
 from prfaas.engine.tokenizer import load_tokenizer
 from prfaas.kv.layout import KvLayout
@@ -14,10 +15,11 @@ from prfaas.model.presets import resolve_model
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc import insecure_channel
+from prfaas.rpc.convert import role_to_pb
+from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
-from services.common.bootstrap import serve
 from services.router.clients import GrpcNodeClients
 from services.router.control import ControlLoop
 from services.router.core import Node, Router
@@ -32,8 +34,8 @@ GBPS = 1e9 / 8
 async def set_role(node: Node, role: str) -> None:
     """NodeControl.SetRole on a local node (FAILED_PRECONDITION if it was not started convertible)."""
     async with insecure_channel(node.address) as ch:
-        pb_role = common_pb2.PREFILL if role == "prefill" else common_pb2.DECODE
-        await common_pb2_grpc.NodeControlStub(ch).SetRole(common_pb2.SetRoleRequest(role=pb_role), timeout=5)
+        request = common_pb2.SetRoleRequest(role=role_to_pb(Role(role)))
+        await common_pb2_grpc.NodeControlStub(ch).SetRole(request, timeout=5)
 
 
 async def main(s: RouterSettings) -> None:

@@ -7,12 +7,10 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
-from prfaas.engine.sampling import SamplingParams
+from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
 from prfaas.rpc import insecure_channel
+from prfaas.rpc.convert import sampling_to_pb
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from services.common.convert import sampling_to_pb
-from services.decode.core import Reserved, TokenBatch
-from services.prefill.core import Done, PrefillJob, Started
 
 
 class GrpcNodeClients:

@@ -24,12 +24,11 @@ from typing import Protocol
 
 from structlog.contextvars import bind_contextvars
 
-from prfaas.engine.sampling import InvalidRequest, SamplingParams
 from prfaas.engine.tokenizer import Tokenizer
+from prfaas.errors import Code, InvalidRequest, PrfaasError
+from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
 from prfaas.obs.log import get_logger
 from prfaas.scheduling.policy import NodeView, RouteDecision, RouteQuery, RoutingPolicy
-from services.decode.core import Reserved, TokenBatch
-from services.prefill.core import Done, PrefillJob, Started
 
 log = get_logger(__name__)
 
@@ -64,8 +63,10 @@ class NodeClients(Protocol):
     def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Done, None]: ...
 
 
-class RouteFailed(RuntimeError):
+class RouteFailed(PrfaasError):
     """Every attempt to prefill the request failed."""
+
+    code = Code.UNAVAILABLE
 
 
 @dataclass

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from prfaas.engine.sampling import InvalidRequest, SamplingParams
+from prfaas.errors import InvalidRequest
+from prfaas.messages import SamplingParams
+from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.common.errors import grpc_errors
 from services.router.core import GenerateInput, Router
 
 _ROUTE_IN = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}

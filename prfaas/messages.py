@@ -1,0 +1,81 @@
+"""The records passed between services, as the cores see them: plain dataclasses, no torch, no
+gRPC (each service's `server.py` and the clients convert them to and from protobuf, through
+`prfaas.rpc.convert`). The router core, the prefill core and the decode core all speak these.
+
+    router --PrefillJob--> prefill node --Started, Done--> router
+    router --admit(prompt, SamplingParams)--> decode node --Reserved, TokenBatch...--> router
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prfaas.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# --- router -> prefill node ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefillJob:
+    request_id: str
+    transfer_id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode_address: str           # where the KV goes: "tcp://host:port" or a gRPC host:port
+    num_connections: int = 0      # 0: the node's default
+    wire_dtype: str = ""          # the wire format the decode node chose ("" = exact)
+    deadline_unix_s: float = 0.0  # the transfer's deadline
+
+
+@dataclass(frozen=True)
+class Started:
+    node_id: str
+    queue_wait_ms: int
+
+
+@dataclass(frozen=True)
+class Done:
+    first_token: int
+    kv_bytes: int
+    prefill_s: float
+    transfer_s: float
+    chunks: int
+
+
+# --- decode node -> router -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reserved:
+    transfer_id: str
+    node_id: str
+    wire_dtype: str
+    kv_address: str = ""  # "tcp://host:port" when the node takes KV on its raw-TCP data port
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    token_ids: list[int]
+    finish_reason: str | None
