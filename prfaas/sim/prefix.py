@@ -5,8 +5,9 @@ them: equal keys are equal prefixes). A node's hit is the longest run of leading
 times the block size; only full blocks are ever cached, as in the engine. Storing a prompt touches
 its blocks from the last to the first, so the first blocks are the most recent and eviction takes a
 prompt's tail before its head (a cached block is useless without the blocks before it).
-Linear-state checkpoints are not modelled: every block boundary counts as usable, an upper bound
-on what the engine's checkpoint rule gives. Plain Python, deterministic.
+Linear-state checkpoints are modelled as an interval: a hit is usable only at a multiple of
+`checkpoint_tokens` (a multiple of the block size; the default, one block, makes every block boundary
+usable, an upper bound on the engine's rule). Plain Python, deterministic.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ class PrefixCaches:
     capacity_blocks: int
     block_tokens: int
     decode_side: bool = False
+    checkpoint_tokens: int = 0          # 0: every block boundary
     nodes: dict[str, BlockLRU] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block_tokens <= 0:
             raise ValueError(f"block_tokens must be positive, got {self.block_tokens}")
+        if self.checkpoint_tokens < 0 or self.checkpoint_tokens % self.block_tokens:
+            raise ValueError(f"checkpoint_tokens must be a multiple of the block size {self.block_tokens}, "
+                             f"got {self.checkpoint_tokens}")
         BlockLRU(self.capacity_blocks)   # validates the capacity
 
     def _lru(self, node_id: str) -> BlockLRU:
@@ -64,7 +69,8 @@ class PrefixCaches:
         return lru
 
     def hit_tokens(self, node_id: str, keys: Sequence[int]) -> int:
-        return self._lru(node_id).match(keys) * self.block_tokens
+        hit = self._lru(node_id).match(keys) * self.block_tokens
+        return hit - hit % self.checkpoint_tokens if self.checkpoint_tokens else hit
 
     def store(self, node_id: str, keys: Sequence[int]) -> None:
         if keys:

@@ -72,7 +72,7 @@ class Node:
             return NodeView(self.node_id, self.cluster, "prefill", len(self.queue),  # type: ignore[arg-type]
                             int(self.busy is not None), 1 << 30 if can_take else 0, hit)
         return NodeView(self.node_id, self.cluster, "decode", self.assigned, self.running,  # type: ignore[arg-type]
-                        1 << 30 if can_take else 0, 0)
+                        1 << 30 if can_take else 0, hit)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ class Simulator:
         for n in self.nodes.values():
             hit = 0
             if self.caches is not None:
-                hit = self.caches.hit_tokens(n.node_id, a.blocks) if n.role == "prefill" else 0
+                if n.role == "prefill" or self.caches.decode_side:
+                    hit = self.caches.hit_tokens(n.node_id, a.blocks)
             elif parent is not None and n.role == "prefill" and a.parent in n.cache:
                 n.cache.move_to_end(a.parent)
                 hit = n.cache[a.parent] // 16 * 16

@@ -89,12 +89,12 @@ def _policy(kind: str, plan: Throughput) -> RoutingPolicy:
 
 def run_trace(trace: Trace, sp: SystemProfile, plan: Throughput, policy_kind: str, cache_mode: str,
               capacity_blocks: int = DEFAULT_CACHE_BLOCKS, progress: Progress = None,
-              policy: RoutingPolicy | None = None) -> TraceRun:
+              policy: RoutingPolicy | None = None, checkpoint_tokens: int = 0) -> TraceRun:
     """One run; `policy` replaces the plan's policy object (same interface), for experiments."""
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache mode must be one of {CACHE_MODES}, got {cache_mode!r}")
     caches = None if cache_mode == "off" else PrefixCaches(capacity_blocks, trace.scaling.block_tokens,
-                                                           decode_side=cache_mode == "full")
+                                                           cache_mode == "full", checkpoint_tokens)
     label = f"{policy_kind}/{cache_mode}"
     end = trace.duration_s + 1e-6
     sim = Simulator(sp, plan.deployment, policy or _policy(policy_kind, plan), SimConfig(end + DRAIN_S), caches=caches)
@@ -105,9 +105,11 @@ def run_trace(trace: Trace, sp: SystemProfile, plan: Throughput, policy_kind: st
 
 
 def run_all(trace: Trace, policies: Sequence[str] = ("prfaas",), modes: Sequence[str] = CACHE_MODES,
-            capacity_blocks: int = DEFAULT_CACHE_BLOCKS, progress: Progress = None) -> dict[str, TraceRun]:
+            capacity_blocks: int = DEFAULT_CACHE_BLOCKS, progress: Progress = None,
+            checkpoint_tokens: int = 0) -> dict[str, TraceRun]:
     sp, plans = trace_plans(trace)
-    runs = [run_trace(trace, sp, plans[p], p, m, capacity_blocks, progress) for p in policies for m in modes]
+    runs = [run_trace(trace, sp, plans[p], p, m, capacity_blocks, progress, checkpoint_tokens=checkpoint_tokens)
+            for p in policies for m in modes]
     return {r.label: r for r in runs}
 
 
@@ -180,6 +182,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="all", choices=["all", *CACHE_MODES], help="prefix-cache mode(s) to run")
     g.add_argument("--cache-blocks", type=int, default=DEFAULT_CACHE_BLOCKS,
                    help=f"blocks each node's simulated cache holds (default {DEFAULT_CACHE_BLOCKS})")
+    g.add_argument("--checkpoint-tokens", type=int, default=0,
+                   help="a hit is usable only at multiples of it (scaled tokens, a multiple of the block; "
+                   "default: every block)")
 
 
 def trace_main(args: argparse.Namespace) -> int:
@@ -192,16 +197,21 @@ def trace_main(args: argparse.Namespace) -> int:
     if args.cache_blocks <= 0:
         print(f"error: --cache-blocks must be positive, got {args.cache_blocks}", file=sys.stderr)
         return 2
+    bt = trace.scaling.block_tokens
+    if args.checkpoint_tokens < 0 or args.checkpoint_tokens % bt:
+        print(f"error: --checkpoint-tokens must be a multiple of the block ({bt} tokens), "
+              f"got {args.checkpoint_tokens}", file=sys.stderr)
+        return 2
 
     def progress(label: str, t: float) -> None:
         print(f"[trace/{label}] t={t:7.0f} s", file=sys.stderr, flush=True)
 
     modes = CACHE_MODES if args.cache == "all" else (args.cache,)
-    runs = run_all(trace, (args.policy or "prfaas",), modes, args.cache_blocks, progress)
+    runs = run_all(trace, (args.policy or "prfaas",), modes, args.cache_blocks, progress, args.checkpoint_tokens)
     plan = next(iter(runs.values())).plan
     head = {"source": str(args.trace), "requests": len(trace.requests), "span_s": trace.duration_s,
             "length_factor": args.length_factor, "time_factor": args.time_factor,
-            "block_tokens": trace.scaling.block_tokens, "cache_blocks": args.cache_blocks,
+            "block_tokens": bt, "cache_blocks": args.cache_blocks, "checkpoint_tokens": args.checkpoint_tokens,
             "reuse_bound": trace.reuse_bound().as_dict(),
             "reuse_bound_trace_units": trace.reuse_bound(scaled=False).as_dict(),
             "plan": {"n_prfaas": plan.deployment.n_prfaas, "n_p": plan.deployment.n_p,
@@ -215,7 +225,9 @@ def trace_main(args: argparse.Namespace) -> int:
           f"blocks of {trace.scaling.block_tokens}; reuse bound {b['fraction']:.4f} "
           f"(full blocks {b['full_block_fraction']:.4f}; trace units {bt['fraction']:.4f})")
     print("plan: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in head["plan"].items()))
-    print(f"wrote {plot_trace(args.trace.stem, trace, runs, Path(args.out))}")
+    name = args.trace.stem + (f"_w{args.window[0]:g}-{args.window[1]:g}" if args.window else "") + (
+        f"_n{args.first}" if args.first else "") + (f"_ck{args.checkpoint_tokens}" if args.checkpoint_tokens else "")
+    print(f"wrote {plot_trace(name, trace, runs, Path(args.out))}")
     for label, r in table.items():
         print(label + ": " + ", ".join(f"{a}={v:.3f}" if isinstance(v, float) else f"{a}={v}" for a, v in r.items()))
     return 0

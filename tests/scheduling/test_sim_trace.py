@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from prfaas.scheduling.model import Deployment
 from prfaas.scheduling.planner import paper_case_study
 from prfaas.scheduling.policy import HomogeneousPolicy
@@ -63,6 +65,15 @@ def test_lru_evicts_a_prompts_tail_before_its_head():
     assert lru.match([1, 2, 3]) == 2 and lru.match([7, 8]) == 2 and lru.evicted == 1
 
 
+def test_hits_are_usable_only_at_checkpoint_multiples():
+    caches = PrefixCaches(100, 16, checkpoint_tokens=48)
+    caches.store("n", [1, 2, 3, 4, 5])
+    assert caches.hit_tokens("n", [1, 2, 3, 4, 5]) == 48 and caches.hit_tokens("n", [1, 2]) == 0
+    assert PrefixCaches(100, 16).hit_tokens("n", [1]) == 0
+    with pytest.raises(ValueError, match="multiple of the block size 16"):
+        PrefixCaches(100, 16, checkpoint_tokens=40)
+
+
 def test_sim_trace_command_on_the_slice(tmp_path: Path):
     cmd = [sys.executable, "-m", "prfaas.cli", "sim", "--trace", str(SLICE), "--length-factor", "1"]
     r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -91,7 +102,9 @@ def test_sim_trace_command_refuses_bad_input(tmp_path: Path):
     for args, message in [(["--trace", str(bad)], "bad.jsonl:1: missing 'input_length'"),
                           (["--trace", str(SLICE), "--length-factor", "3"], "divisor of 512"),
                           (["--trace", str(tmp_path / "none.jsonl")], "No such file"),
-                          (["--trace", str(SLICE), "--cache-blocks", "0"], "--cache-blocks must be positive")]:
+                          (["--trace", str(SLICE), "--cache-blocks", "0"], "--cache-blocks must be positive"),
+                          (["--trace", str(SLICE), "--length-factor", "8", "--checkpoint-tokens", "100"],
+                           "multiple of the block (64 tokens)")]:
         r = subprocess.run([sys.executable, "-m", "prfaas.cli", "sim", *args], capture_output=True, text=True,
                            timeout=60, cwd=ROOT)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
