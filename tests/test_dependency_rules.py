@@ -46,7 +46,7 @@ def test_deterministic_cores_import_neither_torch_nor_grpc():
     for module in ["prfaas.kv.allocator", "prfaas.kv.prefix", "prfaas.kv.prefix_index", "prfaas.kv.prefix_cache",
                    "prfaas.scheduling.policy",
                    "prfaas.scheduling.controller", "prfaas.scheduling.planner", "prfaas.scheduling.online",
-                   "prfaas.sim.simulator"]:
+                   "prfaas.sim.simulator", "prfaas.sim.prefix", "prfaas.sim.trace", "prfaas.sim.trace_run"]:
         loaded = loaded_by(module)
         assert "torch" not in loaded and "grpc" not in loaded, module
 

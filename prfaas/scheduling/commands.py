@@ -83,17 +83,21 @@ def plot_plan(sc, best: Throughput, out: Path) -> list[Path]:
 
 
 def sim_command(argv: list[str]) -> int:
-    from prfaas.sim import scenarios
+    from prfaas.sim import scenarios, trace_run
     from prfaas.sim.plots import plot_dynamic
 
     ap = argparse.ArgumentParser(prog="prfaas sim", description="event-driven cluster simulator")
     ap.add_argument("--scenario", default="steady", choices=["steady", *scenarios.DYNAMIC])
     ap.add_argument("--policy", default=None, choices=["prfaas", "homogeneous", "naive"],
-                    help="steady only: simulate one deployment (default: all three)")
+                    help="steady: simulate one deployment (default: all three); --trace: its deployment "
+                    "(default prfaas)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default="docs/img")
+    trace_run.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.trace is not None:
+        return trace_run.trace_main(args)
 
     def progress(label: str, t: float) -> None:
         print(f"[{args.scenario}/{label}] t={t:7.0f} s", file=sys.stderr, flush=True)
