@@ -57,7 +57,10 @@ async def serve(settings: CachePoolSettings) -> None:
     core = CachePool(settings.block_size, settings.heartbeat_timeout_s, settings.heartbeat_interval_s)
     await core.start()
     server, port = await start_server(core, settings.listen)
-    metrics_server = metrics.start_metrics_server(settings.metrics_port) if settings.metrics_port else None
+    metrics_server = None
+    if settings.metrics_port:  # on the host of the gRPC port (127.0.0.1 stays on loopback)
+        host = settings.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        metrics_server = metrics.start_metrics_server(settings.metrics_port, host)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
