@@ -45,6 +45,10 @@ class Compose:
         """image -> build section, once per image built by some service."""
         return {s["image"]: s["build"] for s in self.services.values() if "build" in s}
 
+    def prebuilt_images(self) -> set[str]:
+        """Images of services without a build section: they must be on the machine already."""
+        return {s["image"] for s in self.services.values() if "build" not in s and "image" in s}
+
     def depends(self, name: str) -> dict[str, str]:
         deps = self.services[name].get("depends_on") or {}
         if isinstance(deps, list):

@@ -52,6 +52,7 @@ from compose_smoke_lib import (  # noqa: E402
     free_ports,
     lock,
     say,
+    sh,
     stage_torch_wheel,
 )
 
@@ -184,6 +185,9 @@ def run(a: argparse.Namespace, ph: Phases) -> None:
         wheel = stage_torch_wheel(ROOT, a.torch_wheel)
         for image, build in compose.builds().items():
             build_image(image, build, a.base_image, wheel, work / "build.log")
+        for image in compose.prebuilt_images():  # no registry may be reachable: never pull
+            if sh(["podman", "image", "exists", image], timeout=60, check=False).returncode != 0:
+                raise SmokeError(f"image {image} has no build section in compose.yaml and is not on this machine")
     compose.down(quiet=True)  # a project left by an earlier run that died
     failed = False
     try:
