@@ -4,6 +4,7 @@ PRFAAS_* variables and probed through the gRPC health service."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,10 @@ REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_E
 
 
 def _compose() -> dict[str, Any]:
-    return dict(yaml.safe_load(COMPOSE.read_text()))  # merge keys (<<) resolved by PyYAML
+    """compose.yaml with every `${NAME:-default}` at its default, as compose would resolve it with
+    nothing set (merge keys `<<` resolved by PyYAML)."""
+    text = re.sub(r"\$\{[A-Za-z0-9_]+:-([^}]*)\}", r"\1", COMPOSE.read_text())
+    return dict(yaml.safe_load(text))
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -68,20 +72,32 @@ def test_compose_services_env_and_healthchecks() -> None:
         assert svc["image"] == "prfaas:local" and svc["build"]["dockerfile"] == "deploy/Dockerfile", name
         assert "grpc_health" in " ".join(svc["healthcheck"]["test"]), name
         if module in ("prefill", "decode"):
-            assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == f"{name}:50051"
+            assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == env["PRFAAS_LISTEN"]
             assert env["PRFAAS_ROLE"] == module and env["PRFAAS_CLUSTER"] == name.split("-")[1]
-            assert env["PRFAAS_CACHEPOOL"] == "cachepool:50050"
+        if module != "cachepool":
+            assert env["PRFAAS_CACHEPOOL"] == _env(services["cachepool"])["PRFAAS_LISTEN"], name
 
 
-def test_compose_topology() -> None:
-    services = _compose()["services"]
-    nets = {name: set(services[name]["networks"]) for name in SERVING}
-    assert nets["router"] == nets["cachepool"] == {"dc-prfaas", "dc-local"}
-    assert nets["prefill-prfaas-0"] == nets["prefill-prfaas-1"] == {"dc-prfaas"}
-    assert "dc-local" in nets["prefill-local-0"] and "dc-local" in nets["decode-local-0"]
-    assert "dc-prfaas" in nets["decode-local-0"], "PrfaaS prefill nodes must reach the decode node"
-    assert services["router"]["ports"] == ["50052:50052"]
+def test_compose_host_network_on_loopback() -> None:
+    """Every container on the host's network (no container network, whose addresses are private
+    ones), each service on its own ports on 127.0.0.1, the one-shot job on no network."""
+    compose = _compose()
+    services = compose["services"]
+    assert "networks" not in compose
+    assert services["model-init"]["network_mode"] == "none"
+    ports: list[int] = []
+    for name in SERVING:
+        svc, env = services[name], _env(services[name])
+        assert svc["network_mode"] == "host", name
+        assert not {"networks", "ports", "expose"} & set(svc), f"{name}: no networks or port mappings on the host's"
+        host, port = env["PRFAAS_LISTEN"].rsplit(":", 1)
+        assert host == "127.0.0.1", name
+        ports += [int(port), int(env["PRFAAS_METRICS_PORT"])]
+        ports += [int(env["PRFAAS_KV_TCP_PORT"])] if "PRFAAS_KV_TCP_PORT" in env else []
+    assert len(ports) == len(set(ports)) and all(ports), f"ports must be distinct and fixed: {sorted(ports)}"
+    assert _env(services["router"])["PRFAAS_LISTEN"] == "127.0.0.1:50052"
     assert all("models:/models" in v for n in SERVING if n != "cachepool" for v in services[n]["volumes"])
+    assert services["router"]["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
@@ -121,9 +137,15 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
 
 
 def test_dockerfile_builds_one_cpu_image() -> None:
+    """One stage on a base chosen by build argument (python:3.11-slim unless told), torch from a
+    wheel in the context's .whl/ when there is one, else the CPU index."""
     text = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert [line for line in text.splitlines() if line.startswith("FROM")] == ["FROM python:3.11-slim"]
-    assert "--extra-index-url" in text and "https://download.pytorch.org/whl/cpu" in text
+    lines = text.splitlines()
+    assert [line for line in lines if line.startswith("FROM")] == ["FROM ${BASE_IMAGE}"]
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines[: lines.index("FROM ${BASE_IMAGE}")]
+    assert "--extra-index-url" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
+    assert any(line.startswith("COPY") and ".whl*" in line for line in lines)
+    assert ".whl" not in (ROOT / ".dockerignore").read_text().split(), "the wheel folder must reach the build"
 
 
 def _manifests() -> list[dict[str, Any]]:
