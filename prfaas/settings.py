@@ -139,6 +139,8 @@ class NodeSettings:
     kv_tcp_port: int = 0  # that port (0 = any free port; fix it where firewalls need to know)
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
+    max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -175,6 +177,10 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     p.flag("--kv-tcp-port", "KV_TCP_PORT", 0, non_negative_int, "the raw-TCP KV data port; 0 = any free one")
     p.flag("--attention-backend", "ATTENTION_BACKEND", "auto", str, "full-attention kernels on a GPU",
            choices=["auto", "torch", "flashinfer", "flash_attn"])
+    p.flag("--max-request-blocks", "MAX_REQUEST_BLOCKS", 0, non_negative_int,
+           "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
@@ -199,6 +205,14 @@ class RouterSettings:
     role_interval_s: float  # long-term controller period
     metrics_port: int
     log_level: str
+    stall_timeout_s: float = 5.0
+    prefill_inflight: int = 4
+    max_queue: int = 1024
+    max_queue_tokens: int = 1 << 22
+    max_head_wait_s: float = 5.0
+    max_queue_wait_s: float = 120.0
+    stale_after_s: float = 10.0
+    drain_timeout_s: float = 30.0
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
@@ -218,6 +232,20 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
     p.flag("--control-interval-s", "CONTROL_INTERVAL_S", 2.0, non_negative_float,
            "short-term controller period; 0 turns the control loop off")
     p.flag("--role-interval-s", "ROLE_INTERVAL_S", 30.0, positive_float, "long-term controller period")
+    p.flag("--stall-timeout-s", "STALL_TIMEOUT_S", 5.0, positive_float,
+           "a node stream (prefill progress, decode tokens or keepalives) quiet this long has stalled")
+    p.flag("--prefill-inflight", "PREFILL_INFLIGHT", 4, positive_int,
+           "requests a prefill node holds at once; the rest wait in the router")
+    p.flag("--max-queue", "MAX_QUEUE", 1024, positive_int, "requests that may wait; past it RESOURCE_EXHAUSTED")
+    p.flag("--max-queue-tokens", "MAX_QUEUE_TOKENS", 1 << 22, positive_int, "prompt tokens that may wait")
+    p.flag("--max-head-wait-s", "MAX_HEAD_WAIT_S", 5.0, non_negative_float,
+           "how long the oldest waiting request lets younger ones that fit go first")
+    p.flag("--max-queue-wait-s", "MAX_QUEUE_WAIT_S", 120.0, positive_float,
+           "a request no node could take for this long fails UNAVAILABLE")
+    p.flag("--stale-after-s", "STALE_AFTER_S", 10.0, positive_float,
+           "a node whose last heartbeat is older is out of routing")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")

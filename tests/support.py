@@ -58,6 +58,8 @@ class MemoryPush:
 
 
 class Directory:
+    degraded = False
+
     def __init__(self, nodes: list[Node]) -> None:
         self._nodes = nodes
 

@@ -110,8 +110,6 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     """Runs the compose healthcheck command against a real health service, serving then not."""
     import asyncio
 
-    from grpc_health.v1 import health_pb2
-
     from prfaas.rpc import add_health_and_reflection, new_server
 
     argv = _compose()["services"]["router"]["healthcheck"]["test"][1:]
@@ -128,7 +126,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         serving = await probe(port)
-        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        health.set(False)
         not_serving = await probe(port)
         await server.stop(None)
         return serving, not_serving

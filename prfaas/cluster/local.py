@@ -34,7 +34,8 @@ class ClusterSpec:
     convertible_local: bool = True  # local nodes serve both roles, so the router may convert them
     link_gbps: float = 10.0  # the PrfaaS -> local link capacity the router's controller assumes
     router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = none
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # PRFAAS_* for every process
+    router_env: dict[str, str] = field(default_factory=dict)  # and for the router alone
 
     @classmethod
     def from_toml(cls, path: str) -> ClusterSpec:
@@ -51,6 +52,9 @@ class Proc:
     name: str
     popen: subprocess.Popen[str]
     address: str = ""
+    module: str = ""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalCluster:
@@ -67,8 +71,8 @@ class LocalCluster:
         self.router_address = ""
         self.cachepool_address = ""
 
-    def _start(self, name: str, module: str, args: list[str]) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+    def _start(self, name: str, module: str, args: list[str], env_extra: dict[str, str] | None = None) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env, **(env_extra or {})}
         stderr: IO[str] | int = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,9 +85,26 @@ class LocalCluster:
             env=env,
             start_new_session=True,
         )
-        proc = Proc(name, popen)
+        proc = Proc(name, popen, module=module, args=args, env=dict(env_extra or {}))
         self.procs.append(proc)
         return proc
+
+    def restart(self, name: str) -> Proc:
+        """Starts a process again (after a test killed it) with the same arguments; waits until it
+        listens. Its port may change: a node registers its new address with the cache pool."""
+        old = next(p for p in self.procs if p.name == name)
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self.procs.remove(old)
+        args = old.args
+        if name == "cachepool":  # the others know the pool by its address: keep the port
+            args = [a if a != "127.0.0.1:0" else old.address for a in args]
+        proc = self._start(name, old.module, args, old.env)
+        self._wait_listening(proc)
+        return proc
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
 
     def _wait_listening(self, proc: Proc) -> str:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -157,6 +178,7 @@ class LocalCluster:
                 "--metrics-port",
                 str(s.router_metrics_port),
             ],
+            s.router_env,
         )
         self.router_address = self._wait_listening(router)
         asyncio.run(self._wait_registered(len(nodes)))

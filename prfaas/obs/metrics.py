@@ -21,6 +21,10 @@ TPOT_SECONDS = Histogram(
     "prfaas_time_per_output_token_seconds", "Time per output token after the first.",
     buckets=_TOKEN_BUCKETS, registry=REGISTRY,
 )
+QUEUE_TIME_SECONDS = Histogram(
+    "prfaas_queue_time_seconds", "Time a request waited in the router's queue before it was placed.",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "prfaas_queue_depth", "Requests waiting, by node role.", ["role"], registry=REGISTRY,
 )

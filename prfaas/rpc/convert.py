@@ -58,7 +58,7 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=m.max_tokens,
         temperature=m.temperature,
-        top_p=m.top_p if m.top_p > 0 else 1.0,
+        top_p=1.0 if m.top_p == 0 else m.top_p,  # 0: unset; anything else is checked as given
         top_k=m.top_k,
         seed=m.seed if m.HasField("seed") else None,
         stop_token_ids=tuple(m.stop_token_ids),
@@ -66,28 +66,16 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
 
 
 # --- membership ----------------------------------------------------------------------------------
+_INFO_FIELDS = ("node_id", "cluster", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size",
+                "max_request_blocks", "convertible", "max_context")
+
+
 def node_info_to_pb(n: NodeInfo) -> common_pb2.NodeInfo:
-    return common_pb2.NodeInfo(
-        node_id=n.node_id,
-        cluster=n.cluster,
-        role=role_to_pb(n.role),
-        address=n.address,
-        capacity_blocks=n.capacity_blocks,
-        capacity_slots=n.capacity_slots,
-        hardware=n.hardware,
-    )
+    return common_pb2.NodeInfo(role=role_to_pb(n.role), **{f: getattr(n, f) for f in _INFO_FIELDS})
 
 
 def node_info_from_pb(m: common_pb2.NodeInfo) -> NodeInfo:
-    return NodeInfo(
-        node_id=m.node_id,
-        cluster=m.cluster,
-        role=role_from_pb(m.role),
-        address=m.address,
-        capacity_blocks=m.capacity_blocks,
-        capacity_slots=m.capacity_slots,
-        hardware=m.hardware,
-    )
+    return NodeInfo(role=role_from_pb(m.role), **{f: getattr(m, f) for f in _INFO_FIELDS})
 
 
 _LOAD_FIELDS = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s",
@@ -107,11 +95,12 @@ def node_status_to_pb(s: NodeStatus) -> cp_pb.NodeStatus:
         node=node_info_to_pb(s.node),
         load=node_load_to_pb(s.load),
         last_heartbeat_age_s=s.last_heartbeat_age_s,
+        draining=s.draining,
     )
 
 
 def node_status_from_pb(m: cp_pb.NodeStatus) -> NodeStatus:
-    return NodeStatus(node_info_from_pb(m.node), node_load_from_pb(m.load), m.last_heartbeat_age_s)
+    return NodeStatus(node_info_from_pb(m.node), node_load_from_pb(m.load), m.last_heartbeat_age_s, m.draining)
 
 
 # --- the prefix index ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class _Member:
     info: NodeInfo
     load: NodeLoad
     last_seen: float
+    draining: bool = False
 
 
 def _validate(node: NodeInfo) -> None:
@@ -117,7 +118,9 @@ class CachePool:
                  address=node.address)
         return RegisterResult(self.heartbeat_interval_s, self.heartbeat_timeout_s)
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool:
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool:
         if not node_id:
             raise InvalidArgumentError("node_id must not be empty")
         member = self._members.get(node_id)
@@ -125,6 +128,9 @@ class CachePool:
             return False
         member.load = load
         member.last_seen = self._clock()
+        if draining and not member.draining:
+            log.info("node_draining", node_id=node_id)
+        member.draining = draining
         if role is not Role.UNSPECIFIED and role is not member.info.role:
             log.info("node_role_changed", node_id=node_id, old=member.info.role.value, new=role.value)
             member.info = replace(member.info, role=role)
@@ -134,7 +140,7 @@ class CachePool:
     async def list_nodes(self, cluster: str = "", role: Role = Role.UNSPECIFIED) -> list[NodeStatus]:
         now = self._clock()
         return [
-            NodeStatus(m.info, m.load, now - m.last_seen)
+            NodeStatus(m.info, m.load, now - m.last_seen, m.draining)
             for node_id, m in sorted(self._members.items())
             if cluster in ("", m.info.cluster) and role in (Role.UNSPECIFIED, m.info.role)
         ]

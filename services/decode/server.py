@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Reserved
+from prfaas.messages import Alive, Reserved, TokenBatch
 from prfaas.rpc.convert import sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.transport.grpc_push import PushKvServicer
@@ -46,7 +46,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                 kv_address=ev.kv_address,
                             )
                         )
-                    else:
+                    elif isinstance(ev, TokenBatch):
                         yield decode_pb2.AdmitEvent(
                             tokens=decode_pb2.Tokens(token_ids=ev.token_ids, finish_reason=ev.finish_reason or "")
                         )
+                    elif isinstance(ev, Alive):
+                        yield decode_pb2.AdmitEvent(alive=decode_pb2.Alive(kv_pending=ev.kv_pending))

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Done, PrefillJob
+from prfaas.messages import Done, PrefillJob, Progress
 from prfaas.rpc.convert import sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
@@ -36,7 +36,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
-                    if isinstance(ev, Done):
+                    if isinstance(ev, Progress):
+                        progress = prefill_pb2.PrefillProgress(tokens_done=ev.tokens_done, layers_done=ev.layers_done,
+                                                               queued=ev.queued)
+                        yield prefill_pb2.PrefillEvent(progress=progress)
+                    elif isinstance(ev, Done):
                         done = prefill_pb2.PrefillDone(first_token=ev.first_token, kv_bytes=ev.kv_bytes,
                                                        prefill_s=ev.prefill_s, transfer_s=ev.transfer_s,
                                                        chunks=ev.chunks)

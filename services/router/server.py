@@ -30,7 +30,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             params = SamplingParams(
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
-                top_p=request.top_p if request.top_p > 0 else 1.0,
+                top_p=1.0 if request.top_p == 0 else request.top_p,  # 0: unset; the rest is checked
                 top_k=request.top_k,
                 seed=request.seed if request.HasField("seed") else None,
                 stop_token_ids=tuple(request.stop_token_ids),

@@ -10,7 +10,7 @@ import asyncio
 import math
 import time
 
-from prfaas.cluster import CachePoolApi, NodeLoad, Role
+from prfaas.cluster import CachePoolApi, NodeInfo, NodeLoad, Role
 from prfaas.cluster.membership import MembershipAgent
 from prfaas.dtypes import torch_dtype
 from prfaas.engine.backends import make_backend
@@ -82,7 +82,9 @@ class WorkerNode:
             )
         self.receiver = KvReceiver()
         if role == Role.DECODE or self.convertible:
-            self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock)
+            cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
+            self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
+                                     max_request_blocks=cap)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
@@ -123,6 +125,29 @@ class WorkerNode:
             self.agent.set_role(role)  # the next heartbeat tells the pool
         log.info("role_changed", old=previous.value, new=role.value)
         return previous
+
+    def info(self, address: str) -> NodeInfo:
+        """What the node registers with the cache pool."""
+        s = self.settings
+        cap = self.decode.max_request_blocks if self.decode else 0
+        return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
+                        block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
+                        max_context=self.executor.max_context)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight (queued, computing, receiving KV or decoding)."""
+        st = self.stats()
+        return bool(st["running"] or st["pending_transfers"] or st["queue_depth"])
+
+    def drain(self) -> None:
+        """Takes no new request from now on (those in flight go on)."""
+        if self.prefill:
+            self.prefill.draining = True
+        if self.decode:
+            self.decode.draining = True
+        if self.agent is not None:
+            self.agent.draining = True
 
     def tokens_done(self) -> int:
         """Prompt tokens computed plus tokens decoded, since start."""
