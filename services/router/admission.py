@@ -96,7 +96,7 @@ class AdmissionQueue(Generic[P]):
                 w.head_since = now
             placement = try_route(w)
             if placement is None:
-                if i == 0 and now - (w.head_since or now) >= self.max_head_wait_s:
+                if i == 0 and w.head_since is not None and now - w.head_since >= self.max_head_wait_s:
                     break  # the oldest has waited long enough: nobody younger goes ahead of it
                 continue
             self._queue.remove(w)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -87,6 +88,10 @@ class Attempt:
         self.num_connections, self.deadline_unix_s = num_connections, deadline_unix_s
         self.on_prefill_done = on_prefill_done
         self.sent = 0
+        self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, prefill_done, first
+
+    def _mark(self, what: str) -> None:
+        self.marks.setdefault(what, time.monotonic())
 
     async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
         d = self.p.decision
@@ -94,6 +99,7 @@ class Attempt:
                                    self.transfer_timeout_s)
         async with contextlib.aclosing(admit):
             reserved = await self._decode_event(admit)
+            self._mark("reserved")
             if not isinstance(reserved, Reserved):
                 raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "tokens before a reservation")
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
@@ -102,6 +108,7 @@ class Attempt:
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
                 first = await self._first(admit, prefill)
+                self._mark("first")
                 yield first
                 while first.finish_reason is None:
                     batch = await self._decode_event(admit)
@@ -153,7 +160,10 @@ class Attempt:
                     code, message = code_of_error(e)
                     raise AttemptFailed(node, "prefill", code, message,
                                         requeue=code == Code.RESOURCE_EXHAUSTED) from e
-                if isinstance(ev, Done):
+                if isinstance(ev, Started):
+                    self._mark("prefill_started")
+                elif isinstance(ev, Done):
+                    self._mark("prefill_done")
                     done = ev
         if done is None:
             raise AttemptFailed(node, "prefill", Code.UNAVAILABLE, "the stream ended without a result")

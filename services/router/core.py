@@ -205,14 +205,15 @@ class Router:
                 last = f
                 log.warning("attempt_failed", request_id=request_id, attempt=attempt, side=f.side, node=f.node_id,
                             code=f.code.value, error=f.message, tokens_sent=f.tokens_sent)
-                if not f.retryable:
-                    self.stats.failures += 1
-                    raise f.error() from None
                 if f.requeue:
                     self.stats.requeued += 1
                     self.capacity.mark_full(f.node_id)
                     continue  # the node was full (others' requests): wait for capacity again, no attempt spent
-                self.liveness.fail(f.node_id)
+                if f.code == Code.UNAVAILABLE:
+                    self.liveness.fail(f.node_id)  # out of routing until it heartbeats again
+                if not f.retryable:
+                    self.stats.failures += 1
+                    raise f.error() from None
                 if f.side == "prefill":
                     ask = dataclasses.replace(ask, exclude=ask.exclude | {f.node_id})
                 self.stats.retries += 1
@@ -265,6 +266,9 @@ class Router:
                     if first:
                         first = False
                         ttft = time.monotonic() - t0
+                        marks = {f"{k}_ms": round((v - t0) * 1000, 2) for k, v in attempt.marks.items()}
+                        log.info("first_token", ttft_ms=round(ttft * 1000, 2),
+                                 queue_ms=round((attempt_t0 - t0) * 1000, 2), **marks)
                         for obs in self.observers:
                             obs(d, len(prompt), ttft)
                         out.route, out.prefill_node, out.decode_node = d.route, d.prefill_node, d.decode_node
