@@ -36,6 +36,7 @@ class NodeInfo:
     max_request_blocks: int = 0   # decode nodes: the most blocks one request may hold; 0 = capacity_blocks
     convertible: bool = False     # local nodes: serves both roles, the router may switch it
     max_context: int = 0          # the longest sequence (prompt + output) it serves; 0 = unknown
+    prefix_grid: int = 0          # its prefix hits fall on multiples of this; 0 = it caches no prefixes
 
 
 @dataclass(frozen=True)

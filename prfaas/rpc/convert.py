@@ -67,7 +67,7 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
 
 # --- membership ----------------------------------------------------------------------------------
 _INFO_FIELDS = ("node_id", "cluster", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size",
-                "max_request_blocks", "convertible", "max_context")
+                "max_request_blocks", "convertible", "max_context", "prefix_grid")
 
 
 def node_info_to_pb(n: NodeInfo) -> common_pb2.NodeInfo:

@@ -46,7 +46,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "cluster", "role", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size", "max_request_blocks", "convertible", "max_context")
+    __slots__ = ("node_id", "cluster", "role", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size", "max_request_blocks", "convertible", "max_context", "prefix_grid")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class NodeInfo(_message.Message):
     MAX_REQUEST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CONVERTIBLE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_GRID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cluster: str
     role: Role
@@ -69,7 +70,8 @@ class NodeInfo(_message.Message):
     max_request_blocks: int
     convertible: bool
     max_context: int
-    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., capacity_slots: _Optional[int] = ..., hardware: _Optional[str] = ..., block_size: _Optional[int] = ..., max_request_blocks: _Optional[int] = ..., convertible: _Optional[bool] = ..., max_context: _Optional[int] = ...) -> None: ...
+    prefix_grid: int
+    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., capacity_slots: _Optional[int] = ..., hardware: _Optional[str] = ..., block_size: _Optional[int] = ..., max_request_blocks: _Optional[int] = ..., convertible: _Optional[bool] = ..., max_context: _Optional[int] = ..., prefix_grid: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s", "kv_retransmits")

@@ -177,9 +177,12 @@ class Router:
         request_id, prompt = self.validate(req)
         bind_contextvars(request_id=request_id)  # each RPC runs in its own task: no leak across calls
         t0 = time.monotonic()
-        hits = await self.directory.hits(prompt)
+        nodes = await self.directory.nodes()
+        grids = [n.prefix_grid for n in nodes if n.prefix_grid > 0]
+        # a hit leaves a token to compute and falls on a node's grid: shorter prompts cannot hit anywhere
+        hits = await self.directory.hits(prompt) if grids and len(prompt) > min(grids) else {}
         ask = Ask(request_id, len(prompt), req.params.max_tokens, req.route, tuple(hits.items()))  # type: ignore[arg-type]
-        why = self.capacity.never_fits(await self.directory.nodes(), ask)
+        why = self.capacity.never_fits(nodes, ask)
         if why is not None:
             raise InvalidRequest(f"request {request_id} can never be served here: {why}")
         self.active += 1

@@ -56,6 +56,7 @@ class CachePoolDirectory:
                 max_request_blocks=s.node.max_request_blocks,
                 max_context=s.node.max_context,
                 convertible=s.node.convertible,
+                prefix_grid=s.node.prefix_grid,
                 draining=s.draining,
                 heartbeat_at=now - s.last_heartbeat_age_s,
             )

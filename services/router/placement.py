@@ -39,6 +39,7 @@ class Node:
     max_request_blocks: int = 0  # decode nodes; 0: capacity_blocks
     max_context: int = 0  # 0: unknown
     convertible: bool = False
+    prefix_grid: int = 0  # its prefix hits fall on multiples of this; 0: it caches none
     draining: bool = False
     heartbeat_at: float = float("inf")  # monotonic time of its last heartbeat as the router knows it
 

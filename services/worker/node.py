@@ -130,9 +130,10 @@ class WorkerNode:
         """What the node registers with the cache pool."""
         s = self.settings
         cap = self.decode.max_request_blocks if self.decode else 0
+        grid = self.prefill.planner.grid if self.prefill and self.prefix_cache else 0
         return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
                         block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
-                        max_context=self.executor.max_context)
+                        max_context=self.executor.max_context, prefix_grid=grid)
 
     @property
     def busy(self) -> bool:
