@@ -87,6 +87,10 @@ def hf_config(family: str) -> Any:
         qk_rope_head_dim=32, v_head_dim=64, linear_num_heads=4, linear_head_dim=64, linear_conv_kernel_dim=4,
         num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
         mlp_layer_types=["dense"] + ["sparse"] * 7, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        # 1e-6, not Kimi's 1e-5: llama.cpp also uses this eps for KDA's q/k l2 norm and MLA's kv_a
+        # norm, where the reference has 1e-6; with it equal, llama.cpp computes the same function
+        # (docs/llamacpp.md)
+        rms_norm_eps=1e-6,
     )
 
 

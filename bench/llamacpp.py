@@ -11,7 +11,8 @@ count, with nothing of its Python layer in the timed loops but one ctypes call p
   decode    tokens/s of steady greedy steps after a prefill: batch 1, and one batch of several
             sequences (one token each per llama_decode, as llama.cpp's server batches them; any
             prompt lengths, as ours)
-The KV cache is kept at the GGUF's precision (f32 for f32), so that f32 compares like for like.
+The KV cache is kept at the GGUF's precision and flash attention is off for f32 (it rounds through
+f16 on the CPU), so that f32 compares like for like; `--flash-attn` sets it.
 `open_llamacpp` and `measure_llamacpp` return None, printing why, where llama_cpp is not
 installed (scripts/bench_setup.sh builds it), the converter is missing, or llama.cpp cannot load
 the checkpoint's config.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import statistics
 import sys
 import time
@@ -36,6 +38,10 @@ from llamacpp_gguf import GgufError, prepare_gguf  # noqa: E402
 DTYPE_OUTTYPE = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "f16": "f16"}
 GGML_TYPES = {"f32": 0, "f16": 1, "bf16": 30}  # ggml_type: GGML_TYPE_F32, _F16, _BF16
 N_UBATCH = 512
+# llama.cpp's CPU flash attention rounds through f16 (logits off by ~5e-4 relative on our f32
+# checkpoints, against ~1e-6 without it): off by default for f32, llama.cpp's own default (auto,
+# which is on for the CPU) otherwise
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 
 
 def import_reason() -> str | None:
@@ -50,10 +56,12 @@ def import_reason() -> str | None:
 class LlamaCpp:
     """One GGUF model, with a context per shape (tokens, sequences) made on first use."""
 
-    def __init__(self, gguf: Path, threads: int, outtype: str = "f32") -> None:
+    def __init__(self, gguf: Path, threads: int, outtype: str = "f32", flash_attn: str | None = None) -> None:
         import llama_cpp as lc
 
         self.lc, self.threads, self.kv_type = lc, threads, GGML_TYPES[outtype]
+        flash_attn = flash_attn or ("off" if outtype == "f32" else "auto")
+        self.flash_attn = FLASH_ATTN[flash_attn]
         self._quiet = lc.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
         lc.llama_log_set(self._quiet, ctypes.c_void_p())
         lc.llama_backend_init()
@@ -85,7 +93,7 @@ class LlamaCpp:
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, min(N_UBATCH, n_batch), n_seq
         p.n_threads = p.n_threads_batch = self.threads
         p.type_k = p.type_v = self.kv_type
-        p.kv_unified, p.no_perf = True, True
+        p.kv_unified, p.no_perf, p.flash_attn_type = True, True, self.flash_attn
         ctx = lc.llama_init_from_model(self.model, p)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} tokens, {n_seq} sequences")
@@ -164,7 +172,7 @@ def say(msg: str) -> None:
 
 
 def open_llamacpp(model_dir: str | Path, dtype: str = "fp32", threads: int = 2,
-                  log: Callable[[str], None] = say) -> LlamaCpp | None:
+                  log: Callable[[str], None] = say, flash_attn: str | None = None) -> LlamaCpp | None:
     """The model of `model_dir` in llama.cpp at `dtype` (fp32 / bf16 / f16), or None with the
     reason logged: llama_cpp missing, no converter, a config llama.cpp cannot load."""
     if (reason := import_reason()) is not None:
@@ -179,15 +187,28 @@ def open_llamacpp(model_dir: str | Path, dtype: str = "fp32", threads: int = 2,
     except GgufError as e:
         log(f"llama.cpp baseline skipped: {e}")
         return None
-    return LlamaCpp(gguf, threads, outtype)
+    if (caveat := numerics_caveat(Path(model_dir))) is not None:
+        log(f"llama.cpp: {caveat}")
+    return LlamaCpp(gguf, threads, outtype, flash_attn)
+
+
+def numerics_caveat(model_dir: Path) -> str | None:
+    """Where llama.cpp computes another function than the reference on this config."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    eps = float(raw.get("rms_norm_eps", 1e-5))
+    if raw.get("model_type") == "kimi_linear" and eps != 1e-6:
+        return (f"rms_norm_eps {eps:g}: llama.cpp's kimi-linear also uses it for KDA's q/k l2 norm and MLA's "
+                "kv_a_layernorm, where transformers (and we) use 1e-6: where activations are small (random "
+                "weights of std 0.02) its logits differ, by 13% on the bench's checkpoint (speed is unaffected)")
+    return None
 
 
 def measure_llamacpp(model_dir: str | Path, threads: int = 2, prefill_tokens: tuple[int, ...] = (512, 4096),
                      decode_tokens: int = 48, dtype: str = "fp32", decode_prompt: int = 128,
-                     batch: int = 16, repeats: int = 3) -> dict[str, float] | None:
+                     batch: int = 16, repeats: int = 3, flash_attn: str | None = None) -> dict[str, float] | None:
     """llama.cpp alone on one checkpoint: {"prefill N": tok/s, "decode b1": tok/s, "decode bB": tok/s},
     medians of `repeats` after a warmup; None (reason printed) where it cannot run."""
-    side = open_llamacpp(model_dir, dtype, threads)
+    side = open_llamacpp(model_dir, dtype, threads, flash_attn=flash_attn)
     if side is None:
         return None
     try:
@@ -274,12 +295,14 @@ def main() -> None:
     b.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_OUTTYPE))
     b.add_argument("--quick", action="store_true", help="prefill 128 and 512, 8 decode steps")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default=None,
+                   help="llama.cpp's flash attention (default: off for fp32, auto otherwise)")
     args = ap.parse_args()
     if args.cmd == "check":
         sys.exit(check(args.model_dir, args.tokens, args.prompt, args.threads))
     sizes = ((128, 512), 8, 32) if args.quick else ((512, 4096), 48, 128)
     res = measure_llamacpp(args.model_dir, args.threads, sizes[0], sizes[1], args.dtype, sizes[2],
-                           repeats=args.repeats)
+                           repeats=args.repeats, flash_attn=args.flash_attn)
     if res is None:
         sys.exit(2)
     for k, v in res.items():

@@ -111,7 +111,7 @@ def kimi_config(raw: dict[str, Any]) -> dict[str, Any]:
         "head_dim": cfg.linear.head_k_dim,
         "short_conv_kernel_size": cfg.linear.conv_kernel,
     }
-    out["first_k_dense_replace"] = cfg.mlp_types.index("moe")
+    out["first_k_dense_replace"] = cfg.mlp_types.index("moe") if "moe" in cfg.mlp_types else cfg.num_layers
     out["moe_router_activation_func"] = "sigmoid"
     out["num_key_value_heads"] = cfg.full.num_heads
     # transformers' config carries head_dim (= qk_rope_head_dim); the converter would write the

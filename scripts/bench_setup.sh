@@ -33,17 +33,22 @@ export CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CPU=ON -DGGML_OPENMP=ON -DGGML_BLAS=O
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 log="$src_root/build.log"
-echo "[bench-setup] building llama-cpp-python $version (CMAKE_ARGS=$CMAKE_ARGS); log: $log"
 start=$(date +%s)
-"$py" -m pip wheel -v --disable-pip-version-check --no-deps -w "$src_root/wheels" "$tree" >"$log" 2>&1 &
-pid=$!
-while kill -0 "$pid" 2>/dev/null; do
-  sleep 30
-  step=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$log" | tail -n1 | tr -d ' ' || true)
-  echo "[bench-setup] $(( $(date +%s) - start )) s: ${step:-configuring}"
-done
-wait "$pid" || { tail -n 30 "$log" >&2; echo "[bench-setup] build failed; see $log" >&2; exit 1; }
-wheel=$(ls -t "$src_root"/wheels/llama_cpp_python-"$version"-*.whl | head -n1)
+wheel=$(ls -t "$src_root"/wheels/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$wheel" ] && [ -z "${REBUILD:-}" ]; then
+  echo "[bench-setup] reusing $wheel (REBUILD=1 builds it again)"
+else
+  echo "[bench-setup] building llama-cpp-python $version (CMAKE_ARGS=$CMAKE_ARGS); log: $log"
+  "$py" -m pip wheel -v --disable-pip-version-check --no-deps -w "$src_root/wheels" "$tree" >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 30
+    step=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$log" | tail -n1 | tr -d ' ' || true)
+    echo "[bench-setup] $(( $(date +%s) - start )) s: ${step:-configuring}"
+  done
+  wait "$pid" || { tail -n 30 "$log" >&2; echo "[bench-setup] build failed; see $log" >&2; exit 1; }
+  wheel=$(ls -t "$src_root"/wheels/llama_cpp_python-"$version"-*.whl | head -n1)
+fi
 "$py" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel"
 "$py" -m pip install -q --disable-pip-version-check "$wheel"  # its few dependencies (diskcache, jinja2 ...)
 "$py" -c "import llama_cpp; print('[bench-setup] llama_cpp', llama_cpp.__version__, 'from', llama_cpp.__file__)"

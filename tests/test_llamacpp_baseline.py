@@ -37,7 +37,8 @@ def small_config(family: str, **kw: object) -> object:
     cfg = dict(common, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
                qk_rope_head_dim=8, v_head_dim=16, linear_num_heads=2, linear_head_dim=16, num_local_experts=4,
                num_experts_per_tok=2, moe_intermediate_size=32, mlp_layer_types=["dense"] + ["sparse"] * 3,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+               pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               rms_norm_eps=1e-6)  # llama.cpp uses it for KDA's l2 norm too, where transformers has 1e-6
     return transformers.KimiLinearConfig(**{**cfg, **kw})
 
 
@@ -127,5 +128,5 @@ def test_llamacpp_matches_transformers(tmp_path, family, monkeypatch):
     with torch.inference_mode():
         theirs = ref(torch.tensor([prompt])).logits[0]
         gen = ref.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    assert float((ours - theirs).norm() / theirs.norm()) < 1e-3
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-4  # f32, flash attention off: ~2e-6
     assert greedy == gen[0, len(prompt):].tolist()
