@@ -90,8 +90,10 @@ def unsupported(raw: dict[str, Any]) -> str | None:
         return (f"llama.cpp's kimi-linear graph uses num_attention_heads ({cfg.full.num_heads}) as the KDA head "
                 f"count; this config has linear_num_heads {cfg.linear.num_k_heads}")
     lead = next((i for i, t in enumerate(cfg.mlp_types) if t == "moe"), cfg.num_layers)
-    if any(t != "moe" for t in cfg.mlp_types[lead:]) or lead == cfg.num_layers:
+    if any(t != "moe" for t in cfg.mlp_types[lead:]):
         return f"llama.cpp's kimi-linear loader wants leading dense layers then MoE; this config has {cfg.mlp_types}"
+    if not cfg.full_layers or not cfg.linear_layers:
+        return "llama.cpp's kimi-linear crashes in llama_decode without both KDA and MLA layers"
     if cfg.tie_word_embeddings:
         return "llama.cpp's kimi-linear loader wants an lm_head of its own (tie_word_embeddings is set)"
     return None

@@ -27,8 +27,9 @@ FAMILIES = ("qwen3_next", "kimi_linear")
 
 
 def small_config(family: str, **kw: object) -> object:
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, max_position_embeddings=512,
-                  layer_types=["linear_attention"] * 3 + ["full_attention"], initializer_range=0.05)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  max_position_embeddings=512, layer_types=["linear_attention"] * 3 + ["full_attention"],
+                  initializer_range=0.05)
     if family == "qwen3_next":
         cfg = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
@@ -57,7 +58,10 @@ def test_staged_copy_is_the_same_model(tmp_path, family):
     staged = gg.stage(src, out)
     raw = json.loads((src / "config.json").read_text())
     a, b = ModelConfig.from_dict(raw), ModelConfig.from_dict(staged)
-    assert (a.layer_types, a.mlp_types, a.linear, a.full, a.moe) == (b.layer_types, b.mlp_types, b.linear, b.full, b.moe)
+    def spec(c: ModelConfig) -> tuple:
+        return c.layer_types, c.mlp_types, c.linear, c.full, c.moe, c.rms_norm_eps
+
+    assert spec(a) == spec(b)
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -91,6 +95,9 @@ def test_configs_llamacpp_refuses_are_named(tmp_path):
     assert "equal key and value head sizes" in gg.unsupported(heads)
     kimi = json.loads((write("kimi_linear", tmp_path / "k", linear_num_heads=4) / "config.json").read_text())
     assert "KDA head count" in gg.unsupported(kimi)
+    late = json.loads((write("kimi_linear", tmp_path / "m", mlp_layer_types=["sparse", "dense", "sparse", "sparse"])
+                       / "config.json").read_text())
+    assert "leading dense layers then MoE" in gg.unsupported(late)
     out = tmp_path / "staged"
     out.mkdir()
     with pytest.raises(gg.GgufError, match="every layer MoE"):
