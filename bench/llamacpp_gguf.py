@@ -116,8 +116,8 @@ def kimi_config(raw: dict[str, Any]) -> dict[str, Any]:
     out["first_k_dense_replace"] = cfg.mlp_types.index("moe") if "moe" in cfg.mlp_types else cfg.num_layers
     out["moe_router_activation_func"] = "sigmoid"
     out["num_key_value_heads"] = cfg.full.num_heads
-    # transformers' config carries head_dim (= qk_rope_head_dim); the converter would write the
-    # key length twice (its own MLA one and this), which gguf refuses
+    # transformers' config carries head_dim (= qk_rope_head_dim); the converter would write key
+    # and value lengths from it, the value length wrong for MLA (its own key length overrides)
     out.pop("head_dim", None)
     return out
 
