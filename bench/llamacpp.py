@@ -246,8 +246,8 @@ def check(model_dir: Path, tokens: int, prompt_len: int, threads: int) -> int:
     import transformers
 
     from prfaas.engine.executor import Executor
-    from prfaas.engine.sampling import SamplingParams
     from prfaas.kv.layout import KvLayout
+    from prfaas.messages import SamplingParams
     from prfaas.model.loader import load_model
 
     torch.set_num_threads(threads)

@@ -96,7 +96,8 @@ def main() -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     ex, _ = build_executor(a.model)
     with tempfile.TemporaryDirectory() as logs:
-        spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
+        spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1,
+                           router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
         print("[overhead] starting the cluster ...", flush=True)
         with LocalCluster(a.model, spec, log_dir=logs) as c:
             rows = asyncio.run(measure(c, ex, lengths, a.reps))
