@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from prfaas.errors import InvalidRequest
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs bound)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -32,6 +35,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -58,12 +63,22 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of the raw logits, before
+    temperature or top-k/top-p), and the `k` most likely tokens with theirs, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Done:
     first_token: int
     kv_bytes: int
     prefill_s: float
     transfer_s: float
     chunks: int
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 # --- decode node -> router -----------------------------------------------------------------------
@@ -79,3 +94,4 @@ class Reserved:
 class TokenBatch:
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for

@@ -155,7 +155,7 @@ class DecodeNode:
                 if id(seq) in ready_ids or seq.finished:
                     tok = [seq.output[-1]] if id(seq) in ready_ids else []
                     self.tokens_out += len(tok)
-                    queue.put_nowait(TokenBatch(tok, seq.finish_reason))
+                    queue.put_nowait(TokenBatch(tok, seq.finish_reason, seq.logprobs[-1:] if tok else []))
                     if seq.finished:
                         self._running.pop(key, None)
 

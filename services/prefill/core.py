@@ -115,7 +115,7 @@ class PrefillNode:
             log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
                      prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
                      chunks=stats.chunks)
-            yield Done(first, stats.bytes, prefill_s, stats.seconds, stats.chunks)
+            yield Done(first, stats.bytes, prefill_s, stats.seconds, stats.chunks, next(iter(seq.logprobs), None))
         finally:
             if sender is not None:
                 await asyncio.shield(sender.abort())

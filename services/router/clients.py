@@ -9,7 +9,7 @@ import grpc
 
 from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
 from prfaas.rpc import insecure_channel
-from prfaas.rpc.convert import sampling_to_pb
+from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 
@@ -48,7 +48,9 @@ class GrpcNodeClients:
                     r = ev.reserved
                     yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
                 else:
-                    yield TokenBatch(list(ev.tokens.token_ids), ev.tokens.finish_reason or None)
+                    t = ev.tokens
+                    logprobs = [logprob_from_pb(x) for x in t.logprobs]
+                    yield TokenBatch(list(t.token_ids), t.finish_reason or None, logprobs)
         finally:
             call.cancel()
 
@@ -72,6 +74,7 @@ class GrpcNodeClients:
                     yield Started(ev.started.node_id, ev.started.queue_wait_ms)
                 else:
                     d = ev.done
-                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks)
+                    first_lp = logprob_from_pb(d.first_logprob) if d.HasField("first_logprob") else None
+                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks, first_lp)
         finally:
             call.cancel()

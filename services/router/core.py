@@ -24,9 +24,9 @@ from typing import Protocol
 
 from structlog.contextvars import bind_contextvars
 
-from prfaas.engine.tokenizer import Tokenizer
+from prfaas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from prfaas.errors import Code, InvalidRequest, PrfaasError
-from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
+from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch, TokenLogprob
 from prfaas.obs.log import get_logger
 from prfaas.scheduling.policy import NodeView, RouteDecision, RouteQuery, RoutingPolicy
 
@@ -88,6 +88,7 @@ class GenerateOutput:
     decode_node: str = ""
     request_id: str = ""
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
 
 @dataclass
@@ -262,22 +263,29 @@ class Router:
             ttft = time.monotonic() - t0
             for obs in self.observers:
                 obs(d, len(prompt), ttft)
+            text = _Text(self.tokenizer)
             yield GenerateOutput(
                 first.token_ids,
-                self._text(first.token_ids),
+                text.push(first.token_ids, first.finish_reason),
                 first.finish_reason or "",
                 d.route,
                 d.prefill_node,
                 d.decode_node,
                 request_id,
                 d.cached_tokens,
+                await self._first_logprobs(params, prefill_task),
             )
             if first.finish_reason:
                 await asyncio.gather(prefill_task, return_exceptions=True)
                 return
             async for batch in admit:
                 assert isinstance(batch, TokenBatch)
-                yield GenerateOutput(batch.token_ids, self._text(batch.token_ids), batch.finish_reason or "")
+                yield GenerateOutput(
+                    batch.token_ids,
+                    text.push(batch.token_ids, batch.finish_reason),
+                    batch.finish_reason or "",
+                    logprobs=batch.logprobs,
+                )
                 if batch.finish_reason:
                     break
             await asyncio.gather(prefill_task, return_exceptions=True)
@@ -322,8 +330,30 @@ class Router:
                 first.cancel()
                 await asyncio.gather(first, return_exceptions=True)
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
+    @staticmethod
+    async def _first_logprobs(params: SamplingParams, prefill: asyncio.Task[Done]) -> list[TokenLogprob]:
+        """The first token's logprob is the prefill node's (it sampled it): in its Done, which
+        follows the first token by about one round trip. Only awaited when the request asked."""
+        if params.logprobs is None:
+            return []
+        done = (await asyncio.gather(prefill, return_exceptions=True))[0]
+        if isinstance(done, Done) and done.first_logprob is not None:
+            return [done.first_logprob]
+        raise RouteFailed("the prefill node's result (with the first token's logprob) did not arrive")
+
+
+class _Text:
+    """A request's streamed text, decoded incrementally: a character whose bytes span two
+    messages comes out whole, in the later one."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer) if tokenizer else None
+
+    def push(self, ids: list[int], finish_reason: str | None) -> str:
+        if self._detok is None:
+            return ""
+        text = self._detok.push(ids)
+        return text + self._detok.finish() if finish_reason else text
 
 
 class _PrefillFailed(Exception):
