@@ -1,8 +1,10 @@
 """`prfaas up`: a local cluster as processes on loopback.
 
 Default shape: one cache pool, two prefill nodes in the "prfaas" cluster, one prefill and one
-decode node in the "local" cluster, one router. Every process binds port 0 and prints a JSON
-`listening` line that this launcher reads. Ctrl-C (or the end of `--demo`) stops everything.
+decode node in the "local" cluster, one router, and the OpenAI-compatible front door in front of
+it. Every process binds port 0 and prints a JSON `listening` line that this launcher reads; each
+one also opens a Prometheus endpoint (the front door serves its own at /metrics). Ctrl-C (or the
+end of `--demo`) stops everything.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +36,10 @@ class ClusterSpec:
     kv_connections: int = 4
     convertible_local: bool = True  # local nodes serve both roles, so the router may convert them
     link_gbps: float = 10.0  # the PrfaaS -> local link capacity the router's controller assumes
-    router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = none
+    router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = a free port (with `metrics`)
+    metrics: bool = True  # a Prometheus endpoint per process
+    frontdoor: bool = True  # the OpenAI-compatible HTTP front door
+    served_model_name: str = ""  # the model name the front door answers to; empty = the directory's
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -66,8 +72,20 @@ class LocalCluster:
         self.procs: list[Proc] = []
         self.router_address = ""
         self.cachepool_address = ""
+        self.frontdoor_url = ""  # http://HOST:PORT/v1 when the front door runs
+        self.metrics_urls: dict[str, str] = {}  # process name -> its /metrics URL
+
+    def _metrics_args(self, name: str, port: int = 0) -> list[str]:
+        """`--metrics-port` for a gRPC service (a free loopback port unless given)."""
+        if not self.spec.metrics and not port:
+            return []
+        port = port or _free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return ["--metrics-port", str(port)]
 
     def _start(self, name: str, module: str, args: list[str]) -> Proc:
+        if module in ("services.cachepool", "services.prefill", "services.decode"):
+            args = [*args, *self._metrics_args(name)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
         stderr: IO[str] | int = subprocess.DEVNULL
         if self.log_dir:
@@ -154,12 +172,18 @@ class LocalCluster:
                 str(s.threshold_tokens),
                 "--link-gbps",
                 str(s.link_gbps),
-                "--metrics-port",
-                str(s.router_metrics_port),
+                *self._metrics_args("router", s.router_metrics_port),
             ],
         )
         self.router_address = self._wait_listening(router)
         asyncio.run(self._wait_registered(len(nodes)))
+        if s.frontdoor:
+            args = ["--listen", "127.0.0.1:0", "--router", self.router_address, "--model", self.model]
+            door = self._start("frontdoor", "services.frontdoor",
+                               [*args, *(["--served-model-name", s.served_model_name] if s.served_model_name else [])])
+            address = self._wait_listening(door)
+            self.frontdoor_url = f"http://{address}/v1"
+            self.metrics_urls["frontdoor"] = f"http://{address}/metrics"
         return self.router_address
 
     async def _wait_registered(self, n: int) -> None:
@@ -223,13 +247,13 @@ def up_command(argv: list[str]) -> int:
     cluster = LocalCluster(a.model, spec, log_dir=a.log_dir)
     try:
         with cluster:
-            print(
-                json.dumps(
-                    {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address}
-                ),
-                flush=True,
-            )
-            print(f"[prfaas up] router listening on {cluster.router_address}; logs in {a.log_dir}/", flush=True)
+            ready = {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address,
+                     "openai": cluster.frontdoor_url, "metrics": cluster.metrics_urls}
+            print(json.dumps(ready), flush=True)
+            print(f"[prfaas up] router (gRPC) on {cluster.router_address}; OpenAI API at "
+                  f"{cluster.frontdoor_url or '(front door off)'}; logs in {a.log_dir}/", flush=True)
+            for name, url in cluster.metrics_urls.items():
+                print(f"[prfaas up]   metrics of {name}: {url}", flush=True)
             if a.demo:
                 from prfaas.cluster.demo import print_table, run_demo
 
@@ -246,3 +270,11 @@ def up_command(argv: list[str]) -> int:
     finally:
         print("[prfaas up] stopped", flush=True)
     return 0
+
+
+def _free_port() -> int:
+    """A free loopback port for a process that cannot report the one it bound (the metrics
+    endpoints): taken from the kernel and released, then bound by the process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -56,7 +56,7 @@ async def serve(
     if metrics_port:
         from prfaas.obs.metrics import start_metrics_server
 
-        metrics = start_metrics_server(metrics_port)
+        metrics = start_metrics_server(metrics_port, listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from prfaas.obs import metrics
 from prfaas.obs.log import configure
 from prfaas.rpc.serve import serve
 from prfaas.settings import CachePoolSettings, parse_cachepool_settings
@@ -13,6 +14,7 @@ from services.cachepool.server import add_servicers
 
 async def run(s: CachePoolSettings) -> None:
     configure("cachepool", s.log_level)
+    metrics.install("cachepool")
     core = CachePool(s.block_size, s.heartbeat_timeout_s, s.heartbeat_interval_s)
     await core.start()
     try:

@@ -40,6 +40,7 @@ async def set_role(node: Node, role: str) -> None:
 
 async def main(s: RouterSettings) -> None:
     configure("router", s.log_level)
+    m = metrics.install("router")
     model_dir = resolve_model(s.model)
     config = ModelConfig.from_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, config.vocab_size)
@@ -65,14 +66,14 @@ async def main(s: RouterSettings) -> None:
         router.prefill_observers.append(control.on_prefill)
 
     def observe(decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
-        metrics.ROUTING_DECISIONS.labels(decision.route).inc()
-        metrics.TTFT_SECONDS.labels(decision.route).observe(ttft_s)
-        metrics.PREFIX_HIT_TOKENS.labels(decision.route).inc(decision.cached_tokens)
-        metrics.PREFIX_QUERY_TOKENS.inc(prompt_tokens)
-        metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+        m.routing_decisions.labels(decision.route).inc()
+        m.ttft.labels(decision.route).observe(ttft_s)
+        m.prefix_hits.labels(decision.route).inc(decision.cached_tokens)
+        m.prefix_queries.inc(prompt_tokens)
+        m.threshold.set(getattr(policy, "threshold", 0.0))
 
     router.observers.append(observe)
-    metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+    m.threshold.set(getattr(policy, "threshold", 0.0))
     log.info(
         "policy",
         policy=s.policy,

@@ -114,17 +114,19 @@ class ControlLoop:
                 max(sum(n.role == "decode" for n in local), 1),
             )
             retransmits = self._new_retransmits(prfaas)
+            egress = sum(n.egress_bytes_per_s for n in prfaas)
+            metrics.current().link_utilisation.labels(link="prfaas->local").set(egress / self.link_bytes_per_s)
             change = self.short.observe(
                 LinkObservation(
                     now,
-                    sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s,
+                    egress * self.interval_s,
                     self.link_bytes_per_s,
                     sum(n.queue_depth for n in prfaas),
                     congested=retransmits >= self.congestion_retransmits,
                 )
             )
             if change is not None:
-                metrics.THRESHOLD_TOKENS.set(change.new)
+                metrics.current().threshold.set(change.new)
                 log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
         if now - self._last_long >= self.long_interval_s:
             self._last_long = now
