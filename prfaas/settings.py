@@ -287,6 +287,9 @@ def host_port_or_empty(text: str) -> str:
 class _Secret(str):
     """A value `--help` shows as *** (an API key set through the environment stays out of it)."""
 
+    def __new__(cls, value: str) -> _Secret:
+        return super().__new__(cls, str.__str__(value))  # argparse converts its default again
+
     def __str__(self) -> str:
         return "***" if self else ""
 
