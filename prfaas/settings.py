@@ -294,3 +294,9 @@ class _Secret(str):
         return "***" if self else ""
 
     __repr__ = __str__
+
+
+def command_parser(prog: str, description: str | None = None) -> _Parser:
+    """The parser of a `prfaas` subcommand: like the services', every flag's `--help` shows its
+    default (and its PRFAAS_* variable, for flags added with `.flag`)."""
+    return _Parser(prog, description or "")

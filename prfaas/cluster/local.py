@@ -9,7 +9,6 @@ end of `--demo`) stops everything.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -86,7 +85,8 @@ class LocalCluster:
     def _start(self, name: str, module: str, args: list[str]) -> Proc:
         if module in ("services.cachepool", "services.prefill", "services.decode"):
             args = [*args, *self._metrics_args(name)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+        module, pythonpath = service_module(module)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **pythonpath, **self.spec.extra_env}
         stderr: IO[str] | int = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -231,14 +231,20 @@ class LocalCluster:
 
 
 def up_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prfaas up", description=__doc__)
-    p.add_argument("--model", default="builtin:qwen3_next-tiny", help="a model directory or builtin:FAMILY-PRESET")
-    p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections")
+    from prfaas.settings import command_parser, positive_int
+
+    p = command_parser("prfaas up", __doc__)
+    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "a model directory or builtin:FAMILY-PRESET")
+    p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections, "
+                   "frontdoor, metrics, served_model_name (see ClusterSpec)")
     p.add_argument("--demo", action="store_true", help="serve a demo workload, print the results and stop")
-    p.add_argument("--demo-requests", type=int, default=12)
-    p.add_argument("--log-dir", default=".prfaas/logs")
+    p.add_argument("--demo-requests", type=positive_int, default=12, help="requests of the demo workload")
+    p.add_argument("--log-dir", default=".prfaas/logs", help="one log file per process")
     a = p.parse_args(argv)
-    spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
+    try:
+        spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
+    except (OSError, ValueError, TypeError) as e:
+        p.error(f"--config {a.config}: {e}")
     print(
         f"[prfaas up] model {a.model}; starting cache pool, {spec.prfaas_prefill} PrfaaS prefill, "
         f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...",
@@ -278,3 +284,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when running from one
+
+
+def service_module(module: str) -> tuple[str, dict[str, str]]:
+    """The module to run a service as, and the PYTHONPATH it needs: in a checkout, the top-level
+    `services.X` (with the repository on the path, whatever the working directory); in an
+    installed wheel, `prfaas.services.X` (the wheel installs the services folders there)."""
+    if (CHECKOUT / "services" / "__init__.py").is_file() and (CHECKOUT / "pyproject.toml").is_file():
+        path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
+        return module, {"PYTHONPATH": path}
+    return f"prfaas.{module}", {}

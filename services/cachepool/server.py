@@ -20,7 +20,8 @@ from prfaas.rpc.convert import (
 from prfaas.rpc.status import mapped
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
-from services.cachepool.core import CachePool
+
+from .core import CachePool
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CachePool"].full_name
 

@@ -14,7 +14,8 @@ from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.transport.grpc_push import PushKvServicer
 from prfaas.v1 import decode_pb2, decode_pb2_grpc
-from services.decode.core import DecodeNode
+
+from .core import DecodeNode
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):

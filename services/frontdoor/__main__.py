@@ -19,10 +19,12 @@ from prfaas.model.config import ModelConfig
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.settings import FrontDoorSettings, parse_frontdoor_settings
-from services.frontdoor.client import GrpcRouter
-from services.frontdoor.core import AllowAll, BearerToken, FrontDoor
-from services.frontdoor.protocol import Defaults
-from services.frontdoor.server import make_app
+from prfaas.startup import run_service
+
+from .client import GrpcRouter
+from .core import AllowAll, BearerToken, FrontDoor
+from .protocol import Defaults
+from .server import make_app
 
 log = get_logger(__name__)
 
@@ -89,4 +91,4 @@ async def main(s: FrontDoorSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_frontdoor_settings()))
+    run_service("frontdoor", main, parse_frontdoor_settings())

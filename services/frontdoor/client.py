@@ -12,8 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prfaas.rpc import insecure_channel
 from prfaas.rpc.convert import logprob_from_pb
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.frontdoor import protocol
-from services.frontdoor.core import RouterChunk, RouterRequest
+
+from . import protocol
+from .core import RouterChunk, RouterRequest
 
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata the router sets on RESOURCE_EXHAUSTED
 

@@ -26,8 +26,9 @@ from prfaas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from prfaas.messages import TokenLogprob
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
-from services.frontdoor import protocol
-from services.frontdoor.protocol import BadRequest, Defaults, ModelNotFound, Prepared, Unauthorized
+
+from . import protocol
+from .protocol import BadRequest, Defaults, ModelNotFound, Prepared, Unauthorized
 
 log = get_logger(__name__)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas.messages import TokenLogprob
-from services.frontdoor.core import ChoiceDelta, Usage
+
+from .core import ChoiceDelta, Usage
 
 TokenText = Callable[[int], str]
 

@@ -20,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
-from services.frontdoor import responses
-from services.frontdoor.core import ChoiceDelta, FrontDoor, Usage
-from services.frontdoor.protocol import ApiError, BadRequest, Prepared
+
+from . import responses
+from .core import ChoiceDelta, FrontDoor, Usage
+from .protocol import ApiError, BadRequest, Prepared
 
 log = get_logger(__name__)
 

@@ -12,7 +12,8 @@ from prfaas.messages import Done, PrefillJob
 from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
-from services.prefill.core import PrefillNode
+
+from .core import PrefillNode
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from prfaas.cluster import Role
@@ -19,12 +17,14 @@ from prfaas.rpc.convert import role_to_pb
 from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
+from prfaas.startup import run_service
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
-from services.router.clients import GrpcNodeClients
-from services.router.control import ControlLoop
-from services.router.core import Node, Router
-from services.router.directory import CachePoolDirectory
-from services.router.server import RouterServicer
+
+from .clients import GrpcNodeClients
+from .control import ControlLoop
+from .core import Node, Router
+from .directory import CachePoolDirectory
+from .server import RouterServicer
 
 log = get_logger(__name__)
 
@@ -101,4 +101,4 @@ async def main(s: RouterSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_router_settings()))
+    run_service("router", main, parse_router_settings())

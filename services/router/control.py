@@ -27,7 +27,8 @@ from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.online import OnlinePrefillProfile
 from prfaas.scheduling.policy import NodeView, RouteDecision
 from prfaas.scheduling.profiles import Profile
-from services.router.core import Directory, Node
+
+from .core import Directory, Node
 
 log = get_logger(__name__)
 

@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 
 from prfaas.cluster import CachePoolApi
-from services.router.core import Node
+
+from .core import Node
 
 
 class CachePoolDirectory:

@@ -12,7 +12,8 @@ from prfaas.messages import SamplingParams
 from prfaas.rpc.convert import logprob_to_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.router.core import GenerateInput, Router
+
+from .core import GenerateInput, Router
 
 _ROUTE_IN = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
 _ROUTE_OUT = {"local": common_pb2.LOCAL, "prfaas": common_pb2.PRFAAS, "": common_pb2.AUTO}

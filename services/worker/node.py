@@ -32,8 +32,9 @@ from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvSender
 from prfaas.transport.stats import GLOBAL as LINK_STATS
-from services.decode.core import DecodeNode
-from services.prefill.core import PrefillNode
+
+from ..decode.core import DecodeNode
+from ..prefill.core import PrefillNode
 
 log = get_logger(__name__)
 

@@ -15,8 +15,9 @@ from prfaas.obs.log import configure, get_logger
 from prfaas.rpc.serve import serve
 from prfaas.settings import NodeSettings
 from prfaas.transport.tcp import KvTcpServer
-from services.worker.node import WorkerNode
-from services.worker.server import add_servicers
+
+from .node import WorkerNode
+from .server import add_servicers
 
 log = get_logger(__name__)
 
