@@ -51,8 +51,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prfaas.obs.log import configure
     from prfaas.sim.plots import PlotsUnavailable
 
+    configure("cli", "WARNING", json=False)  # logs on stderr: stdout is for the command's output
     try:
         return _dispatch(list(sys.argv[1:] if argv is None else argv))
     except PlotsUnavailable as e:
