@@ -48,6 +48,7 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         top_p=p.top_p,
         top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -65,6 +66,7 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
         seed=m.seed if m.HasField("seed") else None,
         stop_token_ids=tuple(m.stop_token_ids),
         logprobs=m.logprobs if m.HasField("logprobs") else None,
+        ignore_eos=m.ignore_eos,
     )
 
 

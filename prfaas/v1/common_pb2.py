@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/common.proto\x12\tprfaas.v1\"\xaf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x9f\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_slots\x18\x06 \x01(\x03\x12\x10\n\x08hardware\x18\x07 \x01(\t\"\xa3\x01\n\x08NodeLoad\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\x03\x12\x12\n\nfree_slots\x18\x02 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x1a\n\x12\x65gress_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x16\n\x0ekv_retransmits\x18\x07 \x01(\x03\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\"S\n\x0fSetRoleResponse\x12!\n\x08previous\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\x12\n\x10NodeStatsRequest\"\x93\x02\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x13\n\x0btotal_slots\x18\x05 \x01(\x03\x12\x12\n\nfree_slots\x18\x06 \x01(\x03\x12\x15\n\rcached_blocks\x18\x07 \x01(\x03\x12\x15\n\rcached_states\x18\x08 \x01(\x03\x12\x19\n\x11pending_transfers\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x05\x12\x13\n\x0btokens_done\x18\x0c \x01(\x03*(\n\x05Route\x12\x08\n\x04\x41UTO\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\n\n\x06PRFAAS\x10\x02*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\n\n\x06ROUTER\x10\x03\x12\r\n\tCACHEPOOL\x10\x04\x32\x8b\x01\n\x0bNodeControl\x12@\n\x07SetRole\x12\x19.prfaas.v1.SetRoleRequest\x1a\x1a.prfaas.v1.SetRoleResponse\x12:\n\x05Stats\x12\x1b.prfaas.v1.NodeStatsRequest\x1a\x14.prfaas.v1.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/common.proto\x12\tprfaas.v1\"\xc3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x9f\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_slots\x18\x06 \x01(\x03\x12\x10\n\x08hardware\x18\x07 \x01(\t\"\xa3\x01\n\x08NodeLoad\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\x03\x12\x12\n\nfree_slots\x18\x02 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x1a\n\x12\x65gress_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x16\n\x0ekv_retransmits\x18\x07 \x01(\x03\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\"S\n\x0fSetRoleResponse\x12!\n\x08previous\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\x12\n\x10NodeStatsRequest\"\x93\x02\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x13\n\x0btotal_slots\x18\x05 \x01(\x03\x12\x12\n\nfree_slots\x18\x06 \x01(\x03\x12\x15\n\rcached_blocks\x18\x07 \x01(\x03\x12\x15\n\rcached_states\x18\x08 \x01(\x03\x12\x19\n\x11pending_transfers\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x05\x12\x13\n\x0btokens_done\x18\x0c \x01(\x03*(\n\x05Route\x12\x08\n\x04\x41UTO\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\n\n\x06PRFAAS\x10\x02*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\n\n\x06ROUTER\x10\x03\x12\r\n\tCACHEPOOL\x10\x04\x32\x8b\x01\n\x0bNodeControl\x12@\n\x07SetRole\x12\x19.prfaas.v1.SetRoleRequest\x1a\x1a.prfaas.v1.SetRoleResponse\x12:\n\x05Stats\x12\x1b.prfaas.v1.NodeStatsRequest\x1a\x14.prfaas.v1.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTE']._serialized_start=1053
-  _globals['_ROUTE']._serialized_end=1093
-  _globals['_ROLE']._serialized_start=1095
-  _globals['_ROLE']._serialized_end=1175
+  _globals['_ROUTE']._serialized_start=1073
+  _globals['_ROUTE']._serialized_end=1113
+  _globals['_ROLE']._serialized_start=1115
+  _globals['_ROLE']._serialized_end=1195
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=213
-  _globals['_TOKENLOGPROB']._serialized_start=215
-  _globals['_TOKENLOGPROB']._serialized_end=291
-  _globals['_NODEINFO']._serialized_start=294
-  _globals['_NODEINFO']._serialized_end=453
-  _globals['_NODELOAD']._serialized_start=456
-  _globals['_NODELOAD']._serialized_end=619
-  _globals['_SETROLEREQUEST']._serialized_start=621
-  _globals['_SETROLEREQUEST']._serialized_end=668
-  _globals['_SETROLERESPONSE']._serialized_start=670
-  _globals['_SETROLERESPONSE']._serialized_end=753
-  _globals['_NODESTATSREQUEST']._serialized_start=755
-  _globals['_NODESTATSREQUEST']._serialized_end=773
-  _globals['_NODESTATS']._serialized_start=776
-  _globals['_NODESTATS']._serialized_end=1051
-  _globals['_NODECONTROL']._serialized_start=1178
-  _globals['_NODECONTROL']._serialized_end=1317
+  _globals['_SAMPLINGPARAMS']._serialized_end=233
+  _globals['_TOKENLOGPROB']._serialized_start=235
+  _globals['_TOKENLOGPROB']._serialized_end=311
+  _globals['_NODEINFO']._serialized_start=314
+  _globals['_NODEINFO']._serialized_end=473
+  _globals['_NODELOAD']._serialized_start=476
+  _globals['_NODELOAD']._serialized_end=639
+  _globals['_SETROLEREQUEST']._serialized_start=641
+  _globals['_SETROLEREQUEST']._serialized_end=688
+  _globals['_SETROLERESPONSE']._serialized_start=690
+  _globals['_SETROLERESPONSE']._serialized_end=773
+  _globals['_NODESTATSREQUEST']._serialized_start=775
+  _globals['_NODESTATSREQUEST']._serialized_end=793
+  _globals['_NODESTATS']._serialized_start=796
+  _globals['_NODESTATS']._serialized_end=1071
+  _globals['_NODECONTROL']._serialized_start=1198
+  _globals['_NODECONTROL']._serialized_end=1337
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,7 @@ def to_pb(req: RouterRequest) -> router_pb2.GenerateRequest:
         top_p=req.top_p,
         top_k=req.top_k,
         stop_token_ids=list(req.stop_token_ids),
+        ignore_eos=req.ignore_eos,
     )
     if req.seed is not None:
         msg.seed = req.seed

@@ -44,6 +44,7 @@ class RouterRequest:
     seed: int | None
     stop_token_ids: tuple[int, ...]
     logprobs: int | None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class FrontDoor:
             RouterRequest(
                 f"{rid}-{i}", p.prompts[i // p.n], p.max_tokens, p.temperature, p.top_p, p.top_k,
                 None if p.seed is None else (p.seed + i % p.n) % (1 << 64), p.stop_token_ids, p.logprobs,
+                p.ignore_eos,
             )
             for i in range(p.num_choices)
         ]

@@ -8,7 +8,7 @@ No HTTP here: `ApiError` carries the status that `server.py` answers with.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prfaas.messages import MAX_LOGPROBS
@@ -61,7 +61,7 @@ class Timeout(ApiError):
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None, "echo": False,
     "suffix": None, "tools": None, "functions": None, "response_format": None, "min_tokens": 0,
-    "ignore_eos": False, "prompt_logprobs": None, "min_p": 0,
+    "prompt_logprobs": None, "min_p": 0,
 }
 
 
@@ -84,7 +84,7 @@ class Prepared:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; k: each token's logprob and k alternatives
     include_usage: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    ignore_eos: bool = False  # vLLM's extension: not stopping at eos (benchmarks ask for fixed lengths)
 
     @property
     def num_choices(self) -> int:
@@ -168,6 +168,9 @@ def prepare(kind: str, body: dict[str, Any], prompts: list[list[int]], logprobs:
     seed = _integer(body, "seed", None, 0, (1 << 63) - 1)
     stop, stop_ids = _stops(body)
     n = _integer(body, "n", 1, 1, d.max_n)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos must be true or false", "ignore_eos")
     assert max_tokens is not None and top_k is not None and n is not None
     return Prepared(
         kind=kind,
@@ -181,9 +184,10 @@ def prepare(kind: str, body: dict[str, Any], prompts: list[list[int]], logprobs:
         top_k=max(top_k, 0),  # vLLM's -1 means off, as our 0 does
         seed=seed,
         stop=stop,
-        stop_token_ids=tuple(dict.fromkeys((*stop_ids, *d.eos_token_ids))),
+        stop_token_ids=tuple(dict.fromkeys((*stop_ids, *(() if ignore_eos else d.eos_token_ids)))),
         logprobs=logprobs,
         include_usage=bool(options.get("include_usage", False)),
+        ignore_eos=ignore_eos,
     )
 
 

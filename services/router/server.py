@@ -37,6 +37,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 seed=request.seed if request.HasField("seed") else None,
                 stop_token_ids=tuple(request.stop_token_ids),
                 logprobs=request.logprobs if request.HasField("logprobs") else None,
+                ignore_eos=request.ignore_eos,
             )
             req = GenerateInput(
                 request.request_id, request.prompt, list(request.token_ids), params, _ROUTE_IN[request.route]

@@ -185,3 +185,17 @@ def test_defaults_and_eos_ids_apply():
     assert protocol.chat_logprobs({"logprobs": True, "top_logprobs": 3}) == 3
     with pytest.raises(protocol.BadRequest):
         protocol.chat_logprobs({"top_logprobs": 3})
+
+
+def test_sampling_values_survive_the_wire():
+    from prfaas.messages import SamplingParams
+    from prfaas.rpc.convert import sampling_from_pb, sampling_to_pb
+
+    for p in (SamplingParams(), SamplingParams(8, 0.5, 0.75, 5, 3, (1, 2), True, 4), SamplingParams(logprobs=0)):
+        assert sampling_from_pb(sampling_to_pb(p)) == p
+
+
+def test_ignore_eos_drops_the_generation_config_eos():
+    d = protocol.Defaults(eos_token_ids=(7,))
+    p = protocol.prepare("completion", {"model": "m", "ignore_eos": True, "stop_token_ids": [5]}, [[1]], None, d)
+    assert p.ignore_eos and p.stop_token_ids == (5,)
