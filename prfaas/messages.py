@@ -19,6 +19,7 @@ from prfaas.errors import InvalidRequest
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # besides 0 (greedy): logits / t stays finite
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = (1 << 64) - 1
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs bound)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
 
     def validate(self) -> None:
         """Every value finite and in range; the message names the field. (Bounds that depend on
@@ -52,6 +54,8 @@ class SamplingParams:
         bad = next((i for i in self.stop_token_ids if i < 0), None)
         if bad is not None:
             raise InvalidRequest(f"stop_token_ids must be >= 0, got {bad}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -85,12 +89,22 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of the raw logits, before
+    temperature or top-k/top-p), and the `k` most likely tokens with theirs, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Done:
     first_token: int
     kv_bytes: int
     prefill_s: float
     transfer_s: float
     chunks: int
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 # --- decode node -> router -----------------------------------------------------------------------
@@ -111,3 +125,4 @@ class Alive:
 class TokenBatch:
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for

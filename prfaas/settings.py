@@ -274,3 +274,57 @@ def parse_cachepool_settings(argv: list[str] | None = None) -> CachePoolSettings
     a = p.parse_args(argv)
     return CachePoolSettings(a.listen, a.block_size, a.heartbeat_timeout_s, a.heartbeat_interval_s or None,
                              a.metrics_port, a.log_level)
+
+
+# --- front door (the OpenAI-compatible HTTP API) -----------------------------------------------------
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    listen: str  # host:port of the HTTP server; port 0 picks a free one
+    router: str  # host:port of the router's gRPC API
+    model: str  # the model directory (tokenizer, chat template, generation defaults)
+    served_model_name: str  # the `model` clients name; empty = the model directory's name
+    api_key: str  # clients must send `Authorization: Bearer KEY`; empty = no check
+    max_n: int
+    default_max_tokens: int
+    log_level: str
+
+
+def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings:
+    p = _Parser("python -m services.frontdoor", "The PrfaaS front door: an OpenAI-compatible HTTP API.")
+    p.flag("--listen", "LISTEN", "127.0.0.1:8000", host_port, "host:port of the HTTP server; port 0 picks a free one")
+    p.flag("--router", "ROUTER", "", host_port_or_empty, "host:port of the router's gRPC API (required)")
+    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "the model (tokenizer, chat template, defaults)")
+    p.flag("--served-model-name", "SERVED_MODEL_NAME", "", str,
+           "the model name clients send; empty = the model directory's name")
+    p.flag("--api-key", "API_KEY", "", _Secret, "require `Authorization: Bearer KEY`; empty = no check")
+    p.flag("--max-n", "MAX_N", 8, positive_int, "the largest n (choices per request) accepted")
+    p.flag("--default-max-tokens", "DEFAULT_MAX_TOKENS", 256, positive_int,
+           "max_tokens when neither the request nor generation_config.json sets it")
+    p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = p.parse_args(argv)
+    if not a.router:
+        p.error("--router (or PRFAAS_ROUTER) is required")
+    a.api_key = str.__str__(a.api_key)  # a plain string from here on
+    return FrontDoorSettings(**{f: getattr(a, f) for f in FrontDoorSettings.__dataclass_fields__})
+
+
+def host_port_or_empty(text: str) -> str:
+    return text and host_port(text)
+
+
+class _Secret(str):
+    """A value `--help` shows as *** (an API key set through the environment stays out of it)."""
+
+    def __new__(cls, value: str) -> _Secret:
+        return super().__new__(cls, str.__str__(value))  # argparse converts its default again
+
+    def __str__(self) -> str:
+        return "***" if self else ""
+
+    __repr__ = __str__
+
+
+def command_parser(prog: str, description: str | None = None) -> _Parser:
+    """The parser of a `prfaas` subcommand: like the services', every flag's `--help` shows its
+    default (and its PRFAAS_* variable, for flags added with `.flag`)."""
+    return _Parser(prog, description or "")

@@ -43,7 +43,9 @@ ROUTER_ENV = COMMON_ENV | {
     "PRFAAS_POLICY",
     "PRFAAS_THRESHOLD_TOKENS",
 }
-REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_ENV, "decode": NODE_ENV}
+FRONTDOOR_ENV = {"PRFAAS_LISTEN", "PRFAAS_ROUTER", "PRFAAS_MODEL", "PRFAAS_LOG_LEVEL"}
+REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_ENV, "decode": NODE_ENV,
+                "frontdoor": FRONTDOOR_ENV}
 
 
 def _compose() -> dict[str, Any]:
@@ -159,7 +161,7 @@ def test_k8s_manifests_shape() -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    kinds = {"cachepool", "router", "prefill-prfaas", "prefill-local", "decode-local"}
+    kinds = {"cachepool", "router", "prefill-prfaas", "prefill-local", "decode-local", "frontdoor"}
     assert set(deployments) == services == {f"prfaas-{k}" for k in kinds}
     for name, dep in deployments.items():
         (c,) = dep["spec"]["template"]["spec"]["containers"]
@@ -169,6 +171,10 @@ def test_k8s_manifests_shape() -> None:
         assert not missing, f"{name} lacks {sorted(missing)}"
         assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         port = int(next(e["value"] for e in c["env"] if e["name"] == "PRFAAS_LISTEN").rsplit(":", 1)[1])
+        if module == "frontdoor":  # HTTP: ready when the router serves, alive while it answers /metrics
+            assert c["readinessProbe"]["httpGet"]["path"] == "/health", name
+            assert c["ports"][0]["containerPort"] == port
+            continue
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port, f"{name} {probe}"
 
@@ -179,3 +185,13 @@ def test_k8s_manifests_validate() -> None:
     )
     for doc in _manifests():
         kv.validate(doc, desired_version=kv.latest_version(), strict=True)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_prometheus_config_validates_and_scrapes_every_service() -> None:
+    config = ROOT / "deploy" / "prometheus.yml"
+    r = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    targets = {t.split(":")[0] for job in yaml.safe_load(config.read_text())["scrape_configs"]
+               for group in job["static_configs"] for t in group["targets"]}
+    assert targets == set(SERVING) | {"frontdoor"}

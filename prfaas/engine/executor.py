@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prfaas.engine.sampling import make_generator, sample
+from prfaas.engine.sampling import make_generator, sample, token_logprob
 from prfaas.errors import InvalidRequest, ModelFault, OutOfCapacity
 from prfaas.kv.allocator import BlockAllocator, SlotAllocator
 from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
 from prfaas.kv.pool import LayerKv
-from prfaas.messages import SamplingParams
+from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.model.base import ForwardMeta
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.ops.attention import AttentionBackend, TorchAttention
@@ -45,6 +45,7 @@ class SeqState:
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token computed here, when asked
 
     @property
     def num_tokens(self) -> int:
@@ -197,6 +198,7 @@ class Executor:
         if not bool(torch.isfinite(logits).all()):
             raise ModelFault(f"request {seq.request_id}: non-finite logits at the end of the prompt")
         token = sample(logits, seq.params, seq.generator)
+        self._record_logprob(seq, logits, token)
         self.append_token(seq, token)
         yield token
 
@@ -331,6 +333,7 @@ class Executor:
                 self._fail(seq, f"non-finite logits at position {seq.num_tokens - 1}")
                 continue
             tok = best if seq.params.greedy else sample(row, seq.params, seq.generator)
+            self._record_logprob(seq, row, tok)
             self.append_token(seq, tok)
             tokens[i] = tok
         return tokens
@@ -338,6 +341,11 @@ class Executor:
     @staticmethod
     def _fail(seq: SeqState, why: str) -> None:
         seq.finish_reason, seq.error = "error", f"request {seq.request_id}: {why} (its KV or state is corrupt)"
+
+    @staticmethod
+    def _record_logprob(seq: SeqState, logits: torch.Tensor, token: int) -> None:
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, token, seq.params.logprobs))
 
     def decode_step(self, seqs: list[SeqState]) -> list[int]:
         return self.run_decode(self.prepare_decode(seqs))

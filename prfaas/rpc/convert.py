@@ -14,7 +14,7 @@ from prfaas.cluster import (
     NodeStatus,
     Role,
 )
-from prfaas.messages import SamplingParams
+from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.v1 import cachepool_pb2 as cp_pb
 from prfaas.v1 import common_pb2
 
@@ -48,9 +48,12 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         top_p=p.top_p,
         top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
     return msg
 
 
@@ -62,7 +65,19 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
         top_k=m.top_k,
         seed=m.seed if m.HasField("seed") else None,
         stop_token_ids=tuple(m.stop_token_ids),
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        ignore_eos=m.ignore_eos,
     )
+
+
+def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top]
+    )
+
+
+def logprob_from_pb(m: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(m.logprob, tuple(zip(m.top_token_ids, m.top_logprobs, strict=True)))
 
 
 # --- membership ----------------------------------------------------------------------------------

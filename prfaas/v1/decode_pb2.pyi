@@ -70,12 +70,14 @@ class Reserved(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., expected_chunks_hint: _Optional[int] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
 class Tokens(_message.Message):
-    __slots__ = ("token_ids", "finish_reason")
+    __slots__ = ("token_ids", "finish_reason", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("transfer_id", "seq", "total_chunks", "layer", "kind", "token_start", "token_end", "dtype", "shape", "payload", "checksum", "scales", "first_token")

@@ -104,9 +104,10 @@ class CachePool:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        metrics.CLUSTER_NODES.clear()
+        nodes = metrics.current().cluster_nodes
+        nodes.clear()
         for m in self._members.values():
-            metrics.CLUSTER_NODES.labels(cluster=m.info.cluster, role=m.info.role.value).inc()
+            nodes.labels(cluster=m.info.cluster, role=m.info.role.value).inc()
 
     # --- membership ------------------------------------------------------------------------------
     async def register(self, node: NodeInfo) -> RegisterResult:
@@ -155,7 +156,7 @@ class CachePool:
             if event.node_id not in self._members:
                 raise UnknownNodeError(f"node {event.node_id!r} is not registered")
             self._index.apply(event)
-            metrics.CACHE_EVENTS.labels(kind=event.kind.value).inc()
+            metrics.current().cache_events.labels(kind=event.kind.value).inc()
         return len(events)
 
     async def match(self, token_ids: Sequence[int]) -> MatchResult:

@@ -21,7 +21,8 @@ from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
-from services.cachepool.core import CachePool
+
+from .core import CachePool
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from prfaas.engine.executor import Executor, SeqState
 from prfaas.errors import Draining, InvalidRequest, ModelFault
 from prfaas.messages import Alive, Reserved, SamplingParams, TokenBatch
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
@@ -73,6 +75,7 @@ class DecodeNode:
         self._loop_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self.tokens_out = 0
+        self._last_token_at: dict[str, float] = {}  # per running request: when its last token came
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +138,9 @@ class DecodeNode:
                 self.receiver.cancel(transfer_id)
             ex.complete_import(seq, first)
             log.info("kv_received", prompt_tokens=len(prompt), blocks=len(seq.block_table), slot=seq.slot)
+            m = metrics.current()
+            m.kv_received_bytes.inc(transfer.bytes)
+            m.generation_tokens.inc()
             self.tokens_out += 1
             yield TokenBatch([first], seq.finish_reason)
             if seq.finished:
@@ -200,12 +206,20 @@ class DecodeNode:
                 for s in self._deferred_free:
                     ex.free(s)
                 self._deferred_free.clear()
-            ready_ids = {id(s) for s in ready}
+            ready_ids, now, m = {id(s) for s in ready}, time.monotonic(), metrics.current()
             for key, (seq, queue) in entries:
                 if id(seq) in ready_ids or seq.finished:
                     tok = [seq.output[-1]] if id(seq) in ready_ids and seq.finish_reason != "error" else []
                     self.tokens_out += len(tok)
-                    queue.put_nowait(TokenBatch(tok, seq.finish_reason))
+                    if tok:
+                        m.generation_tokens.inc()
+                        last = self._last_token_at.get(key)
+                        if last is not None:
+                            m.itl.observe(now - last)
+                        self._last_token_at[key] = now
+                    if seq.finished:
+                        self._last_token_at.pop(key, None)
+                    queue.put_nowait(TokenBatch(tok, seq.finish_reason, seq.logprobs[-1:] if tok else []))
                     if seq.finished:
                         self._running.pop(key, None)
 

@@ -22,6 +22,7 @@ from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
 from prfaas.messages import Done, PrefillJob, Progress, Started
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 
 log = get_logger(__name__)
@@ -61,7 +62,9 @@ class PrefillNode:
         on_cache_events: Callable[[list[CacheEvent]], None] | None = None,
         yield_between_chunks: bool = False,
         alive_interval_s: float = 1.0,
+        cluster: str = "",
     ) -> None:
+        self.cluster = cluster  # "prfaas" or "local": the route label of its metrics
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         self.planner = planner or PrefillPlanner(executor.layout.block_size)
         if prefix_cache is not None and not self.planner.grid:
@@ -103,6 +106,8 @@ class PrefillNode:
             run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
             plan, hashes = self._plan(run.seq)
             run.tokens_done = plan.hit
+            m = metrics.current()
+            m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
             run.sender = self.sender_factory(job)
             t0 = time.monotonic()
@@ -124,10 +129,13 @@ class PrefillNode:
                 yield ev
             stats, run.sender = finish.result(), None
             self.bytes_sent += stats.bytes
+            m.kv_bytes.labels(link=job.decode_address).inc(stats.bytes)
+            m.kv_transfer_seconds.labels(link=job.decode_address).observe(stats.seconds)
             log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
                      prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
                      chunks=stats.chunks)
-            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks)
+            first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
+            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob)
         finally:
             if run is not None:
                 await run.close(self.executor)
@@ -156,6 +164,7 @@ class PrefillNode:
                 run.layers_done = layers
                 yield run.progress()
         self.tokens_computed += segment.end - segment.start
+        metrics.current().prompt_computed.inc(segment.end - segment.start)
         run.tokens_done, run.layers_done = segment.end, 0
 
     async def _alive(
@@ -192,12 +201,14 @@ class PrefillNode:
         n, hit = len(seq.prompt), 0
         if self.prefix_cache is None:
             return self.planner.plan(n), []
+        metrics.current().prefix_queries.inc(n)
         hashes = block_hashes(seq.prompt, self.executor.layout.block_size)
         ids, slot = self.prefix_cache.lookup(hashes, self.planner.max_hit_blocks(n))
         if ids and slot is not None:
             self.executor.attach_prefix(seq, ids, slot)
             hit = len(ids) * self.executor.layout.block_size
             self.cached_tokens += hit
+            metrics.current().prefix_hits.labels(route=self.cluster).inc(hit)
         return self.planner.plan(n, hit), hashes
 
     def _checkpoint(self, seq: SeqState, hashes: list[int]) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from prfaas.cluster import Role
@@ -20,12 +18,14 @@ from prfaas.rpc.handlers import add_service
 from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
+from prfaas.startup import run_service
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2
-from services.router.clients import GrpcNodeClients
-from services.router.control import ControlLoop
-from services.router.core import Node, Router, RouterLimits
-from services.router.directory import CachePoolDirectory
-from services.router.server import RouterServicer
+
+from .clients import GrpcNodeClients
+from .control import ControlLoop
+from .core import Node, Router, RouterLimits
+from .directory import CachePoolDirectory
+from .server import RouterServicer
 
 log = get_logger(__name__)
 
@@ -49,20 +49,25 @@ def limits(s: RouterSettings, config: ModelConfig) -> RouterLimits:
 
 
 def export_metrics(router: Router, policy: object) -> None:
+    m = metrics.current()
+
     def observe(decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
-        metrics.ROUTING_DECISIONS.labels(decision.route).inc()
-        metrics.TTFT_SECONDS.labels(decision.route).observe(ttft_s)
-        metrics.PREFIX_HIT_TOKENS.labels(decision.route).inc(decision.cached_tokens)
-        metrics.PREFIX_QUERY_TOKENS.inc(prompt_tokens)
-        metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+        m.routing_decisions.labels(decision.route).inc()
+        m.ttft.labels(decision.route).observe(ttft_s)
+        m.prefix_hits.labels(decision.route).inc(decision.cached_tokens)
+        m.prefix_queries.inc(prompt_tokens)
+        m.threshold.set(getattr(policy, "threshold", 0.0))
 
     router.observers.append(observe)
-    router.queue_observers.append(lambda waited: metrics.QUEUE_TIME_SECONDS.observe(waited))
-    metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+    router.queue_observers.append(m.queue_time.observe)
+    m.bind("waiting", lambda: float(len(router.queue)))
+    m.bind("running", lambda: float(router.active - len(router.queue)))
+    m.threshold.set(getattr(policy, "threshold", 0.0))
 
 
 async def main(s: RouterSettings) -> None:
     configure("router", s.log_level)
+    metrics.install("router")
     model_dir = resolve_model(s.model)
     config = ModelConfig.from_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, config.vocab_size)
@@ -113,4 +118,4 @@ async def main(s: RouterSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_router_settings()))
+    run_service("router", main, parse_router_settings())

@@ -20,8 +20,19 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from prfaas.errors import Code, PrfaasError, RemoteError
-from prfaas.messages import Alive, Done, PrefillJob, Progress, Reserved, SamplingParams, Started, TokenBatch
-from services.router.placement import Placement
+from prfaas.messages import (
+    Alive,
+    Done,
+    PrefillJob,
+    Progress,
+    Reserved,
+    SamplingParams,
+    Started,
+    TokenBatch,
+    TokenLogprob,
+)
+
+from .placement import Placement
 
 T = TypeVar("T")
 
@@ -109,6 +120,8 @@ class Attempt:
             try:
                 first = await self._first(admit, prefill)
                 self._mark("first")
+                if self.params.logprobs is not None:  # the first token's is the prefill node's (it sampled it)
+                    first = TokenBatch(first.token_ids, first.finish_reason, await self._first_logprob(prefill))
                 yield first
                 while first.finish_reason is None:
                     batch = await self._decode_event(admit)
@@ -169,6 +182,13 @@ class Attempt:
             raise AttemptFailed(node, "prefill", Code.UNAVAILABLE, "the stream ended without a result")
         self.on_prefill_done(done)
         return done
+
+    async def _first_logprob(self, prefill: asyncio.Future[Done]) -> list[TokenLogprob]:
+        """From the prefill node's Done, which follows the first token by about a round trip."""
+        done = await prefill
+        if done.first_logprob is None:
+            raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.INTERNAL, "no logprob in its result")
+        return [done.first_logprob]
 
     async def _first(self, admit: AsyncIterator[Reserved | TokenBatch | Alive],
                      prefill: asyncio.Future[Done]) -> TokenBatch:

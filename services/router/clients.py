@@ -10,7 +10,7 @@ import grpc
 from prfaas.errors import RemoteError
 from prfaas.messages import Alive, Done, PrefillJob, Progress, Reserved, SamplingParams, Started, TokenBatch
 from prfaas.rpc import insecure_channel
-from prfaas.rpc.convert import sampling_to_pb
+from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
 from prfaas.rpc.status import code_of
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -49,7 +49,9 @@ class GrpcNodeClients:
                     r = ev.reserved
                     yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
                 elif which == "tokens":
-                    yield TokenBatch(list(ev.tokens.token_ids), ev.tokens.finish_reason or None)
+                    t = ev.tokens
+                    logprobs = [logprob_from_pb(x) for x in t.logprobs]
+                    yield TokenBatch(list(t.token_ids), t.finish_reason or None, logprobs)
                 else:
                     yield Alive(ev.alive.kv_pending)
         except grpc.aio.AioRpcError as e:
@@ -81,7 +83,8 @@ class GrpcNodeClients:
                     yield Progress(p.tokens_done, p.layers_done, p.queued)
                 else:
                     d = ev.done
-                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks)
+                    first_lp = logprob_from_pb(d.first_logprob) if d.HasField("first_logprob") else None
+                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks, first_lp)
         except grpc.aio.AioRpcError as e:
             raise RemoteError(code_of(e.code()), e.details() or "") from e
         finally:

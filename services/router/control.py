@@ -31,7 +31,8 @@ from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.online import OnlinePrefillProfile
 from prfaas.scheduling.policy import NodeView, RouteDecision
 from prfaas.scheduling.profiles import Profile
-from services.router.core import Directory, Node
+
+from .core import Directory, Node
 
 log = get_logger(__name__)
 
@@ -119,17 +120,19 @@ class ControlLoop:
                 max(sum(n.role == "decode" for n in local), 1),
             )
             retransmits = self._new_retransmits(prfaas)
+            egress = sum(n.egress_bytes_per_s for n in prfaas)
+            metrics.current().link_utilisation.labels(link="prfaas->local").set(egress / self.link_bytes_per_s)
             change = self.short.observe(
                 LinkObservation(
                     now,
-                    sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s,
+                    egress * self.interval_s,
                     self.link_bytes_per_s,
                     sum(n.queue_depth for n in prfaas),
                     congested=retransmits >= self.congestion_retransmits,
                 )
             )
             if change is not None:
-                metrics.THRESHOLD_TOKENS.set(change.new)
+                metrics.current().threshold.set(change.new)
                 log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
         if await self._stand_in(local):
             return

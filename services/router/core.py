@@ -27,14 +27,16 @@ from typing import Protocol
 
 from structlog.contextvars import bind_contextvars
 
-from prfaas.engine.tokenizer import Tokenizer
+from prfaas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from prfaas.errors import Code, Draining, InvalidRequest, PrfaasError
-from prfaas.messages import Done, SamplingParams
+from prfaas.messages import Done, SamplingParams, TokenLogprob
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.scheduling.policy import NoCapacityError, RouteDecision, RouteQuery, RoutingPolicy
-from services.router.admission import AdmissionQueue, Waiting
-from services.router.attempt import Attempt, AttemptFailed, NodeClients
-from services.router.placement import Ask, Capacity, Liveness, Node, Placement, decode_blocks
+
+from .admission import AdmissionQueue, Waiting
+from .attempt import Attempt, AttemptFailed, NodeClients
+from .placement import Ask, Capacity, Liveness, Node, Placement, decode_blocks
 
 log = get_logger(__name__)
 
@@ -79,6 +81,7 @@ class GenerateOutput:
     decode_node: str = ""
     request_id: str = ""
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -185,12 +188,19 @@ class Router:
         why = self.capacity.never_fits(nodes, ask)
         if why is not None:
             raise InvalidRequest(f"request {request_id} can never be served here: {why}")
+        m = metrics.current()
+        m.prompt_tokens.inc(len(prompt))
         self.active += 1
+        finish = "error"
         try:
             async for out in self._serve(request_id, prompt, req.params, ask, t0):
+                m.generation_tokens.inc(len(out.token_ids))
+                finish = out.finish_reason or finish
                 yield out
         finally:
             self.active -= 1
+            m.request_success.labels(finished_reason=finish if finish != "error" else "abort").inc()
+            m.e2e.observe(time.monotonic() - t0)
 
     async def _serve(
         self, request_id: str, prompt: list[int], params: SamplingParams, ask: Ask, t0: float
@@ -261,11 +271,12 @@ class Router:
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
                           stall_timeout_s=lim.stall_timeout_s, num_connections=lim.num_connections,
                           deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over)
-        first = True
+        first, text = True, _Text(self.tokenizer)
         try:
             async with contextlib.aclosing(attempt.tokens()) as batches:
                 async for batch in batches:
-                    out = GenerateOutput(batch.token_ids, self._text(batch.token_ids), batch.finish_reason or "")
+                    out = GenerateOutput(batch.token_ids, text.push(batch.token_ids, batch.finish_reason),
+                                         batch.finish_reason or "", logprobs=list(batch.logprobs))
                     if first:
                         first = False
                         ttft = time.monotonic() - t0
@@ -282,8 +293,6 @@ class Router:
             self.capacity.decode_done(p)
             self._wake.set()
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
 
     # --- the dispatcher ---------------------------------------------------------------------------
     def _ensure_dispatcher(self) -> None:
@@ -351,3 +360,17 @@ class Router:
         deadline = time.monotonic() + timeout_s
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+
+
+class _Text:
+    """A request's streamed text, decoded incrementally: a character whose bytes span two
+    messages comes out whole, in the later one."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer) if tokenizer else None
+
+    def push(self, ids: list[int], finish_reason: str | None) -> str:
+        if self._detok is None:
+            return ""
+        text = self._detok.push(ids)
+        return text + self._detok.finish() if finish_reason else text

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 from prfaas.cluster import CachePoolApi, CachePoolError
 from prfaas.obs.log import get_logger
-from services.router.placement import Node
+
+from .placement import Node
 
 log = get_logger(__name__)
 

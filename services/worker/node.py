@@ -24,6 +24,7 @@ from prfaas.messages import PrefillJob
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 from prfaas.model.presets import resolve_model
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.settings import NodeSettings
 from prfaas.transport.chunks import chunk_grid
@@ -31,8 +32,9 @@ from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvSender
 from prfaas.transport.stats import GLOBAL as LINK_STATS
-from services.decode.core import DecodeNode
-from services.prefill.core import PrefillNode
+
+from ..decode.core import DecodeNode
+from ..prefill.core import PrefillNode
 
 log = get_logger(__name__)
 
@@ -79,6 +81,7 @@ class WorkerNode:
                 self.prefix_cache,
                 self.publish,
                 yield_between_chunks=self.convertible,
+                cluster=s.cluster,
             )
         self.receiver = KvReceiver()
         if role == Role.DECODE or self.convertible:
@@ -178,6 +181,14 @@ class WorkerNode:
             egress_bytes_per_s=egress,
             tokens_per_s=tokens_per_s,
         )
+
+    def bind_metrics(self) -> None:
+        """The node's live gauges, read at scrape time."""
+        m, ex = metrics.current(), self.executor
+        m.bind("kv_usage", lambda: 1.0 - ex.blocks.num_free / max(ex.blocks.num_blocks, 1))
+        m.bind("state_usage", lambda: 1.0 - ex.slots.num_free / max(ex.slots.num_slots, 1))
+        m.bind("running", lambda: self.stats()["running"])
+        m.bind("waiting", lambda: self.stats()["queue_depth"] + self.stats()["pending_transfers"])
 
     def stats(self) -> dict[str, int]:
         """Accounting for `NodeControl.Stats`: the pool, what the prefix cache holds, the work."""

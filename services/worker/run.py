@@ -13,20 +13,24 @@ import time
 from prfaas.cluster import Role
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.membership import MembershipAgent
+from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc.serve import serve
 from prfaas.settings import NodeSettings
 from prfaas.transport.tcp import KvTcpServer
-from services.worker.node import WorkerNode
-from services.worker.server import add_servicers
+
+from .node import WorkerNode
+from .server import add_servicers
 
 log = get_logger(__name__)
 
 
 async def run_node(s: NodeSettings, role: Role) -> None:
     configure(role.value, s.log_level)
+    metrics.install(*(("prefill", "decode") if s.convertible else (role.value,)))
     pool = CachePoolClient(s.cachepool) if s.cachepool else None
     node = WorkerNode(s, role, pool)
+    node.bind_metrics()
     kv_tcp = KvTcpServer(node.receiver)  # the raw-TCP data port, when the node decodes
     if node.decode:
         node.decode.start()

@@ -9,9 +9,10 @@ from prfaas.rpc.convert import role_from_pb, role_to_pb
 from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
 from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2
-from services.decode.server import DecodeServicer
-from services.prefill.server import PrefillServicer
-from services.worker.node import WorkerNode
+
+from ..decode.server import DecodeServicer
+from ..prefill.server import PrefillServicer
+from .node import WorkerNode
 
 Ctx = grpc.aio.ServicerContext
 
