@@ -146,6 +146,10 @@ def test_dockerfile_builds_one_cpu_image() -> None:
     assert "--extra-index-url" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
     assert any(line.startswith("COPY") and ".whl*" in line for line in lines)
     assert ".whl" not in (ROOT / ".dockerignore").read_text().split(), "the wheel folder must reach the build"
+    # every file the build backend reads (setup.py maps services/ to prfaas.services) is in the
+    # dependency layer's COPY, or pip cannot even collect the dependencies there
+    dep_copy = next(line for line in lines if line.startswith("COPY") and "pyproject.toml" in line and "README" in line)
+    assert all(f in dep_copy.split() for f in ("pyproject.toml", "setup.py", "README.md")), dep_copy
 
 
 def _manifests() -> list[dict[str, Any]]:
