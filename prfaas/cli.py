@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from prfaas.training.cli import add_train_args, train_command
+
 
 def _model_init(args: argparse.Namespace) -> int:
     from prfaas.model.presets import write_preset
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(fn=_model_init)
+
+    tr = model.add_parser("train", help="train a small model on the Python standard library (docs/models.md)")
+    tr.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True)
+    tr.add_argument("--out", required=True)
+    add_train_args(tr)
+    tr.set_defaults(fn=train_command)
 
     gen = sub.add_parser("generate", help="generate with one in-process executor")
     gen.add_argument("--model", required=True, help="a model directory or builtin:FAMILY-PRESET")
