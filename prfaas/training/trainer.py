@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def init_for_training(model: HybridForCausalLM, seed: int) -> None:
                 p.fill_(1.0)
 
 
-def build_model(raw_config: dict, seed: int) -> HybridForCausalLM:
+def build_model(raw_config: dict[str, Any], seed: int) -> HybridForCausalLM:
     torch.manual_seed(seed)
     model = HybridForCausalLM(ModelConfig.from_dict(raw_config))
     init_for_training(model, seed)
@@ -59,7 +60,8 @@ def build_model(raw_config: dict, seed: int) -> HybridForCausalLM:
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on norms, decays, biases or convs)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.dim() == 2 and "conv" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_PER_HEAD = 64
+CHUNK_PER_HEAD = 32
 CHUNK_PER_CHANNEL = 8
 
 
@@ -27,14 +27,15 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(B, T, H, ...) -> (B, H, N, C, ...) in float32 or wider, zero-padded to N * C tokens (zero k, v, beta and
-    g leave the state unchanged, and the padded outputs are dropped)."""
+    """(B, T, H, ...) -> (N, B, H, C, ...) contiguous, in float32 or wider, zero-padded to N * C
+    tokens (zero k, v, beta and g leave the state unchanged, and the padded outputs are dropped).
+    Chunks lead, so that the sequential loop reads contiguous slices."""
     b, t, h, *tail = x.shape
     n = -(-t // c)
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if n * c != t:
         x = torch.cat((x, x.new_zeros(b, n * c - t, h, *tail)), dim=1)
-    return x.view(b, n, c, h, *tail).movedim(3, 1)
+    return x.view(b, n, c, h, *tail).permute(1, 0, 3, 2, *range(4, 4 + len(tail))).contiguous()
 
 
 def chunk_delta_rule_train(
@@ -51,39 +52,46 @@ def chunk_delta_rule_train(
     Returns o (B, T, H, V) in float32 (float64 for float64 inputs)."""
     per_channel = g.dim() == 4
     c = chunk_size or (CHUNK_PER_CHANNEL if per_channel else CHUNK_PER_HEAD)
-    t = q.shape[1]
-    qc, kc, vc, gc, bc = (_chunks(x, c) for x in (q, k, v, g, beta))  # (B, H, N, C, ...)
-    bsum = gc.cumsum(3)  # decay from the chunk start, inclusive: (B, H, N, C) or (B, H, N, C, K)
+    bsz, t, h, _ = q.shape
+    qc, kc, vc, gc, bc = (_chunks(x, c) for x in (q, k, v, g, beta))  # (N, B, H, C, ...)
+    bsum = gc.cumsum(3)  # decay from the chunk start, inclusive: (N, B, H, C) or (N, B, H, C, K)
     lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     strict = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
     if per_channel:
-        diff = bsum.unsqueeze(4) - bsum.unsqueeze(3)  # (B, H, N, C, C, K): b_i - b_j
+        diff = bsum.unsqueeze(4) - bsum.unsqueeze(3)  # (N, B, H, C, C, K): b_i - b_j
         kd = diff.masked_fill(~lower[:, :, None], float("-inf")).exp() * kc.unsqueeze(3)  # k_j e^(b_i - b_j)
-        kk = torch.linalg.vecdot(kd, kc.unsqueeze(4))  # (B, H, N, C, C)
+        kk = torch.linalg.vecdot(kd, kc.unsqueeze(4))  # (N, B, H, C, C)
         qk = torch.linalg.vecdot(kd, qc.unsqueeze(4))
-        eb = bsum.exp()  # (B, H, N, C, K)
-        k_end = kc * (bsum[:, :, :, -1:] - bsum).exp()
-        end_decay = eb[:, :, :, -1].unsqueeze(-1)  # (B, H, N, K, 1): scales the state's rows
+        eb = bsum.exp()  # (N, B, H, C, K)
+        k_end = kc * (bsum[..., -1:, :] - bsum).exp()
+        end_decay = eb[..., -1, :].unsqueeze(-1)  # (N, B, H, K, 1): scales the state's rows
     else:
         decay = (bsum.unsqueeze(4) - bsum.unsqueeze(3)).masked_fill(~lower, float("-inf")).exp()
         kk = (kc @ kc.transpose(-1, -2)) * decay
         qk = (qc @ kc.transpose(-1, -2)) * decay
-        eb = bsum.exp().unsqueeze(-1)  # (B, H, N, C, 1)
-        k_end = kc * (bsum[:, :, :, -1:] - bsum).exp().unsqueeze(-1)
-        end_decay = eb[:, :, :, -1].unsqueeze(-1)  # (B, H, N, 1, 1)
-    beta_col = bc.unsqueeze(-1)  # (B, H, N, C, 1)
+        eb = bsum.exp().unsqueeze(-1)  # (N, B, H, C, 1)
+        k_end = kc * (bsum[..., -1:] - bsum).exp().unsqueeze(-1)
+        end_decay = eb[..., -1:, :]  # (N, B, H, 1, 1)
+    beta_col = bc.unsqueeze(-1)  # (N, B, H, C, 1)
     a = (kk * beta_col).masked_fill(~strict, 0.0)  # A_ij = beta_i k_i.k_j e^(b_i - b_j), j < i
     eye = torch.eye(c, dtype=a.dtype, device=a.device)
-    u = torch.linalg.solve_triangular(a + eye, vc * beta_col, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(a + eye, kc * beta_col * eb, upper=False, unitriangular=True)
-    qe = qc * eb * scale
-    p = qk * scale
-    bsz, h, n = qc.shape[:3]
-    state = qc.new_zeros(bsz, h, k.shape[-1], v.shape[-1])
+    rhs = torch.cat((vc * beta_col, kc * beta_col * eb), dim=-1)  # [beta v | beta k e^b]
+    uw = torch.linalg.solve_triangular(a + eye, rhs, upper=False, unitriangular=True)
+    vdim = v.shape[-1]
+    u, w = uw[..., :vdim], uw[..., vdim:]  # delta = U - W S0
+    wq = torch.cat((w, qc * eb * scale), dim=-2).contiguous()  # (N, B, H, 2C, K): W over q e^b
+    p = (qk * scale).masked_fill(~lower, 0.0)
+    k_end_t = k_end.transpose(-1, -2).contiguous()  # (N, B, H, K, C)
+    u = u.contiguous()
+    state = qc.new_zeros(bsz, h, k.shape[-1], vdim)
     outs = []
-    for i in range(n):  # the carry from chunk to chunk: the only sequential part
-        delta = u[:, :, i] - w[:, :, i] @ state  # (B, H, C, V)
-        outs.append(qe[:, :, i] @ state + p[:, :, i] @ delta)
-        state = state * end_decay[:, :, i] + k_end[:, :, i].transpose(-1, -2) @ delta
-    o = torch.stack(outs, dim=2)  # (B, H, N, C, V)
-    return o.movedim(1, 3).reshape(bsz, n * c, h, -1)[:, :t]
+    # per-chunk views by unbind: its backward stacks the gradients once, where indexing x[i] in
+    # the loop would add a zero-filled gradient of the whole of x per chunk
+    per_chunk = zip(wq.unbind(0), u.unbind(0), p.unbind(0), end_decay.unbind(0), k_end_t.unbind(0), strict=True)
+    for wq_i, u_i, p_i, decay_i, k_end_i in per_chunk:  # the carry from chunk to chunk: the only sequential part
+        ws = wq_i @ state  # (B, H, 2C, V): W S0 and (q e^b) S0
+        delta = u_i - ws[..., :c, :]
+        outs.append(ws[..., c:, :] + p_i @ delta)
+        state = state * decay_i + k_end_i @ delta
+    o = torch.stack(outs)  # (N, B, H, C, V)
+    return o.permute(1, 0, 3, 2, 4).reshape(bsz, -1, h, vdim)[:, :t]
