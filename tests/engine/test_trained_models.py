@@ -70,11 +70,11 @@ def test_greedy_tokens_match_transformers(model_dir, heldout_texts):
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     prompts = [tok.encode(t)[:n] for t, n in zip(heldout_texts[2:4], (30, 200), strict=True)]
     ex = Executor(model, KvLayout(model.config, block_size=16), num_blocks=64, num_slots=4)
-    ours = LLM(ex).generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    ours = LLM(ex).generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, ours, strict=True):
         with torch.no_grad():
-            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
         assert out == gen[0, len(prompt) :].tolist()
 
 
