@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from prfaas.kv.codec import KvPiece, kinds_of_layer  # noqa: E402
-from prfaas.kv.layout import STATE_DTYPE, KvLayout  # noqa: E402
+from prfaas.kv.layout import KvLayout  # noqa: E402
 from prfaas.model.config import ModelConfig  # noqa: E402
+from prfaas.transport.chunks import KvPiece  # noqa: E402
 
 MODEL = {  # qwen3_next-style: 8 full GQA layers (2 kv heads x 128) + 24 linear layers
     "model_type": "qwen3_next",
@@ -52,24 +52,17 @@ def layout() -> KvLayout:
 
 def pieces(lay: KvLayout, tokens: int) -> list[KvPiece]:
     out = []
-    for layer in range(lay.config.num_layers):
-        for kind in kinds_of_layer(lay, layer):
-            if kind.name == "LINEAR_RECURRENT":
-                out.append(
-                    KvPiece(layer, kind, 0, 0, torch.randn(lay.linear_layer(layer).recurrent_shape, dtype=STATE_DTYPE))
-                )
-            elif kind.name == "LINEAR_CONV":
-                out.append(KvPiece(layer, kind, 0, 0, torch.randn(lay.linear_layer(layer).conv_shape).to(lay.dtype)))
-            else:
-                shape = (tokens, *lay.full_layer(layer).token_shape)
-                out.append(KvPiece(layer, kind, 0, tokens, torch.randn(shape).to(lay.dtype)))
+    for s in lay.specs:
+        if s.paged:
+            out.append(KvPiece(s.layer, s.kind, 0, tokens, torch.randn((tokens, *s.shape)).to(s.dtype)))
+        else:
+            out.append(KvPiece(s.layer, s.kind, 0, 0, torch.randn(s.shape).to(s.dtype)))
     return out
 
 
 # --- servers (child processes) -------------------------------------------------------------------
 class NullSink:
-    def write_full(self, *args: object) -> None: ...
-    def write_linear(self, *args: object) -> None: ...
+    def write(self, piece: object) -> None: ...
     def release(self) -> None: ...
 
 
@@ -77,8 +70,8 @@ async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: i
     """The decode side: gRPC PushKv on `port` and the raw-TCP data plane on `tcp_port`, both
     feeding one receiver (as on a decode node)."""
     from prfaas.rpc import new_server
+    from prfaas.transport.grpc_push import PushKvServicer, add_push_kv_only
     from prfaas.transport.receiver import KvReceiver
-    from prfaas.transport.servicer import SERVER_OPTIONS, PushKvServicer, add_push_kv_only
     from prfaas.transport.tcp import KvTcpServer
 
     receiver, lay = KvReceiver(), layout()
@@ -86,7 +79,7 @@ async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: i
         for i in range(TRANSFERS_PER_SERVER):
             receiver.expect(f"{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
             receiver.expect(f"tcp{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
-    server = new_server(SERVER_OPTIONS)
+    server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -172,15 +165,15 @@ async def run_grpc(
 
 
 async def main(args: argparse.Namespace) -> None:
-    from prfaas.transport.sender import KvChannels
+    from prfaas.transport.grpc_push import KvChannels
 
     lay = layout()
     ps = pieces(lay, args.tokens)
     nbytes = sum(p.tensor.nbytes for p in ps)
     raw_blocks = [memoryview(bytes(4 << 20)) for _ in range(nbytes // (4 << 20))]
     print(
-        f"transfer: {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, {len(lay.full_layers)} full + "
-        f"{len(lay.linear_layers)} linear layers, bf16); {os.cpu_count()} CPUs",
+        f"transfer: {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, {len(lay.paged_specs)} paged + "
+        f"{len(lay.state_specs)} state tensors, bf16); {os.cpu_count()} CPUs",
         flush=True,
     )
     chunk_sizes = [256 << 10, 1 << 20, 4 << 20]

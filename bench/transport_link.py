@@ -1,5 +1,5 @@
 """KV transport over an emulated cross-datacenter link (two network namespaces, a tbf-shaped veth
-pair, latency from the user-space delay proxy; prfaas/transport/linkemu.py).
+pair, latency from the user-space delay proxy; tools/linkemu).
 
     .venv/bin/python bench/transport_link.py [--parts goodput ttft loopback]
 
@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 import transport as loopback  # noqa: E402  (bench/transport.py: the loopback bench's model and helpers)
 
-from prfaas.transport.linkemu import EmulatedLink, link_supported, read_ready_line  # noqa: E402
+from tools.linkemu import EmulatedLink, link_supported, read_ready_line  # noqa: E402
 
 NAME_PREFIX = "prfaas-bench"
 SERVER_PORT = 50071
@@ -96,8 +96,8 @@ async def serve(args: argparse.Namespace) -> None:
     """Registers `--count` goodput transfers g-<i> and TTFT transfers t-<i>, then prints one JSON
     line per completed transfer: its id, CLOCK_MONOTONIC at completion, bytes."""
     from prfaas.rpc import new_server
+    from prfaas.transport.grpc_push import PushKvServicer, add_push_kv_only
     from prfaas.transport.receiver import KvReceiver, MemorySink
-    from prfaas.transport.servicer import SERVER_OPTIONS, PushKvServicer, add_push_kv_only
 
     receiver = KvReceiver()
     expected: list[tuple[str, Any, int, Any]] = []
@@ -120,7 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
         asyncio.ensure_future(report(tid, receiver.expect(tid, lay, n, 0, sink(), deadline_s=3600)))
         for tid, lay, n, sink in expected
     ]
-    server = new_server(SERVER_OPTIONS)
+    server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
     server.add_insecure_port(args.serve)
     await server.start()
@@ -176,7 +176,7 @@ def run_client(link: EmulatedLink, spec: dict[str, Any], timeout_s: float) -> li
 
 # --- the sender side, in the "prfaas" namespace --------------------------------------------------
 async def client_goodput(spec: dict[str, Any]) -> None:
-    from prfaas.transport.sender import KvChannels
+    from prfaas.transport.grpc_push import KvChannels
 
     lay = loopback.layout()
     ps = loopback.pieces(lay, spec["tokens"])
@@ -206,7 +206,7 @@ class SendAfterPrefill:
     async def push_layer(self, layer_kv: Any) -> None:
         self.layers.append(layer_kv)
 
-    async def finish(self, first_token: int) -> dict[str, float]:
+    async def finish(self, first_token: int) -> Any:
         for layer_kv in self.layers:
             await self.inner.push_layer(layer_kv)
         return await self.inner.finish(first_token)
@@ -217,21 +217,26 @@ class SendAfterPrefill:
 
 async def client_ttft(spec: dict[str, Any]) -> None:
     from prfaas.engine.llm import build_executor
-    from prfaas.engine.sampling import SamplingParams
-    from prfaas.transport.sender import KvChannels
-    from services.prefill.core import Done, PrefillJob, PrefillNode
-    from services.prefill.server import sender_factory
+    from prfaas.kv.prefill_plan import PrefillPlanner
+    from prfaas.messages import Done, PrefillJob, SamplingParams
+    from prfaas.transport.grpc_push import KvChannels
+    from prfaas.transport.sender import KvSender
+    from services.prefill.core import PrefillNode
 
     torch.set_num_threads(1)
     ex, _ = build_executor(spec["model"])
     channels = KvChannels(spec["conns"])
-    streaming = sender_factory(ex.layout, channels)
+
+    def streaming(job: PrefillJob) -> KvSender:
+        return KvSender.for_job(job, ex.layout, channels)
+
     prompt = [random.Random(0).randrange(300, 900) for _ in range(spec["tokens"])]
     params = SamplingParams(max_tokens=1, temperature=0.0)
     modes = ["stream"] + [m for _ in range(spec["rounds"]) for m in ("after", "stream")]
     for i, mode in enumerate(modes):  # run 0 warms the connections and the model
         factory = streaming if mode == "stream" else (lambda job: SendAfterPrefill(streaming(job)))
-        node = PrefillNode("bench", ex, factory, chunk_tokens=spec.get("chunk", 0) if mode == "stream" else 0)
+        chunk = spec.get("chunk", 0) if mode == "stream" else 0
+        node = PrefillNode("bench", ex, factory, planner=PrefillPlanner(ex.layout.block_size, chunk_tokens=chunk))
         job = PrefillJob(f"r{i}", f"t-{i}", prompt, params, spec["address"], spec["conns"])
         t0 = time.monotonic()
         async for ev in node.prefill(job):
@@ -286,7 +291,7 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
 def measure_prefill(model_dir: Path, tokens: int, reps: int) -> tuple[float, int]:
     """Standalone prefill (no sending), one torch thread as in the bench's client: (median s, KV bytes)."""
     from prfaas.engine.llm import build_executor
-    from prfaas.engine.sampling import SamplingParams
+    from prfaas.messages import SamplingParams
 
     torch.set_num_threads(1)
     ex, _ = build_executor(model_dir)
@@ -372,7 +377,7 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
 
 
 async def part_loopback(args: argparse.Namespace) -> list[str]:
-    from prfaas.transport.sender import KvChannels
+    from prfaas.transport.grpc_push import KvChannels
 
     lay = loopback.layout()
     ps = loopback.pieces(lay, args.loopback_tokens)

@@ -1,22 +1,127 @@
-"""Service configuration, read in one place: command-line flags with PRFAAS_* environment
-variables as their defaults. Every service's __main__ calls `parse_node_settings`."""
+"""Service configuration, read in one place: command-line flags whose defaults come from PRFAAS_*
+environment variables. Every service's __main__ calls one `parse_*_settings` here; `--help` shows
+each flag's default and its variable, and a bad value (flag or variable) is one line on stderr
+and exit status 2, never a traceback. Torch-free: the router and the cache pool parse here too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from prfaas.dtypes import CACHE_DTYPES
+
+# the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
+DEFAULT_MODEL = "builtin:qwen3_next-small"
 
 
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(f"PRFAAS_{name}", default)
+# --- value types ---------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise ValueError(f"must be a positive integer, got {text}")
+    return v
 
 
+def non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise ValueError(f"must be >= 0, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def boolean(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Flags with PRFAAS_* defaults: `flag("--kv-blocks", "KV_BLOCKS", 2048, positive_int, "...")`."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def flag(self, name: str, env: str, default: Any, kind: Callable[[str], Any] = str, help: str = "",
+             choices: Sequence[str] | None = None) -> None:
+        var = f"PRFAAS_{env}"
+        raw = os.environ.get(var)
+        value = default
+        if raw is not None:
+            try:
+                value = kind(raw)
+            except ValueError as e:
+                self.error(f"{var}={raw!r}: {_reason(e)}")
+            if choices is not None and value not in choices:
+                self.error(f"{var}={raw!r}: choose from {', '.join(choices)}")
+
+        def typed(text: str) -> Any:
+            try:
+                return kind(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(_reason(e)) from None
+
+        typed.__name__ = getattr(kind, "__name__", "value")
+        self.add_argument(name, type=typed, default=value, choices=choices, help=f"{help} [env {var}]".strip())
+
+    def switch(self, name: str, env: str, help: str) -> None:
+        """A boolean flag; its variable takes 1/true/yes/on or 0/false/no/off."""
+        var = f"PRFAAS_{env}"
+        raw = os.environ.get(var)
+        value = False
+        if raw is not None:
+            try:
+                value = boolean(raw)
+            except ValueError as e:
+                self.error(f"{var}={raw!r}: {_reason(e)}")
+        self.add_argument(name, action=argparse.BooleanOptionalAction, default=value, help=f"{help} [env {var}]")
+
+
+def _reason(e: ValueError) -> str:
+    text = str(e)
+    return text if text.startswith("must") else f"not a valid value ({text})"
+
+
+def _common(p: _Parser, listen: str) -> None:
+    p.flag("--listen", "LISTEN", listen, host_port, "host:port to bind; port 0 picks a free one")
+    p.flag("--metrics-port", "METRICS_PORT", 0, non_negative_int, "Prometheus /metrics port; 0 = none")
+    p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level",
+           choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+# --- worker nodes (prefill, decode, convertible) ---------------------------------------------------
 @dataclass(frozen=True)
 class NodeSettings:
     node_id: str
     cluster: str  # "prfaas" or "local"
-    role: str  # "prefill" or "decode"
     listen: str  # host:port to bind; port 0 picks a free one
     advertise: str  # host:port others dial; empty = the bound address
     cachepool: str  # host:port of the cache pool; empty = standalone
@@ -37,83 +142,56 @@ class NodeSettings:
     kv_tcp_port: int = 0  # that port (0 = any free port; fix it where firewalls need to know)
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
+    max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
 
-def add_node_flags(p: argparse.ArgumentParser, role: str) -> None:
-    p.add_argument("--node-id", default=_env("NODE_ID", f"{role}-0"))
-    p.add_argument("--cluster", default=_env("CLUSTER", "local"), choices=["prfaas", "local"])
-    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:0"))
-    p.add_argument("--advertise", default=_env("ADVERTISE", ""))
-    p.add_argument("--cachepool", default=_env("CACHEPOOL", ""))
-    p.add_argument("--model", default=_env("MODEL", "builtin:qwen3_next-tiny"))
-    p.add_argument("--dtype", default=_env("DTYPE", "float32"), choices=["float32", "bfloat16"])
-    p.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", "16")))
-    p.add_argument("--kv-blocks", type=int, default=int(_env("KV_BLOCKS", "2048")))
-    p.add_argument("--state-slots", type=int, default=int(_env("STATE_SLOTS", "64")))
-    p.add_argument("--kv-connections", type=int, default=int(_env("KV_CONNECTIONS", "4")))
-    p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", "32")))
-    p.add_argument(
-        "--prefill-chunk-tokens",
-        type=int,
-        default=int(_env("PREFILL_CHUNK_TOKENS", "2048")),
-        help="prefill longer prompts in chunks of this many tokens (a power of two), streaming as they go",
-    )
-    p.add_argument("--transfer-timeout-s", type=float, default=float(_env("TRANSFER_TIMEOUT_S", "30")))
-    p.add_argument("--hardware", default=_env("HARDWARE", "cpu"))
-    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    p.add_argument(
-        "--convertible",
-        action="store_true",
-        default=_env("CONVERTIBLE", "") in ("1", "true"),
-        help="serve both prefill and decode, so the router can convert this node's role",
-    )
-    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
-    p.add_argument(
-        "--kv-transport",
-        default=_env("KV_TRANSPORT", "tcp"),
-        choices=["tcp", "grpc"],
-        help="decode nodes: take KV on a raw-TCP data port beside gRPC PushKv (tcp), or PushKv only",
-    )
-    p.add_argument("--kv-tcp-port", type=int, default=int(_env("KV_TCP_PORT", "0")))
-    p.add_argument(
-        "--attention-backend",
-        default=_env("ATTENTION_BACKEND", "auto"),
-        choices=["auto", "torch", "flashinfer", "flash_attn"],
-    )
+def _power_of_two_or_zero(text: str) -> int:
+    v = non_negative_int(text)
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two (or 0), got {text}")
+    return v
 
 
 def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSettings:
-    p = argparse.ArgumentParser(prog=f"python -m services.{role}")
-    add_node_flags(p, role)
+    """`role` is the process's ("prefill" or "decode"); PRFAAS_ROLE, where set, must agree."""
+    p = _Parser(f"python -m services.{role}", f"A PrfaaS {role} node.")
+    p.flag("--node-id", "NODE_ID", f"{role}-0", str, "this node's id in the cluster")
+    p.flag("--cluster", "CLUSTER", "local", str, "the cluster it belongs to", choices=["prfaas", "local"])
+    _common(p, "127.0.0.1:0")
+    p.flag("--advertise", "ADVERTISE", "", str, "host:port others dial; empty = the bound address")
+    p.flag("--cachepool", "CACHEPOOL", "", str, "host:port of the cache pool; empty = standalone")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "a model directory or builtin:FAMILY-PRESET")
+    p.flag("--dtype", "DTYPE", "float32", str, "model and KV cache dtype", choices=list(CACHE_DTYPES))
+    p.flag("--block-size", "BLOCK_SIZE", 16, positive_int, "tokens per KV block")
+    p.flag("--kv-blocks", "KV_BLOCKS", 2048, positive_int, "KV blocks in the pool")
+    p.flag("--state-slots", "STATE_SLOTS", 64, positive_int, "linear-state slots in the pool")
+    p.flag("--kv-connections", "KV_CONNECTIONS", 4, positive_int, "TCP connections per KV transfer")
+    p.flag("--max-batch", "MAX_BATCH", 32, positive_int, "decode batch size")
+    p.flag("--prefill-chunk-tokens", "PREFILL_CHUNK_TOKENS", 2048, _power_of_two_or_zero,
+           "prefill longer prompts in chunks of this many tokens (a power of two; 0 = never), streaming as they go")
+    p.flag("--transfer-timeout-s", "TRANSFER_TIMEOUT_S", 30.0, positive_float, "KV transfer deadline")
+    p.flag("--hardware", "HARDWARE", "cpu", str, "accelerator profile name reported to the cluster")
+    p.switch("--convertible", "CONVERTIBLE", "serve both prefill and decode, so the router can convert this node")
+    p.flag("--device", "DEVICE", "cpu", str, "cpu, cuda or cuda:N")
+    p.flag("--kv-transport", "KV_TRANSPORT", "tcp", str,
+           "decode nodes: take KV on a raw-TCP data port beside gRPC PushKv (tcp), or PushKv only",
+           choices=["tcp", "grpc"])
+    p.flag("--kv-tcp-port", "KV_TCP_PORT", 0, non_negative_int, "the raw-TCP KV data port; 0 = any free one")
+    p.flag("--attention-backend", "ATTENTION_BACKEND", "auto", str, "full-attention kernels on a GPU",
+           choices=["auto", "torch", "flashinfer", "flash_attn"])
+    p.flag("--max-request-blocks", "MAX_REQUEST_BLOCKS", 0, non_negative_int,
+           "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
+    env_role = os.environ.get("PRFAAS_ROLE")
+    if env_role not in (None, "", role):
+        p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
     a = p.parse_args(argv)
-    return NodeSettings(
-        node_id=a.node_id,
-        cluster=a.cluster,
-        role=_env("ROLE", role) if role in ("prefill", "decode") else role,
-        listen=a.listen,
-        advertise=a.advertise,
-        cachepool=a.cachepool,
-        model=a.model,
-        dtype=a.dtype,
-        block_size=a.block_size,
-        kv_blocks=a.kv_blocks,
-        state_slots=a.state_slots,
-        kv_connections=a.kv_connections,
-        max_batch=a.max_batch,
-        transfer_timeout_s=a.transfer_timeout_s,
-        hardware=a.hardware,
-        metrics_port=a.metrics_port,
-        log_level=a.log_level,
-        convertible=a.convertible,
-        prefill_chunk_tokens=a.prefill_chunk_tokens,
-        kv_transport=a.kv_transport,
-        kv_tcp_port=a.kv_tcp_port,
-        device=a.device,
-        attention_backend=a.attention_backend,
-    )
+    return NodeSettings(**{f: getattr(a, f) for f in NodeSettings.__dataclass_fields__})
 
 
+# --- router ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RouterSettings:
     listen: str
@@ -130,38 +208,126 @@ class RouterSettings:
     role_interval_s: float  # long-term controller period
     metrics_port: int
     log_level: str
+    stall_timeout_s: float = 5.0
+    prefill_inflight: int = 4
+    max_queue: int = 1024
+    max_queue_tokens: int = 1 << 22
+    max_head_wait_s: float = 5.0
+    max_queue_wait_s: float = 120.0
+    stale_after_s: float = 10.0
+    drain_timeout_s: float = 30.0
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
-    p = argparse.ArgumentParser(prog="python -m services.router")
-    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:0"))
-    p.add_argument("--cachepool", default=_env("CACHEPOOL", ""), required=not _env("CACHEPOOL"))
-    p.add_argument("--model", default=_env("MODEL", "builtin:qwen3_next-tiny"))
-    p.add_argument("--policy", default=_env("POLICY", "prfaas"), choices=["prfaas", "homogeneous", "naive"])
-    p.add_argument("--threshold-tokens", type=float, default=float(_env("THRESHOLD_TOKENS", "256")))
-    p.add_argument("--bandwidth-mode", default=_env("BANDWIDTH_MODE", "scarce"), choices=["scarce", "abundant"])
-    p.add_argument("--link-gbps", type=float, default=float(_env("LINK_GBPS", "10")))
-    p.add_argument("--kv-connections", type=int, default=int(_env("KV_CONNECTIONS", "0")))
-    p.add_argument("--transfer-timeout-s", type=float, default=float(_env("TRANSFER_TIMEOUT_S", "30")))
-    p.add_argument("--refresh-s", type=float, default=float(_env("REFRESH_S", "0.5")))
-    p.add_argument("--control-interval-s", type=float, default=float(_env("CONTROL_INTERVAL_S", "2")))
-    p.add_argument("--role-interval-s", type=float, default=float(_env("ROLE_INTERVAL_S", "30")))
-    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p = _Parser("python -m services.router", "The PrfaaS router: the client-facing API.")
+    _common(p, "127.0.0.1:0")
+    p.flag("--cachepool", "CACHEPOOL", "", str, "host:port of the cache pool (required)")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "the model (tokenizer and KV sizes)")
+    p.flag("--policy", "POLICY", "prfaas", str, "routing policy", choices=["prfaas", "homogeneous", "naive"])
+    p.flag("--threshold-tokens", "THRESHOLD_TOKENS", 256.0, non_negative_float,
+           "offload prefills whose uncached length exceeds this")
+    p.flag("--bandwidth-mode", "BANDWIDTH_MODE", "scarce", str, "the paper's prefix rule",
+           choices=["scarce", "abundant"])
+    p.flag("--link-gbps", "LINK_GBPS", 10.0, positive_float, "PrfaaS -> local link capacity for the controller")
+    p.flag("--kv-connections", "KV_CONNECTIONS", 0, non_negative_int, "connections per KV transfer; 0 = node default")
+    p.flag("--transfer-timeout-s", "TRANSFER_TIMEOUT_S", 30.0, positive_float, "KV transfer deadline")
+    p.flag("--refresh-s", "REFRESH_S", 0.5, non_negative_float, "membership refresh period")
+    p.flag("--control-interval-s", "CONTROL_INTERVAL_S", 2.0, non_negative_float,
+           "short-term controller period; 0 turns the control loop off")
+    p.flag("--role-interval-s", "ROLE_INTERVAL_S", 30.0, positive_float, "long-term controller period")
+    p.flag("--stall-timeout-s", "STALL_TIMEOUT_S", 5.0, positive_float,
+           "a node stream (prefill progress, decode tokens or keepalives) quiet this long has stalled")
+    p.flag("--prefill-inflight", "PREFILL_INFLIGHT", 4, positive_int,
+           "requests a prefill node holds at once; the rest wait in the router")
+    p.flag("--max-queue", "MAX_QUEUE", 1024, positive_int, "requests that may wait; past it RESOURCE_EXHAUSTED")
+    p.flag("--max-queue-tokens", "MAX_QUEUE_TOKENS", 1 << 22, positive_int, "prompt tokens that may wait")
+    p.flag("--max-head-wait-s", "MAX_HEAD_WAIT_S", 5.0, non_negative_float,
+           "how long the oldest waiting request lets younger ones that fit go first")
+    p.flag("--max-queue-wait-s", "MAX_QUEUE_WAIT_S", 120.0, positive_float,
+           "a request no node could take for this long fails UNAVAILABLE")
+    p.flag("--stale-after-s", "STALE_AFTER_S", 10.0, positive_float,
+           "a node whose last heartbeat is older is out of routing")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
     a = p.parse_args(argv)
-    return RouterSettings(
-        listen=a.listen,
-        cachepool=a.cachepool,
-        model=a.model,
-        policy=a.policy,
-        threshold_tokens=a.threshold_tokens,
-        bandwidth_mode=a.bandwidth_mode,
-        link_gbps=a.link_gbps,
-        kv_connections=a.kv_connections,
-        transfer_timeout_s=a.transfer_timeout_s,
-        refresh_s=a.refresh_s,
-        control_interval_s=a.control_interval_s,
-        role_interval_s=a.role_interval_s,
-        metrics_port=a.metrics_port,
-        log_level=a.log_level,
-    )
+    if not a.cachepool:
+        p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
+    return RouterSettings(**{f: getattr(a, f) for f in RouterSettings.__dataclass_fields__})
+
+
+# --- cache pool ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CachePoolSettings:
+    listen: str
+    block_size: int
+    heartbeat_timeout_s: float
+    heartbeat_interval_s: float | None  # None: a third of the timeout
+    metrics_port: int
+    log_level: str
+
+
+def parse_cachepool_settings(argv: list[str] | None = None) -> CachePoolSettings:
+    p = _Parser("python -m services.cachepool", "The PrfaaS cache pool: membership and the prefix index.")
+    _common(p, "127.0.0.1:50050")
+    p.flag("--block-size", "BLOCK_SIZE", 16, positive_int, "tokens per prefix block (as the nodes')")
+    p.flag("--heartbeat-timeout-s", "HEARTBEAT_TIMEOUT_S", 10.0, positive_float,
+           "drop a node that has not heartbeated for this long")
+    p.flag("--heartbeat-interval-s", "HEARTBEAT_INTERVAL_S", 0.0, non_negative_float,
+           "the interval nodes are told to heartbeat at; 0 = a third of the timeout")
+    a = p.parse_args(argv)
+    return CachePoolSettings(a.listen, a.block_size, a.heartbeat_timeout_s, a.heartbeat_interval_s or None,
+                             a.metrics_port, a.log_level)
+
+
+# --- front door (the OpenAI-compatible HTTP API) -----------------------------------------------------
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    listen: str  # host:port of the HTTP server; port 0 picks a free one
+    router: str  # host:port of the router's gRPC API
+    model: str  # the model directory (tokenizer, chat template, generation defaults)
+    served_model_name: str  # the `model` clients name; empty = the model directory's name
+    api_key: str  # clients must send `Authorization: Bearer KEY`; empty = no check
+    max_n: int
+    default_max_tokens: int
+    log_level: str
+
+
+def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings:
+    p = _Parser("python -m services.frontdoor", "The PrfaaS front door: an OpenAI-compatible HTTP API.")
+    p.flag("--listen", "LISTEN", "127.0.0.1:8000", host_port, "host:port of the HTTP server; port 0 picks a free one")
+    p.flag("--router", "ROUTER", "", host_port_or_empty, "host:port of the router's gRPC API (required)")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "the model (tokenizer, chat template, defaults)")
+    p.flag("--served-model-name", "SERVED_MODEL_NAME", "", str,
+           "the model name clients send; empty = the model directory's name")
+    p.flag("--api-key", "API_KEY", "", _Secret, "require `Authorization: Bearer KEY`; empty = no check")
+    p.flag("--max-n", "MAX_N", 8, positive_int, "the largest n (choices per request) accepted")
+    p.flag("--default-max-tokens", "DEFAULT_MAX_TOKENS", 256, positive_int,
+           "max_tokens when neither the request nor generation_config.json sets it")
+    p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = p.parse_args(argv)
+    if not a.router:
+        p.error("--router (or PRFAAS_ROUTER) is required")
+    a.api_key = str.__str__(a.api_key)  # a plain string from here on
+    return FrontDoorSettings(**{f: getattr(a, f) for f in FrontDoorSettings.__dataclass_fields__})
+
+
+def host_port_or_empty(text: str) -> str:
+    return text and host_port(text)
+
+
+class _Secret(str):
+    """A value `--help` shows as *** (an API key set through the environment stays out of it)."""
+
+    def __new__(cls, value: str) -> _Secret:
+        return super().__new__(cls, str.__str__(value))  # argparse converts its default again
+
+    def __str__(self) -> str:
+        return "***" if self else ""
+
+    __repr__ = __str__
+
+
+def command_parser(prog: str, description: str | None = None) -> _Parser:
+    """The parser of a `prfaas` subcommand: like the services', every flag's `--help` shows its
+    default (and its PRFAAS_* variable, for flags added with `.flag`)."""
+    return _Parser(prog, description or "")

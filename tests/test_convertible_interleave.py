@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from prfaas.engine.llm import LLM, build_executor
-from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.prefill_plan import PrefillPlanner
+from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.scheduling.policy import PrfaasPolicy
 from prfaas.transport.receiver import KvReceiver
 from services.decode.core import DecodeNode
 from services.prefill.core import PrefillNode
 from services.router.core import GenerateInput, Node, Router
-from tests.test_failover import Directory, MemoryClients, MemoryPush
+from tests.support import Directory, MemoryClients, MemoryPush
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,13 @@ async def test_decode_steps_between_prefill_chunks(model_dir, interleave):
             super().__init__(*args)
             window.append(time.monotonic())
 
-        async def finish(self, first_token: int) -> dict[str, float]:
+        async def finish(self, first_token: int):  # type: ignore[no-untyped-def]
             window.append(time.monotonic())
             return await super().finish(first_token)
 
     shared_prefill = PrefillNode(
-        "conv", shared_ex, lambda job: TimedPush(other_rx, job, other_ex.layout), lock, chunk_tokens=128,
-        yield_between_chunks=interleave,
+        "conv", shared_ex, lambda job: TimedPush(other_rx, job, other_ex.layout), lock,
+        PrefillPlanner(shared_ex.layout.block_size, chunk_tokens=128), yield_between_chunks=interleave,
     )
     feeder_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=8)
     feeder = PrefillNode("p0", feeder_ex, lambda job: MemoryPush(shared_rx, job, shared_ex.layout))

@@ -1,5 +1,5 @@
 """Cross-datacenter: the PrfaaS prefill node in one network namespace pushes KV over a shaped,
-delayed veth link (prfaas/transport/linkemu.py) to the decode node in the other.
+delayed veth link (tools/linkemu) to the decode node in the other.
 
     <prefix>-prfaas: prefill node prfaas-p0            <prefix>-local: cache pool, router,
                                                                        local-p0 (prefill), local-d0 (decode)
@@ -26,9 +26,11 @@ from typing import IO
 
 import pytest
 
-from prfaas.transport.linkemu import EmulatedLink, link_supported
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this file also runs as the client script, inside a namespace
+
+from tools.linkemu import EmulatedLink, link_supported  # noqa: E402
+
 SUPPORTED, WHY_NOT = link_supported()
 RATE_MBIT, DELAY_MS = 500.0, 3.0
 PROMPT_TOKENS, MAX_TOKENS = 600, 12
@@ -136,7 +138,7 @@ def cross_dc(tmp_path_factory):
 
 def test_prfaas_route_over_the_shaped_link_matches_in_process(cross_dc):
     from prfaas.engine.llm import LLM, build_executor
-    from prfaas.engine.sampling import SamplingParams
+    from prfaas.messages import SamplingParams
     from prfaas.v1 import common_pb2
 
     link, router, cachepool, model, logs = cross_dc
@@ -202,7 +204,6 @@ async def _generate(args: argparse.Namespace) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     ap = argparse.ArgumentParser()
     ap.add_argument("--router", required=True)
     ap.add_argument("--cachepool", required=True)

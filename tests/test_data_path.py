@@ -7,6 +7,9 @@ for both model families and both routes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -179,23 +182,67 @@ def test_client_cancel_frees_every_node(cluster):
 
 
 async def wait_all_free(cachepool_address: str, only: set[str] | None = None, timeout_s: float = 10.0) -> None:
-    """Every node's own accounting, as it reports it to the cache pool, shows nothing held."""
-    async with CachePoolClient(cachepool_address) as pool:
-        for _ in range(int(timeout_s / 0.1)):
-            await asyncio.sleep(0.1)
-            nodes = [
-                s
-                for s in await pool.list_nodes()
-                if s.node.role in ("prefill", "decode") and (only is None or s.node.node_id in only)
-            ]
-            if all(
-                s.load.free_blocks == s.node.capacity_blocks
-                and s.load.free_slots == s.node.capacity_slots
-                and s.load.running == 0
-                for s in nodes
-            ):
-                return
-        raise AssertionError(f"blocks still held: {[(s.node.node_id, s.load) for s in nodes]}")
+    """Every node's own accounting (`NodeControl.Stats`) shows nothing held but its prefix cache."""
+    from prfaas.cluster.status import cluster_status
+
+    rows: list[dict] = []
+    for _ in range(int(timeout_s / 0.1)):
+        await asyncio.sleep(0.1)
+        rows = [r for r in await cluster_status(cachepool_address)
+                if "stats" in r and (only is None or r["node"]["node_id"] in only)]
+        if rows and all(is_idle(r["stats"]) for r in rows):
+            return
+    raise AssertionError(f"still held: {[(r['node']['node_id'], r['stats']) for r in rows]}")
+
+
+def is_idle(st: dict) -> bool:
+    return (
+        int(st["free_blocks"]) + int(st["cached_blocks"]) == int(st["total_blocks"])
+        and int(st["free_slots"]) + int(st["cached_states"]) == int(st["total_slots"])
+        and st["running"] == 0
+        and st["pending_transfers"] == 0
+        and st["queue_depth"] == 0
+    )
+
+
+def test_status_shows_accounting_and_rates(cluster):
+    """`prfaas status` lists every member with its own accounting (NodeControl.Stats) and the load of
+    its last heartbeat, whose tokens_per_s moves with traffic."""
+    c, _ = cluster
+    before = {r["node"]["node_id"]: int(r["stats"]["tokens_done"]) for r in asyncio.run(status(c))}
+    for p in prompts([20, 90], seed=7):
+        asyncio.run(generate(c.router_address, p, 12, common_pb2.AUTO))
+    rows = asyncio.run(status(c))
+    assert {r["node"]["node_id"] for r in rows} == {"prfaas-p0", "local-p0", "local-d0"}
+    done = {r["node"]["node_id"]: int(r["stats"]["tokens_done"]) - before[r["node"]["node_id"]] for r in rows}
+    assert done["local-d0"] >= 2 * 11, done  # 11 decoded tokens per request (the first comes with the KV)
+    assert done["prfaas-p0"] + done["local-p0"] == 110, done  # every prompt token computed once
+    out = subprocess.run([sys.executable, "-m", "prfaas.cli", "status", "--cachepool", c.cachepool_address, "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert {r["node"]["node_id"] for r in json.loads(out.stdout)} == {"prfaas-p0", "local-p0", "local-d0"}
+
+    async def rate_seen() -> bool:  # a heartbeat of the decode node, during a long decode, reports its rate
+        busy = asyncio.create_task(generate(c.router_address, prompts([8], seed=9)[0], 400, common_pb2.LOCAL))
+        try:
+            async with CachePoolClient(c.cachepool_address) as pool:
+                for _ in range(150):
+                    await asyncio.sleep(0.1)
+                    loads = {s.node.node_id: s.load for s in await pool.list_nodes()}
+                    if loads["local-d0"].tokens_per_s > 0:
+                        return True
+            return False
+        finally:
+            busy.cancel()
+            await asyncio.gather(busy, return_exceptions=True)
+
+    assert asyncio.run(rate_seen())
+    asyncio.run(wait_all_free(c.cachepool_address))
+
+
+async def status(c) -> list[dict]:
+    from prfaas.cluster.status import cluster_status
+
+    return await cluster_status(c.cachepool_address)
 
 
 def test_prefix_hits_are_reused_and_cache_affine(tmp_path):
@@ -225,7 +272,7 @@ def test_prefix_hits_are_reused_and_cache_affine(tmp_path):
         got_b, head_b = asyncio.run(generate(c.router_address, b, 6, common_pb2.PRFAAS))
     assert head_b.prefill_node == head_a.prefill_node and head_b.cached_tokens == 512
     from prfaas.engine.llm import LLM, build_executor
-    from prfaas.engine.sampling import SamplingParams
+    from prfaas.messages import SamplingParams
 
     ref = LLM(build_executor(str(model))[0])
     assert got_a == ref.generate([a], SamplingParams(max_tokens=6))[0]

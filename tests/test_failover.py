@@ -14,80 +14,17 @@ import signal
 import pytest
 import torch
 
-from prfaas.engine.executor import LayerKv
 from prfaas.engine.llm import LLM, build_executor
-from prfaas.engine.sampling import SamplingParams
-from prfaas.kv.codec import (
-    FULL_KINDS,
-    KvPiece,
-    encode_chunk,
-    encode_first_token,
-    parse_chunk,
-    plan_total_chunks,
-    split_piece,
-    tokens_per_chunk,
-)
+from prfaas.kv.prefill_plan import PrefillPlanner
+from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.scheduling.policy import PrfaasPolicy
+from prfaas.transport.chunks import tokens_per_chunk
 from prfaas.transport.receiver import KvReceiver
 from services.decode.core import DecodeNode
-from services.prefill.core import PrefillJob, PrefillNode
-from services.prefill.server import KINDS
+from services.prefill.core import PrefillNode
 from services.router.core import GenerateInput, Node, Router
-
-MAX_CHUNK = 64 * 1024
-
-
-class MemoryPush:
-    """KvPush straight into a decode node's receiver, through the real chunk codec."""
-
-    def __init__(self, receiver: KvReceiver, job: PrefillJob, layout, stall: bool = False) -> None:
-        self.receiver, self.job, self.layout, self.stall = receiver, job, layout, stall
-        self.total = plan_total_chunks(layout, len(job.prompt), 0, "", MAX_CHUNK)
-        self.seq = 0
-
-    async def push_layer(self, lk: LayerKv) -> None:
-        for name, t in lk.tensors.items():
-            piece = KvPiece(lk.layer, KINDS[name], lk.token_start, lk.token_end, t)
-            tpc = tokens_per_chunk(self.layout, lk.layer, "", MAX_CHUNK) if piece.kind in FULL_KINDS else 0
-            for part in split_piece(piece, tpc, 0) if tpc else [piece]:
-                self._deliver(encode_chunk(self.job.transfer_id, self.seq, self.total, part))
-
-    def _deliver(self, data: bytes) -> None:
-        self.seq += 1
-        if not self.stall:
-            self.receiver.on_chunk(parse_chunk(data))
-
-    async def finish(self, first_token: int) -> dict[str, float]:
-        if self.stall:
-            await asyncio.sleep(3600)  # a link that never delivers
-        self._deliver(encode_first_token(self.job.transfer_id, self.seq, self.total, first_token))
-        return {"bytes": 0, "chunks": self.seq, "seconds": 0.0}
-
-    async def abort(self) -> None:
-        pass
-
-
-class Directory:
-    def __init__(self, nodes: list[Node]) -> None:
-        self._nodes = nodes
-
-    async def nodes(self):
-        return self._nodes
-
-    async def hits(self, token_ids):
-        return {}
-
-
-class MemoryClients:
-    def __init__(self, decode: DecodeNode, prefill: dict[str, PrefillNode]) -> None:
-        self.decode, self.prefill_nodes = decode, prefill
-
-    def admit(self, address, request_id, prompt, params, timeout_s):
-        return self.decode.admit(request_id, prompt, params, timeout_s)
-
-    def prefill(self, address, job):
-        return self.prefill_nodes[address].prefill(job)
+from tests.support import MAX_CHUNK, Directory, MemoryClients, MemoryPush
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +104,8 @@ async def test_chunked_streaming_prefill_sends_states_once_and_matches(model_dir
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=5)
     decode.start()
     prefill_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
-    chunked = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), chunk_tokens=128)
+    chunked = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout),
+                          planner=PrefillPlanner(prefill_ex.layout.block_size, chunk_tokens=128))
     nodes = [Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]
     router = Router(Directory(nodes), MemoryClients(decode, {"p0": chunked}), PrfaasPolicy(threshold=1e9))
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(3)).tolist()  # 3 chunks
@@ -208,7 +146,7 @@ async def test_router_spreads_concurrent_prefills_over_equal_nodes(model_dir):
     finally:
         await decode.stop()
     assert set(used) == {"pa", "pb"}, used
-    assert not any(router._inflight.values())
+    assert router.capacity.in_flight() == 0 and not router.capacity.prefilling
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])
@@ -224,12 +162,13 @@ async def test_prefix_cache_reuses_blocks_and_state(tmp_path, family):
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
     decode.start()
     prefill_ex, _ = build_executor(path, num_blocks=256, num_slots=8)
-    grid = tokens_per_chunk(prefill_ex.layout, prefill_ex.layout.full_layers[0].layer, "", MAX_CHUNK)
+    grid = tokens_per_chunk(prefill_ex.layout.paged_specs[0], MAX_CHUNK)
     grid = max(grid, prefill_ex.layout.block_size)
     events = []
     cache = PrefixCache("p0", prefill_ex.blocks, prefill_ex.slots)
     node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout),
-                       prefix_cache=cache, grid_tokens=grid, on_cache_events=events.extend)
+                       planner=PrefillPlanner(prefill_ex.layout.block_size, grid), prefix_cache=cache,
+                       on_cache_events=events.extend)
     router = Router(Directory([Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]),
                     MemoryClients(decode, {"p0": node}), PrfaasPolicy(threshold=1e9))
     g = torch.Generator().manual_seed(8)

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from prfaas.engine.llm import LLM, build_executor
-from prfaas.engine.sampling import SamplingParams
 from prfaas.kv.prefix_cache import PrefixCache
+from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.scheduling.policy import PrfaasPolicy
 from prfaas.transport.receiver import KvReceiver
-from services.common.node import prefix_grid
 from services.decode.core import DecodeNode
 from services.prefill.core import PrefillNode
 from services.router.core import GenerateInput, Node, Router
-from tests.test_failover import Directory, MemoryClients, MemoryPush
+from services.worker.node import prefill_planner
+from tests.support import Directory, MemoryClients, MemoryPush
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,12 @@ async def test_shorter_shared_prefix_hits_the_early_checkpoint(model_dir):
     receiver = KvReceiver()
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
     prefill_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=16)
-    grid, chunk = prefix_grid(prefill_ex, 512)  # the tiny preset's grid is 512 tokens
+    planner = prefill_planner(prefill_ex.layout, 512)  # the tiny preset's grid is 512 tokens
+    grid, chunk = planner.grid, planner.chunk_tokens
     assert chunk and chunk % grid == 0
     cache = PrefixCache("p0", prefill_ex.blocks, prefill_ex.slots)
-    node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), None, chunk,
-                       cache, grid)
+    node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), None, planner,
+                       cache)
     router = Router(
         Directory([Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]),
         MemoryClients(decode, {"p0": node}),

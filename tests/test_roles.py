@@ -12,7 +12,7 @@ import torch
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.local import ClusterSpec, LocalCluster
 from prfaas.engine.llm import LLM, build_executor
-from prfaas.engine.sampling import SamplingParams
+from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.rpc import insecure_channel
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prfaas.errors import Code, PrfaasError
 from prfaas.kv.prefix_index import CacheEvent, CacheEventKind
 
 
@@ -31,6 +32,11 @@ class NodeInfo:
     capacity_blocks: int = 0      # full-attention blocks in its pool
     capacity_slots: int = 0       # linear-state slots
     hardware: str = "cpu"         # profile name
+    block_size: int = 16          # tokens per KV block
+    max_request_blocks: int = 0   # decode nodes: the most blocks one request may hold; 0 = capacity_blocks
+    convertible: bool = False     # local nodes: serves both roles, the router may switch it
+    max_context: int = 0          # the longest sequence (prompt + output) it serves; 0 = unknown
+    prefix_grid: int = 0          # its prefix hits fall on multiples of this; 0 = it caches no prefixes
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class NodeStatus:
     node: NodeInfo
     load: NodeLoad
     last_heartbeat_age_s: float
+    draining: bool = False        # shutting down: finishing its requests, taking no new ones
 
 
 @dataclass(frozen=True)
@@ -73,20 +80,26 @@ class MatchResult:
         return next((h.hit_tokens for h in self.hits if h.node_id == node_id), 0)
 
 
-class CachePoolError(Exception):
+class CachePoolError(PrfaasError):
     """Base of the cache pool's domain errors."""
 
 
 class UnknownNodeError(CachePoolError):
     """The node is not (or no longer) a member: it must register (again)."""
 
+    code = Code.NOT_FOUND
+
 
 class InvalidArgumentError(CachePoolError):
     """The request itself is malformed (empty node id, bad address, unknown event kind...)."""
 
+    code = Code.INVALID_ARGUMENT
+
 
 class PoolUnavailableError(CachePoolError):
     """The pool could not be reached; retrying later may succeed."""
+
+    code = Code.UNAVAILABLE
 
 
 class CachePoolApi(Protocol):
@@ -95,7 +108,9 @@ class CachePoolApi(Protocol):
 
     async def register(self, node: NodeInfo) -> RegisterResult: ...
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool: ...
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool: ...
 
     async def list_nodes(self, cluster: str = "", role: Role = Role.UNSPECIFIED) -> list[NodeStatus]: ...
 

@@ -1,6 +1,9 @@
 """The executor: owns the model, the paged KV pool and the state slots, and runs
 layer-wise prefill, batched decode, and export / import of a request's KV and state.
 
+The pool comes from the KV layout (`layout.allocate`); the executor names tensors by their
+`TensorSpec`s and never asks which layer is linear and which is full attention.
+
 Threading rule: allocation (add / reserve / prepare_decode / free) happens on one thread (the
 service's event loop); the heavy compute (prefill_layerwise, run_decode) may run on a worker
 thread, since it only touches the blocks and slots of the sequences it was handed.
@@ -13,30 +16,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prfaas.engine.sampling import InvalidRequest, SamplingParams, make_generator, sample
-from prfaas.kv.allocator import BlockAllocator, OutOfCapacity, SlotAllocator
-from prfaas.kv.layout import STATE_DTYPE, KvLayout
-from prfaas.model.base import ForwardMeta, FullAttnCache, LayerCache, LinearStateCache
+from prfaas.engine.sampling import make_generator, sample, token_logprob
+from prfaas.errors import InvalidRequest, ModelFault, OutOfCapacity
+from prfaas.kv.allocator import BlockAllocator, SlotAllocator
+from prfaas.kv.kinds import KvKind
+from prfaas.kv.layout import KvLayout
+from prfaas.kv.pool import LayerKv
+from prfaas.messages import SamplingParams, TokenLogprob
+from prfaas.model.base import ForwardMeta
 from prfaas.model.hybrid import HybridForCausalLM
-from prfaas.model.ops.attention import AttentionBackend, TorchAttention, gather_context
+from prfaas.model.ops.attention import AttentionBackend, TorchAttention
 
-__all__ = ["Executor", "Sequence", "LayerKv", "ExportedKv", "InvalidRequest", "OutOfCapacity"]
-
-# Names of the tensors of one layer's KV, shared by export, import and the KV stream.
-FULL_K, FULL_V, FULL_LATENT, LINEAR_RECURRENT, LINEAR_CONV = "k", "v", "latent", "recurrent", "conv"
+__all__ = ["Executor", "SeqState", "LayerKv", "ExportedKv"]
 
 
 @dataclass
-class Sequence:
+class SeqState:
+    """One request inside the executor: its prompt, blocks, state slot and output so far."""
+
     request_id: str
     prompt: list[int]
     params: SamplingParams
     block_table: list[int]
     slot: int
     num_cached: int = 0  # tokens whose KV is in the pool
+    promised: int = 0  # blocks promised for the rest of its generation, not allocated yet
+    error: str = ""  # why it finished with "error"
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token computed here, when asked
 
     @property
     def num_tokens(self) -> int:
@@ -45,23 +54,6 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclass
-class LayerKv:
-    """One layer's finished KV or state, yielded by layer-wise prefill as soon as it exists.
-    Full layers: tensors k and v (tokens, Hkv, D), or latent (tokens, R); the token range is
-    [token_start, token_end). Linear layers: recurrent (H, K, V) float32 and conv (C, W-1)."""
-
-    layer: int
-    tensors: dict[str, torch.Tensor]
-    token_start: int = 0
-    token_end: int = 0
-
-    @property
-    def is_state(self) -> bool:
-        """A linear layer's whole-request state (as opposed to full-attention KV of a token range)."""
-        return LINEAR_RECURRENT in self.tensors
 
 
 @dataclass
@@ -90,22 +82,8 @@ class Executor:
         self.attn = attn or TorchAttention()
         self.blocks = BlockAllocator(num_blocks)
         self.slots = SlotAllocator(num_slots)
-        self.caches: list[LayerCache] = []
-        for i, kind in enumerate(self.config.layer_types):
-            if kind == "full":
-                f = layout.full_layer(i)
-                shape = layout.block_shape(i, num_blocks)
-                k = torch.zeros(shape, dtype=layout.dtype, device=self.device)
-                v = torch.zeros(shape, dtype=layout.dtype, device=self.device) if f.num_tensors == 2 else None
-                self.caches.append(FullAttnCache(k, v))
-            else:
-                lin = layout.linear_layer(i)
-                self.caches.append(
-                    LinearStateCache(
-                        torch.zeros((num_slots, *lin.recurrent_shape), dtype=STATE_DTYPE, device=self.device),
-                        torch.zeros((num_slots, *lin.conv_shape), dtype=layout.dtype, device=self.device),
-                    )
-                )
+        self.pool = layout.allocate(num_blocks, num_slots, self.device)
+        self.caches = self.pool.layer_caches
         self.stop_ids = frozenset(self.config.eos_token_ids)
 
     # --- admission ----------------------------------------------------------------------------
@@ -129,36 +107,40 @@ class Executor:
         if bad is not None:
             raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
 
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Validates and reserves blocks for the prompt and a state slot (zeroed)."""
+    def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Blocks a request holds at most: its prompt and every token it may generate."""
+        return self.layout.blocks_for(min(prompt_tokens + max_tokens, self.max_context))
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, whole: bool = False) -> SeqState:
+        """Validates and reserves blocks for the prompt and a state slot (zeroed). With `whole`,
+        the blocks the whole generation may need are promised as well (decode nodes), so that
+        the request never runs out of blocks mid-generation."""
         self.validate(prompt, params)
         need = self.layout.blocks_for(len(prompt))
-        if not self.blocks.can_allocate(need) or self.slots.num_free == 0:
+        total = self.blocks_needed(len(prompt), params.max_tokens) if whole else need
+        if not self.blocks.can_allocate(total) or self.slots.num_free == 0:
             raise OutOfCapacity(
-                f"request {request_id} needs {need} blocks and a state slot; "
+                f"request {request_id} needs {total} blocks and a state slot; "
                 f"{self.blocks.num_free} blocks and {self.slots.num_free} slots free"
             )
         block_table = self.blocks.allocate(need)
+        self.blocks.promise(total - need)
         slot = self.slots.allocate()
-        self._zero_slot(slot)
-        return Sequence(request_id, list(prompt), params, block_table, slot, generator=make_generator(params))
+        self.pool.zero_states(slot)
+        return SeqState(request_id, list(prompt), params, block_table, slot, promised=total - need,
+                        generator=make_generator(params))
 
-    def free(self, seq: Sequence) -> None:
-        """Returns the sequence's blocks and slot. Safe to call once per sequence."""
+    def free(self, seq: SeqState) -> None:
+        """Returns the sequence's blocks, promise and slot. Safe to call once per sequence."""
         if seq.slot < 0:
             return
         self.blocks.free(seq.block_table)
+        self.blocks.release_promise(seq.promised)
         self.slots.free(seq.slot)
-        seq.block_table, seq.slot = [], -1
-
-    def _zero_slot(self, slot: int) -> None:
-        for c in self.caches:
-            if isinstance(c, LinearStateCache):
-                c.recurrent[slot].zero_()
-                c.conv[slot].zero_()
+        seq.block_table, seq.slot, seq.promised = [], -1, 0
 
     # --- prefill ------------------------------------------------------------------------------
-    def _meta(self, seqs: list[Sequence], query_lens: list[int], positions: list[int]) -> ForwardMeta:
+    def _meta(self, seqs: list[SeqState], query_lens: list[int], positions: list[int]) -> ForwardMeta:
         bs = self.layout.block_size
         tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
         pos = torch.tensor(positions, dtype=torch.long)
@@ -191,24 +173,16 @@ class Executor:
 
     @torch.inference_mode()
     def prefill_layerwise(
-        self,
-        seq: Sequence,
-        chunk_tokens: int | None = None,
-        read: bool = True,
-        until: int | None = None,
-        read_start: int | None = None,
+        self, seq: SeqState, end: int | None = None, read: bool = True, read_start: int | None = None
     ) -> Iterator[LayerKv | int | None]:
-        """Runs the next part of the prompt, [num_cached, num_cached + chunk_tokens) or up to its
-        end, through layer 0, then layer 1, ...; after each layer yields that layer's finished
-        LayerKv for the part. When the part reaches the end of the prompt, finally yields the
-        first sampled token (an int). Chunked prefill is this called once per chunk. With
-        `read=False` nothing is copied out of the pool: each layer yields None. `until` stops the
-        part at that token (a checkpoint boundary); `read_start` makes the yielded full-attention KV
+        """Runs the next part of the prompt, [num_cached, end) (default: to the prompt's end),
+        through layer 0, then layer 1, ...; after each layer yields that layer's LayerKv for the
+        part. When the part reaches the end of the prompt, finally yields the first sampled token
+        (an int). Chunked prefill is this called once per part. With `read=False` nothing is
+        copied out of the pool: each layer yields None. `read_start` makes the yielded paged KV
         start before the computed part (a cached prefix that the receiver lacks)."""
-        start = seq.num_cached
-        end = len(seq.prompt) if chunk_tokens is None else min(len(seq.prompt), start + chunk_tokens)
-        if until is not None:
-            end = min(end, until)
+        start, n = seq.num_cached, len(seq.prompt)
+        end = n if end is None else min(end, n)
         if start >= end:
             raise InvalidRequest(f"request {seq.request_id}: nothing to prefill")
         ids = torch.tensor(seq.prompt[start:end], dtype=torch.long, device=self.device)
@@ -218,109 +192,86 @@ class Executor:
             x = self.model.layer(i, x, meta, self.caches[i])
             yield self.read_layer(seq, i, start if read_start is None else read_start, end) if read else None
         seq.num_cached = end
-        if end < len(seq.prompt):
+        if end < n:
             return
         logits = self.model.logits(x[-1:])[0]
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelFault(f"request {seq.request_id}: non-finite logits at the end of the prompt")
         token = sample(logits, seq.params, seq.generator)
+        self._record_logprob(seq, logits, token)
         self.append_token(seq, token)
         yield token
 
-    def prefill(self, seq: Sequence, chunk_tokens: int | None = None) -> int:
-        """Prefills the rest of the prompt (in chunks of `chunk_tokens` if given); returns the
+    def prefill(self, seq: SeqState, chunk_tokens: int | None = None) -> int:
+        """Prefills the rest of the prompt (in parts of `chunk_tokens` if given); returns the
         first token."""
         while True:
-            *_, last = self.prefill_layerwise(seq, chunk_tokens, read=False)
+            end = seq.num_cached + chunk_tokens if chunk_tokens else None
+            *_, last = self.prefill_layerwise(seq, end, read=False)
             if isinstance(last, int):
                 return last
 
     # --- prefix reuse -----------------------------------------------------------------------------
-    def attach_prefix(self, seq: Sequence, block_ids: list[int], state_slot: int) -> None:
+    def attach_prefix(self, seq: SeqState, block_ids: list[int], state_slot: int) -> None:
         """Starts `seq` after a cached prefix: its first blocks become the cached ones (shared,
-        one more reference each), its linear state a copy of the checkpoint at the prefix's end."""
+        one more reference each), its states a copy of the checkpoint at the prefix's end."""
         n = len(block_ids)
         if n * self.layout.block_size >= len(seq.prompt):
             raise ValueError("a cached prefix must leave at least one token to compute")
         self.blocks.incref(block_ids)
         self.blocks.free(seq.block_table[:n])
         seq.block_table[:n] = block_ids
-        for c in self.caches:
-            if isinstance(c, LinearStateCache):
-                c.recurrent[seq.slot].copy_(c.recurrent[state_slot])
-                c.conv[seq.slot].copy_(c.conv[state_slot])
+        self.pool.copy_states(state_slot, seq.slot)
         seq.num_cached = n * self.layout.block_size
 
-    def checkpoint_state(self, seq: Sequence) -> int:
-        """A new slot holding a copy of `seq`'s linear state as it is now (raises OutOfCapacity)."""
+    def checkpoint_state(self, seq: SeqState) -> int:
+        """A new slot holding a copy of `seq`'s states as they are now (raises OutOfCapacity)."""
         slot = self.slots.allocate()
-        for c in self.caches:
-            if isinstance(c, LinearStateCache):
-                c.recurrent[slot].copy_(c.recurrent[seq.slot])
-                c.conv[slot].copy_(c.conv[seq.slot])
+        self.pool.copy_states(seq.slot, slot)
         return slot
 
     # --- reading and writing one layer's KV ------------------------------------------------------
-    def read_layer(self, seq: Sequence, layer: int, token_start: int, token_end: int) -> LayerKv:
-        cache = self.caches[layer]
-        if isinstance(cache, LinearStateCache):
-            return LayerKv(
-                layer, {LINEAR_RECURRENT: cache.recurrent[seq.slot].clone(), LINEAR_CONV: cache.conv[seq.slot].clone()}
-            )
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-        k = gather_context(cache.k, table, token_end)[token_start:]
-        if cache.v is None:
-            return LayerKv(layer, {FULL_LATENT: k}, token_start, token_end)
-        v = gather_context(cache.v, table, token_end)[token_start:]
-        return LayerKv(layer, {FULL_K: k, FULL_V: v}, token_start, token_end)
+    def read_layer(self, seq: SeqState, layer: int, token_start: int, token_end: int) -> LayerKv:
+        """Copies of the layer's tensors: paged tokens [token_start, token_end), and the states."""
+        tensors = {
+            s.kind: self.pool.read(s, seq.block_table, seq.slot, token_start, token_end)
+            for s in self.layout.layer_specs(layer)
+        }
+        return LayerKv(layer, token_start, token_end, tensors)
 
-    def write_full(
-        self, seq: Sequence, layer: int, name: str, token_start: int, token_end: int, t: torch.Tensor
+    def write_kv(
+        self, seq: SeqState, layer: int, kind: KvKind, token_start: int, token_end: int, t: torch.Tensor
     ) -> None:
-        """Writes tokens [token_start, token_end) of one full-attention tensor into the pool."""
-        cache = self.caches[layer]
-        if not isinstance(cache, FullAttnCache):
-            raise InvalidRequest(f"layer {layer} is not a full-attention layer")
-        target = cache.v if name == FULL_V else cache.k
-        if target is None or (name == FULL_LATENT) != (cache.v is None):
-            raise InvalidRequest(f"layer {layer} has no tensor {name!r}")
-        if token_end > len(seq.block_table) * self.layout.block_size or token_start < 0:
-            raise InvalidRequest(f"tokens [{token_start}, {token_end}) are outside the reserved blocks")
-        bs = self.layout.block_size
-        pos = torch.arange(token_start, token_end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        flat = (table[pos // bs] * bs + pos % bs).to(self.device)
-        target.view(-1, *target.shape[2:]).index_copy_(0, flat, t.to(target.dtype))
-
-    def write_linear(self, seq: Sequence, layer: int, name: str, t: torch.Tensor) -> None:
-        cache = self.caches[layer]
-        if not isinstance(cache, LinearStateCache):
-            raise InvalidRequest(f"layer {layer} is not a linear-attention layer")
-        target = cache.recurrent if name == LINEAR_RECURRENT else cache.conv
-        target[seq.slot].copy_(t)
+        """Writes one tensor of one layer: tokens [token_start, token_end) of a paged tensor, or
+        the whole state (the range is then ignored)."""
+        try:
+            spec = self.layout.spec(layer, kind)
+            self.pool.write(spec, seq.block_table, seq.slot, token_start, token_end, t)
+        except (KeyError, IndexError) as e:
+            raise InvalidRequest(f"request {seq.request_id}: {e.args[0]}") from None
 
     # --- export / import ------------------------------------------------------------------------
-    def export(self, seq: Sequence) -> ExportedKv:
+    def export(self, seq: SeqState) -> ExportedKv:
         n = seq.num_cached
         layers = [self.read_layer(seq, i, 0, n) for i in range(self.model.num_layers)]
         return ExportedKv(list(seq.prompt), list(seq.output), layers)
 
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Decode side: blocks and a slot for a request whose KV will arrive from elsewhere."""
-        return self.add(request_id, prompt, params)
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> SeqState:
+        """Decode side: blocks and a slot for a request whose KV will arrive from elsewhere, and
+        the blocks of its whole generation promised."""
+        return self.add(request_id, prompt, params, whole=True)
 
-    def complete_import(self, seq: Sequence, first_token: int) -> None:
+    def complete_import(self, seq: SeqState, first_token: int) -> None:
         """The KV of the whole prompt is in place: the sequence continues from `first_token`."""
         seq.num_cached = len(seq.prompt)
         self.append_token(seq, first_token)
 
-    def import_kv(self, request_id: str, exported: ExportedKv, params: SamplingParams) -> Sequence:
+    def import_kv(self, request_id: str, exported: ExportedKv, params: SamplingParams) -> SeqState:
         seq = self.reserve(request_id, exported.prompt, params)
         try:
             for lk in exported.layers:
-                for name, t in lk.tensors.items():
-                    if name in (LINEAR_RECURRENT, LINEAR_CONV):
-                        self.write_linear(seq, lk.layer, name, t)
-                    else:
-                        self.write_full(seq, lk.layer, name, lk.token_start, lk.token_end, t)
+                for kind, t in lk.tensors.items():
+                    self.write_kv(seq, lk.layer, kind, lk.token_start, lk.token_end, t)
             if len(exported.output) != 1:
                 raise InvalidRequest("import expects the KV right after prefill (one output token)")
             self.complete_import(seq, exported.output[0])
@@ -330,7 +281,7 @@ class Executor:
         return seq
 
     # --- decode ---------------------------------------------------------------------------------
-    def append_token(self, seq: Sequence, token: int) -> None:
+    def append_token(self, seq: SeqState, token: int) -> None:
         seq.output.append(token)
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_ids):
@@ -338,8 +289,8 @@ class Executor:
         elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_context:
             seq.finish_reason = "length"
 
-    def prepare_decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Makes room for one more token in each sequence. Sequences that cannot get a block are
+    def prepare_decode(self, seqs: list[SeqState]) -> list[SeqState]:
+        """Makes room for one more token in each sequence. SeqStates that cannot get a block are
         finished with reason "length" (the pool is full) and left out of the step."""
         ready = []
         for seq in seqs:
@@ -347,17 +298,23 @@ class Executor:
                 continue
             pos = seq.num_tokens - 1  # the position of the token this step feeds
             if pos // self.layout.block_size >= len(seq.block_table):
-                if not self.blocks.can_allocate(1):
+                if seq.promised:
+                    seq.block_table += self.blocks.allocate(1, promised=True)
+                    seq.promised -= 1
+                elif not self.blocks.can_allocate(1):
                     seq.finish_reason = "length"
                     continue
-                seq.block_table += self.blocks.allocate(1)
+                else:
+                    seq.block_table += self.blocks.allocate(1)
             ready.append(seq)
         return ready
 
     @torch.inference_mode()
-    def run_decode(self, seqs: list[Sequence]) -> list[int]:
+    def run_decode(self, seqs: list[SeqState]) -> list[int]:
         """One decode step for every sequence (all prepared); returns the sampled tokens and
-        appends them to the sequences."""
+        appends them to the sequences. A sequence whose logits are not finite (its KV or state is
+        corrupt) ends alone with reason "error" and no token (-1); the others are unaffected,
+        since every row of the step is computed independently."""
         if not seqs:
             return []
         # in slot order: packed slots then form one run, which linear layers update in place
@@ -368,13 +325,27 @@ class Executor:
         meta = self._meta(batch, [1] * len(batch), positions)
         logits = self.model(ids, meta, self.caches)  # (B, vocab)
         greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
-        tokens = [0] * len(seqs)
-        for i, seq, row, best in zip(order, batch, logits, greedy, strict=True):
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = [-1] * len(seqs)
+        for i, seq, row, best, ok in zip(order, batch, logits, greedy, finite, strict=True):
             seq.num_cached += 1
+            if not ok:
+                self._fail(seq, f"non-finite logits at position {seq.num_tokens - 1}")
+                continue
             tok = best if seq.params.greedy else sample(row, seq.params, seq.generator)
+            self._record_logprob(seq, row, tok)
             self.append_token(seq, tok)
             tokens[i] = tok
         return tokens
 
-    def decode_step(self, seqs: list[Sequence]) -> list[int]:
+    @staticmethod
+    def _fail(seq: SeqState, why: str) -> None:
+        seq.finish_reason, seq.error = "error", f"request {seq.request_id}: {why} (its KV or state is corrupt)"
+
+    @staticmethod
+    def _record_logprob(seq: SeqState, logits: torch.Tensor, token: int) -> None:
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, token, seq.params.logprobs))
+
+    def decode_step(self, seqs: list[SeqState]) -> list[int]:
         return self.run_decode(self.prepare_decode(seqs))

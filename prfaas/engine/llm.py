@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from prfaas.engine.backends import make_backend
-from prfaas.engine.executor import Executor, Sequence
-from prfaas.engine.sampling import SamplingParams
+from prfaas.engine.executor import Executor, SeqState
 from prfaas.engine.tokenizer import Tokenizer, load_tokenizer
 from prfaas.kv.layout import KvLayout
+from prfaas.messages import SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.presets import resolve_model
 
@@ -46,7 +46,7 @@ class LLM:
         for p, sp in zip(prompts, plist, strict=True):
             self.executor.validate(p, sp)
         waiting = deque(zip(range(len(prompts)), prompts, plist, strict=True))
-        running: list[tuple[int, Sequence]] = []
+        running: list[tuple[int, SeqState]] = []
         results: dict[int, list[int]] = {}
         ex = self.executor
         while waiting or running:

@@ -1,39 +1,11 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
+"""The sampler: greedy, temperature, top-k, top-p, per-request seed (the parameters themselves
+are `prfaas.messages.SamplingParams`, torch-free)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-class InvalidRequest(ValueError):
-    """A request the engine refuses: the message says which field is wrong."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default=())
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from prfaas.messages import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -60,3 +32,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of `token` under logits (vocab,) and the `top` most likely tokens
+    with theirs (the raw distribution: no temperature, no top-k/top-p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(float(logp[token].item()), alternatives)

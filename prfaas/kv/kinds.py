@@ -1,5 +1,8 @@
-"""What a KV chunk carries. Mirrors `prfaas.v1.KvKind` (same numbers; tests/transport/test_codec.py
-checks), kept free of generated code so that service cores can name kinds without importing it."""
+"""The one vocabulary for the tensors a layer keeps: `KvKind`. The KV layout says which layer
+has which kinds; the executor, the KV stream and the services name tensors by kind.
+
+The numbers are those of `prfaas.v1.KvKind` (the transport's wire module checks this at import),
+kept free of generated code so that the engine and the cores can name kinds without the wire."""
 
 from __future__ import annotations
 
@@ -7,13 +10,9 @@ from enum import IntEnum
 
 
 class KvKind(IntEnum):
-    FULL_K = 1
-    FULL_V = 2
-    FULL_LATENT = 3
-    LINEAR_RECURRENT = 4
-    LINEAR_CONV = 5
-    FIRST_TOKEN = 6
-
-
-FULL_KINDS = frozenset({KvKind.FULL_K, KvKind.FULL_V, KvKind.FULL_LATENT})
-STATE_KINDS = frozenset({KvKind.LINEAR_RECURRENT, KvKind.LINEAR_CONV})
+    FULL_K = 1              # GQA keys, paged per token
+    FULL_V = 2              # GQA values, paged per token
+    FULL_LATENT = 3         # MLA compressed latent plus rope key, paged per token
+    LINEAR_RECURRENT = 4    # linear-attention recurrent state, one per request
+    LINEAR_CONV = 5         # linear-attention conv state, one per request
+    FIRST_TOKEN = 6         # the wire's last chunk of a transfer: the first sampled token

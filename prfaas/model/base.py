@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 import torch
 
@@ -29,10 +30,6 @@ class ForwardMeta:
     # training (prfaas/model/train_forward.py): linear layers take an autograd-friendly path from a zero
     # state and leave their cache untouched; every sequence the same length, nothing cached
     differentiable: bool = False
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
 
     @property
     def is_decode(self) -> bool:
@@ -66,22 +63,19 @@ class ForwardMeta:
         return out
 
 
-@dataclass
-class FullAttnCache:
-    """One full-attention layer's paged pool. GQA: k and v, (num_blocks, block_size, Hkv, D).
-    MLA: k is the latent (num_blocks, block_size, kv_lora_rank + rope_dim) and v is None."""
+class FullAttnCache(Protocol):
+    """What a full-attention layer reads and writes: its paged pool. GQA: k and v,
+    (num_blocks, block_size, Hkv, D). MLA: k is the latent (num_blocks, block_size, R + P) and v
+    is None. (The KV layout allocates it: `prfaas.kv.layout.PagedCache`.)"""
 
     k: torch.Tensor
-    v: torch.Tensor | None = None
+    v: torch.Tensor | None
 
 
-@dataclass
-class LinearStateCache:
-    """One linear-attention layer's state slots: recurrent (num_slots, H, K, V) float32 and
-    conv (num_slots, conv_dim, kernel - 1).
-
-    A linear layer starts a sequence from the state in its slot: the executor zeroes a slot
-    when it hands it to a new request (or fills it from an imported / cached state)."""
+class LinearStateCache(Protocol):
+    """What a linear-attention layer reads and writes: its state slots, recurrent
+    (num_slots, H, K, V) float32 and conv (num_slots, conv_dim, kernel - 1). A layer starts a
+    sequence from the state in its slot. (The KV layout allocates it: `prfaas.kv.layout.StateCache`.)"""
 
     recurrent: torch.Tensor
     conv: torch.Tensor

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prfaas.errors import InvalidRequest
+
 FAMILIES = ("qwen3_next", "kimi_linear")
 
 FullKind = Literal["gqa", "mla"]
 LinearKind = Literal["gdn", "kda"]
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InvalidRequest):
     """A config.json that this engine cannot serve."""
 
 
@@ -196,16 +198,7 @@ def _parse_qwen3_next(raw: dict[str, Any]) -> ModelConfig:
 def _parse_kimi_linear(raw: dict[str, Any]) -> ModelConfig:
     n = int(raw["num_hidden_layers"])
     lin_cfg = raw.get("linear_attn_config") or {}
-    types = raw.get("layer_types")
-    if not types:
-        if "full_attn_layers" in lin_cfg and "kda_layers" in lin_cfg:
-            types = [""] * n
-            for i in lin_cfg["full_attn_layers"]:
-                types[i - 1] = "full_attention"
-            for i in lin_cfg["kda_layers"]:
-                types[i - 1] = "linear_attention"
-        else:
-            types = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
+    types = raw.get("layer_types") or _kimi_layer_types(n, lin_cfg)
     mlp_layer_types = raw.get("mlp_layer_types") or [
         "dense" if i < int(raw.get("first_k_dense_replace", 1)) else "sparse" for i in range(n)
     ]
@@ -230,20 +223,7 @@ def _parse_kimi_linear(raw: dict[str, Any]) -> ModelConfig:
         head_v_dim=lin_dim,
         conv_kernel=int(lin_cfg.get("short_conv_kernel_size", raw.get("linear_conv_kernel_dim", 4))),
     )
-    num_experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)))
-    moe = None
-    if num_experts > 0 and "moe" in mlp_types:
-        moe = MoeSpec(
-            num_experts=num_experts,
-            top_k=int(raw.get("num_experts_per_tok") or raw.get("num_experts_per_token") or 1),
-            intermediate_size=int(raw["moe_intermediate_size"]),
-            shared_intermediate_size=int(raw["moe_intermediate_size"])
-            * int(raw.get("n_shared_experts", raw.get("num_shared_experts", 1)) or 0),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", raw.get("moe_renormalize", True))),
-            num_groups=int(raw.get("n_group", raw.get("num_expert_group", 1)) or 1),
-            topk_groups=int(raw.get("topk_group", 1) or 1),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-        )
+    moe = _kimi_moe(raw, mlp_types)
     return ModelConfig(
         family="kimi_linear",
         vocab_size=int(raw["vocab_size"]),
@@ -261,3 +241,33 @@ def _parse_kimi_linear(raw: dict[str, Any]) -> ModelConfig:
         eos_token_ids=_eos(raw),
         raw=raw,
     )
+
+
+def _kimi_layer_types(n: int, lin_cfg: dict[str, Any]) -> list[str]:
+    """Moonshot's original layout lists 1-based layer numbers per kind; else every fourth is full."""
+    if "full_attn_layers" in lin_cfg and "kda_layers" in lin_cfg:
+        types = [""] * n
+        for i in lin_cfg["full_attn_layers"]:
+            types[i - 1] = "full_attention"
+        for i in lin_cfg["kda_layers"]:
+            types[i - 1] = "linear_attention"
+        return types
+    return ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
+
+
+def _kimi_moe(raw: dict[str, Any], mlp_types: tuple[str, ...]) -> MoeSpec | None:
+    num_experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)))
+    moe = None
+    if num_experts > 0 and "moe" in mlp_types:
+        moe = MoeSpec(
+            num_experts=num_experts,
+            top_k=int(raw.get("num_experts_per_tok") or raw.get("num_experts_per_token") or 1),
+            intermediate_size=int(raw["moe_intermediate_size"]),
+            shared_intermediate_size=int(raw["moe_intermediate_size"])
+            * int(raw.get("n_shared_experts", raw.get("num_shared_experts", 1)) or 0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", raw.get("moe_renormalize", True))),
+            num_groups=int(raw.get("n_group", raw.get("num_expert_group", 1)) or 1),
+            topk_groups=int(raw.get("topk_group", 1) or 1),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+        )
+    return moe

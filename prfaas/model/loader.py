@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from prfaas.model.config import ModelConfig, ModelConfigError
+from prfaas.errors import InvalidRequest
+from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import HybridForCausalLM, family_parts
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidRequest):
     """A checkpoint whose tensors do not fit the model its config describes."""
 
 
@@ -71,9 +72,3 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model.eval()
     return model
 
-
-def load_config(path: str | Path) -> ModelConfig:
-    try:
-        return ModelConfig.from_dir(path)
-    except KeyError as e:
-        raise ModelConfigError(f"{path}/config.json: missing field {e}") from e

@@ -11,10 +11,12 @@ MLPs around them are the serving modules' own code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from prfaas.model.base import ForwardMeta, FullAttnCache, LayerCache, LinearStateCache
+from prfaas.model.base import ForwardMeta, LayerCache
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.linear_mixing import HeadsFn
 from prfaas.model.ops.delta_rule import l2norm
@@ -34,6 +36,23 @@ def training_meta(batch: int, length: int, device: torch.device | str = "cpu") -
     )
 
 
+@dataclass
+class _Pool:
+    """A training row's full-attention pool (the serving pools are the KV layout's, which the
+    model may not import): GQA k and v, or MLA's latent in k."""
+
+    k: torch.Tensor
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class _NoState:
+    """The linear layers' placeholder: the differentiable path keeps no state."""
+
+    recurrent: torch.Tensor
+    conv: torch.Tensor
+
+
 def fresh_caches(model: HybridForCausalLM, batch: int, length: int) -> list[LayerCache]:
     """Full-attention pools of one block per row; the linear layers get empty placeholders (the
     differentiable path reads and writes no state)."""
@@ -42,13 +61,13 @@ def fresh_caches(model: HybridForCausalLM, batch: int, length: int) -> list[Laye
     out: list[LayerCache] = []
     for kind in cfg.layer_types:
         if kind == "linear":
-            out.append(LinearStateCache(p.new_empty(0), p.new_empty(0)))
+            out.append(_NoState(p.new_empty(0), p.new_empty(0)))
         elif cfg.full.kind == "mla":
             latent = cfg.full.kv_lora_rank + cfg.full.qk_rope_head_dim
-            out.append(FullAttnCache(p.new_zeros(batch, length, latent)))
+            out.append(_Pool(p.new_zeros(batch, length, latent)))
         else:
             shape = (batch, length, cfg.full.num_kv_heads, cfg.full.head_dim)
-            out.append(FullAttnCache(p.new_zeros(shape), p.new_zeros(shape)))
+            out.append(_Pool(p.new_zeros(shape), p.new_zeros(shape)))
     return out
 
 
@@ -77,7 +96,7 @@ def conv_delta_rule_train(
 ) -> torch.Tensor:
     """`linear_mixing.conv_delta_rule` for a ForwardMeta with `differentiable` set: the same
     arguments and result (T, H, V), every sequence from a zero conv and recurrent state."""
-    b, n = meta.num_seqs, meta.query_lens[0]
+    b, n = len(meta.query_lens), meta.query_lens[0]
     if any(q != n for q in meta.query_lens) or meta.context_lens != meta.query_lens:
         raise ValueError("the differentiable path takes sequences of one length with nothing cached")
     y = causal_conv_silu(mixed.view(b, n, -1), conv_weight)  # (B, L, C) float32

@@ -29,12 +29,6 @@ class SystemProfile:
     output_tokens: int = 1024                     # L_out
     link_bytes_per_s: float = 100 * GBPS          # B_out available to the PrfaaS cluster
 
-    def with_link(self, bytes_per_s: float) -> SystemProfile:
-        return SystemProfile(
-            self.kv_bytes, self.prfaas_prefill_s, self.local_prefill_s, self.decode_step_s,
-            self.decode_batch, self.output_tokens, bytes_per_s,
-        )
-
 
 @dataclass(frozen=True)
 class Deployment:

@@ -9,7 +9,10 @@ Model (simulated time, seconds):
 - Decode node: `BS_max` slots; a request holds one for `L_out * T_decode`. The first token reaches
   the client when the decode node admits the request, so TTFT = admission - arrival, with queueing.
 - Prefix cache: each prefill node remembers (LRU) the prompts it prefilled; a request that extends
-  one of them hits on the nodes holding it.
+  one of them hits on the nodes holding it. With `caches` (traces: requests carry block keys),
+  nodes keep LRUs of blocks instead (sim/prefix.py); an offloaded prefill then sends `S_kv(P - h)`,
+  `h` the decode node's hit (0 unless the caches are decode-side too), and a request decodes for its
+  own output length.
 - Local nodes can change role; a changing node takes no new work, finishes what it has, then flips.
 """
 
@@ -29,6 +32,7 @@ from prfaas.scheduling.controller import (
 )
 from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.policy import NodeView, RouteQuery, RoutingPolicy
+from prfaas.sim.prefix import PrefixCaches
 from prfaas.sim.workload import Arrival
 
 
@@ -37,6 +41,8 @@ class Req:
     arrival: Arrival
     route: str = ""
     uncached: int = 0
+    cached: int = 0
+    kv_bytes: float = 0.0           # over the cross-cluster link
     prefill_node: str = ""
     decode_node: str = ""
     first_token: float = -1.0
@@ -66,7 +72,7 @@ class Node:
             return NodeView(self.node_id, self.cluster, "prefill", len(self.queue),  # type: ignore[arg-type]
                             int(self.busy is not None), 1 << 30 if can_take else 0, hit)
         return NodeView(self.node_id, self.cluster, "decode", self.assigned, self.running,  # type: ignore[arg-type]
-                        1 << 30 if can_take else 0, 0)
+                        1 << 30 if can_take else 0, hit)
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,10 @@ class Simulator:
     def __init__(
         self, system: SystemProfile, deployment: Deployment, policy: RoutingPolicy, config: SimConfig,
         short_term: ShortTermController | None = None, long_term: LongTermController | None = None,
-        link_changes: Sequence[tuple[float, float]] = (),
+        link_changes: Sequence[tuple[float, float]] = (), caches: PrefixCaches | None = None,
     ) -> None:
         self.sp, self.policy, self.cfg = system, policy, config
+        self.caches = caches
         self.short_term, self.long_term = short_term, long_term
         self.nodes: dict[str, Node] = {}
         for i in range(deployment.n_prfaas):
@@ -173,12 +180,15 @@ class Simulator:
         views = []
         for n in self.nodes.values():
             hit = 0
-            if parent is not None and n.role == "prefill" and a.parent in n.cache:
+            if self.caches is not None:
+                if n.role == "prefill" or self.caches.decode_side:
+                    hit = self.caches.hit_tokens(n.node_id, a.blocks)
+            elif parent is not None and n.role == "prefill" and a.parent in n.cache:
                 n.cache.move_to_end(a.parent)
                 hit = n.cache[a.parent] // 16 * 16
             views.append(n.view(hit))
         d = self.policy.route(RouteQuery(a.request_id, a.prompt_tokens), views)
-        req.route, req.uncached = d.route, d.uncached_tokens
+        req.route, req.uncached, req.cached = d.route, d.uncached_tokens, d.cached_tokens
         req.prefill_node, req.decode_node = d.prefill_node, d.decode_node
         if self.short_term:
             self.short_term.record(now, d.uncached_tokens)
@@ -194,16 +204,27 @@ class Simulator:
             return
         req = node.queue.popleft()
         node.busy = req
-        node.cache[req.arrival.request_id] = req.arrival.prompt_tokens
-        if len(node.cache) > self.cfg.cache_entries:
-            node.cache.popitem(last=False)
+        if self.caches is not None:
+            self.caches.store(node.node_id, req.arrival.blocks)
+        else:
+            node.cache[req.arrival.request_id] = req.arrival.prompt_tokens
+            if len(node.cache) > self.cfg.cache_entries:
+                node.cache.popitem(last=False)
         self._push(now + node.prefill_s(req.uncached), "prefill_done", req)
         if node.cluster == "prfaas":
             self._link_advance(now)
-            self.link_queue.append((req, self.sp.kv_bytes(req.uncached)))
+            req.kv_bytes = self._kv_bytes(req)
+            self.link_queue.append((req, req.kv_bytes))
             self._link_schedule(now)
         else:
             req.kv_done = True
+
+    def _kv_bytes(self, req: Req) -> float:
+        if self.caches is None:
+            return self.sp.kv_bytes(req.uncached)
+        prompt = req.arrival.prompt_tokens
+        held = self.caches.hit_tokens(req.decode_node, req.arrival.blocks) if self.caches.decode_side else 0
+        return self.sp.kv_bytes(prompt - min(held, prompt - 1))
 
     def _maybe_release(self, now: float, req: Req) -> None:
         if not (req.prefill_done and req.kv_done):
@@ -248,7 +269,10 @@ class Simulator:
             node.running += 1
             node.assigned -= 1
             req.first_token = now
-            self._push(now + self.decode_s, "decode_done", req)
+            if self.caches is not None and self.caches.decode_side:
+                self.caches.store(node.node_id, req.arrival.blocks)
+            out = req.arrival.output_tokens
+            self._push(now + (out * self.sp.decode_step_s if out else self.decode_s), "decode_done", req)
         self._maybe_flip(now, node)
 
     # --- controllers -----------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class Arrival:
     time: float
     prompt_tokens: int
     parent: str | None = None       # the earlier request whose prompt this one extends
+    output_tokens: int = 0          # 0: the system profile's L_out
+    blocks: tuple[int, ...] = ()    # chained keys of the prompt's full blocks (traces; see sim/prefix.py)
 
 
 def generate(segments: Sequence[Segment], seed: int, prefix_reuse: float = 0.0,

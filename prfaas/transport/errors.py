@@ -1,24 +1,31 @@
-"""Transfer errors, shared by the receiver (which raises them), the servicer (which maps them to
-gRPC status codes) and the sender (which turns the receiver's status back into them)."""
+"""Transfer errors: what the receiver raises for a chunk or a transfer, what the sender raises
+when the receiver (or the connection) gave up. The code is typed end to end: the gRPC plane
+carries it as the call's status (and a trailing-metadata key), the TCP plane as a number in its
+verdict frame."""
 
 from __future__ import annotations
 
-from typing import Literal
+from prfaas.errors import Code, PrfaasError
 
-ErrorCode = Literal[
-    "NOT_FOUND",          # unknown, finished or expired transfer
-    "INVALID_ARGUMENT",   # kind, shape, dtype or token range contradicts the layout or the transfer
-    "ALREADY_EXISTS",     # duplicate seq, or a token range that overlaps one already received
-    "DATA_LOSS",          # checksum mismatch
-    "DEADLINE_EXCEEDED",  # the transfer's deadline passed before every chunk arrived
-    "CANCELLED",          # cancelled by the decode side (request gone) or aborted by the sender
-    "UNAVAILABLE",        # sender side: the connection failed
-    "INTERNAL",           # anything else
-]
+# the codes a transfer can end with
+TRANSFER_CODES = frozenset({
+    Code.NOT_FOUND,          # unknown, finished or expired transfer
+    Code.INVALID_ARGUMENT,   # kind, shape, dtype or token range contradicts the layout or the transfer
+    Code.ALREADY_EXISTS,     # duplicate seq, or a token range that overlaps one already received
+    Code.DATA_LOSS,          # checksum mismatch
+    Code.DEADLINE_EXCEEDED,  # the transfer's deadline passed before every chunk arrived
+    Code.CANCELLED,          # cancelled by the decode side (request gone) or aborted by the sender
+    Code.UNAVAILABLE,        # sender side: the connection failed
+    Code.INTERNAL,           # anything else
+})
 
 
-class TransferError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code: ErrorCode = code
+class TransferError(PrfaasError):
+    def __init__(self, code: Code | str, message: str) -> None:
+        super().__init__(message)
+        code = Code(code)
+        self.code = code if code in TRANSFER_CODES else Code.INTERNAL
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"

@@ -9,15 +9,15 @@ Wire, per connection and transfer: frames `u32 little-endian length | KvChunk by
 empty frame (length 0) that ends the sender's share; the receiver answers one verdict frame:
 `b"K" + u32 chunks + u64 bytes` on success (the connection stays open and goes back to the
 sender's pool for the next transfer: no handshake or slow start per transfer on a long link), or
-`b"E" + "CODE: message"` (a TransferError) at the first bad chunk, and closes. A connection that
-closes in the middle of a transfer is a broken transfer (the sender aborted or died): the receiver
-cancels what it carried, which gRPC's client streams cannot say.
+`b"E" + u8 code + message` (a TransferError: the code's canonical number, then its UTF-8 message)
+at the first bad chunk, and closes. A connection that closes in the middle of a transfer is a
+broken transfer (the sender aborted or died): the receiver cancels what it carried, which gRPC's
+client streams cannot say.
 
-`TcpPushCall` quacks like the gRPC stream-unary call the `KvSender` drives (write, done_writing,
-await, cancel, code, details), so the sender's chunking, striping and error rules apply as they
-are: an address `tcp://host:port` selects it. It writes on a plain non-blocking socket with
-`sendmsg`, each chunk's header and payload as separate buffers: the payload is never joined or
-buffered in user space. `KvTcpServer` feeds a `KvReceiver`.
+`TcpPushCall` is the sender's `PushCall` on this plane (an address `tcp://host:port` selects it),
+so the sender's chunking, striping and error rules apply as they are. It writes on a plain
+non-blocking socket with `sendmsg`, each chunk's header and payload as separate buffers: the
+payload is never joined or buffered in user space. `KvTcpServer` feeds a `KvReceiver`.
 """
 
 from __future__ import annotations
@@ -26,18 +26,14 @@ import asyncio
 import socket
 import struct
 import weakref
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-import grpc
-
-from prfaas.kv.codec import CodecError, parse_chunk
+from prfaas.errors import Code
 from prfaas.obs.log import get_logger
-from prfaas.transport.errors import ErrorCode, TransferError
+from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver
-from prfaas.transport.servicer import STATUS_OF, code_from_details
 from prfaas.transport.stats import LinkStats
+from prfaas.transport.wire import parse_chunk
 
 log = get_logger(__name__)
 
@@ -66,12 +62,6 @@ def tcp_retransmits(sock: socket.socket | None) -> int:
 
 def is_tcp(address: str) -> bool:
     return address.startswith(SCHEME)
-
-
-@dataclass(frozen=True)
-class TcpAck:
-    chunks: int
-    bytes: int
 
 
 _IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[socket.socket]]] = (
@@ -149,15 +139,13 @@ class TcpPushCall:
     from (and, after a clean verdict, given back to) a per-address pool."""
 
     def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
+        self.link = address
         self.stats, self.retransmits = stats, 0
         host, _, port = address.removeprefix(SCHEME).rpartition(":")
         self._host, self._port, self._timeout = host, int(port), timeout_s
         self._sock: socket.socket | None = None
         self._retrans_base = 0
-        self._code = grpc.StatusCode.OK
-        self._details = ""
-        self._done: asyncio.Future[TcpAck] = asyncio.get_running_loop().create_future()
-        self._done.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        self._error: TransferError | None = None
 
     async def _connect(self) -> None:
         if self._sock is not None:
@@ -184,49 +172,61 @@ class TcpPushCall:
             raise
         self._sock = sock
 
-    def _fail(self, code: grpc.StatusCode, details: str) -> None:
-        if self._code == grpc.StatusCode.OK:
-            self._code, self._details = code, details
-        if not self._done.done():
-            self._done.set_exception(TransferError(code_from_details(details) or _code_name(code), details))
+    def _fail(self, error: TransferError) -> TransferError:
+        if self._error is None:
+            self._error = error
+        return self._error
 
-    async def write(self, data: bytes | list[bytes | memoryview]) -> None:
-        """One frame: a chunk as bytes, or as the buffers of `encode_chunk_parts` (sent unjoined)."""
-        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    def _broken(self, e: BaseException) -> TransferError:
+        return self._fail(TransferError(Code.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}"))
+
+    async def write(self, parts: list[bytes | memoryview]) -> None:
+        """One frame: a chunk as the buffers of `encode_chunk_parts`, sent unjoined."""
         try:
             await self._connect()
             assert self._sock is not None
             await send_buffers(self._sock, [_LEN.pack(sum(len(p) for p in parts)), *parts])
         except (OSError, TimeoutError) as e:
             await self._read_verdict()  # the receiver may have said why it closed
-            self._fail(grpc.StatusCode.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}")
-            raise ConnectionError(self._details) from e
+            raise self._broken(e) from e
 
-    async def done_writing(self) -> None:
+    async def finish(self) -> int:
+        """Ends this connection's share (the end frame) and returns the bytes the receiver
+        acknowledged; raises the receiver's `TransferError`."""
         await self._connect()
         assert self._sock is not None
-        await send_buffers(self._sock, [_LEN.pack(0)])  # the end frame
-        await self._read_verdict()
+        try:
+            await send_buffers(self._sock, [_LEN.pack(0)])
+        except OSError as e:
+            await self._read_verdict()
+            raise self._broken(e) from e
+        acked = await self._read_verdict()
+        if acked is None:
+            assert self._error is not None
+            raise self._error
+        return acked
 
-    async def _read_verdict(self) -> None:
-        if self._sock is None or self._done.done():
-            return
+    async def _read_verdict(self) -> int | None:
+        """The receiver's verdict: acknowledged bytes, or None after recording its error."""
+        if self._sock is None or self._error is not None:
+            return None
         try:
             head = await asyncio.wait_for(_recv_exactly(self._sock, _LEN.size), self._timeout)
             body = await asyncio.wait_for(_recv_exactly(self._sock, _LEN.unpack(head)[0]), self._timeout)
         except (OSError, TimeoutError) as e:
             self._close()
-            self._fail(grpc.StatusCode.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}")
-            return
-        if body[:1] == b"K":
-            chunks, nbytes = _ACK.unpack(body[1:])
+            self._fail(TransferError(Code.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}"))
+            return None
+        if body[:1] == b"K" and len(body) == 1 + _ACK.size:
+            _chunks, nbytes = _ACK.unpack(body[1:])
             self._release()
-            self._done.set_result(TcpAck(chunks, nbytes))
+            return int(nbytes)
+        self._close()
+        if body[:1] == b"E" and len(body) >= 2:
+            self._fail(TransferError(Code.from_number(body[1]), body[2:].decode("utf-8", "replace")))
         else:
-            self._close()
-            details = body[1:].decode("utf-8", "replace")
-            code = code_from_details(details) or "INTERNAL"
-            self._fail(STATUS_OF[code], details)
+            self._fail(TransferError(Code.INTERNAL, f"bad verdict frame from {self._host}:{self._port}"))
+        return None
 
     def _count_retransmits(self) -> None:
         assert self._sock is not None
@@ -255,26 +255,14 @@ class TcpPushCall:
                 pass
             self._sock.close()
 
-    def __await__(self) -> Generator[Any, None, TcpAck]:
-        return self._done.__await__()
-
-    def cancel(self) -> bool:
+    def cancel(self) -> None:
         self._close()
-        if not self._done.done():
-            self._done.cancel()
-        return True
+        self._fail(TransferError(Code.CANCELLED, "the sender cancelled the transfer"))
 
-    async def code(self) -> grpc.StatusCode:
-        if self._code == grpc.StatusCode.OK and self._done.cancelled():
-            return grpc.StatusCode.CANCELLED
-        return self._code
-
-    async def details(self) -> str:
-        return self._details
-
-
-def _code_name(code: grpc.StatusCode) -> ErrorCode:
-    return next((k for k, v in STATUS_OF.items() if v == code), "INTERNAL")
+    async def error(self, cause: BaseException) -> TransferError:
+        if self._error is not None:
+            return self._error
+        return cause if isinstance(cause, TransferError) else TransferError(Code.UNAVAILABLE, repr(cause))
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
@@ -312,17 +300,15 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                     self.transport.write(_LEN.pack(len(ack)) + ack)
                 return
             if size > MAX_FRAME:
-                return self._reply_error(TransferError("INVALID_ARGUMENT", f"bad KV frame length {size}"))
+                return self._reply_error(TransferError(Code.INVALID_ARGUMENT, f"bad KV frame length {size}"))
             self._buf, self._pos, self._frame = bytearray(size), 0, True
             return
         data, self._buf, self._pos, self._frame = self._buf, self._header, 0, False
         try:
-            chunk = parse_chunk(data)  # type: ignore[arg-type]
+            chunk = parse_chunk(data)
             self._seen.add(chunk.transfer_id)
             self.bytes += self.receiver.on_chunk(chunk)
             self.chunks += 1
-        except CodecError as e:
-            self._reply_error(TransferError(e.code, str(e)))  # type: ignore[arg-type]
         except TransferError as e:
             self._reply_error(e)
 
@@ -334,7 +320,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def _reply_error(self, e: TransferError) -> None:
         self._finished = True
-        self._reply(b"E" + f"{e.code}: {e.message}".encode())
+        self._reply(b"E" + bytes([e.code.number]) + e.message.encode())
 
     def _reply(self, body: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -42,6 +42,11 @@ class NodeControlStub:
                 request_serializer=prfaas_dot_v1_dot_common__pb2.SetRoleRequest.SerializeToString,
                 response_deserializer=prfaas_dot_v1_dot_common__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/prfaas.v1.NodeControl/Stats',
+                request_serializer=prfaas_dot_v1_dot_common__pb2.NodeStatsRequest.SerializeToString,
+                response_deserializer=prfaas_dot_v1_dot_common__pb2.NodeStats.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -56,6 +61,13 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """the node's own accounting, now
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +75,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.SetRole,
                     request_deserializer=prfaas_dot_v1_dot_common__pb2.SetRoleRequest.FromString,
                     response_serializer=prfaas_dot_v1_dot_common__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=prfaas_dot_v1_dot_common__pb2.NodeStatsRequest.FromString,
+                    response_serializer=prfaas_dot_v1_dot_common__pb2.NodeStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +112,33 @@ class NodeControl:
             '/prfaas.v1.NodeControl/SetRole',
             prfaas_dot_v1_dot_common__pb2.SetRoleRequest.SerializeToString,
             prfaas_dot_v1_dot_common__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prfaas.v1.NodeControl/Stats',
+            prfaas_dot_v1_dot_common__pb2.NodeStatsRequest.SerializeToString,
+            prfaas_dot_v1_dot_common__pb2.NodeStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,11 +47,6 @@ class DecodeStub:
                 request_serializer=prfaas_dot_v1_dot_decode__pb2.KvChunk.SerializeToString,
                 response_deserializer=prfaas_dot_v1_dot_decode__pb2.KvAck.FromString,
                 _registered_method=True)
-        self.Stats = channel.unary_unary(
-                '/prfaas.v1.Decode/Stats',
-                request_serializer=prfaas_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
-                response_deserializer=prfaas_dot_v1_dot_decode__pb2.StatsResponse.FromString,
-                _registered_method=True)
 
 
 class DecodeServicer:
@@ -72,12 +67,6 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,11 +79,6 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.PushKv,
                     request_deserializer=prfaas_dot_v1_dot_decode__pb2.KvChunk.FromString,
                     response_serializer=prfaas_dot_v1_dot_decode__pb2.KvAck.SerializeToString,
-            ),
-            'Stats': grpc.unary_unary_rpc_method_handler(
-                    servicer.Stats,
-                    request_deserializer=prfaas_dot_v1_dot_decode__pb2.StatsRequest.FromString,
-                    response_serializer=prfaas_dot_v1_dot_decode__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,33 +138,6 @@ class Decode:
             '/prfaas.v1.Decode/PushKv',
             prfaas_dot_v1_dot_decode__pb2.KvChunk.SerializeToString,
             prfaas_dot_v1_dot_decode__pb2.KvAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Stats(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/prfaas.v1.Decode/Stats',
-            prfaas_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
-            prfaas_dot_v1_dot_decode__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,5 @@
-"""The Decode servicer: Admit (reserve, then stream tokens), PushKv (the KV stream, delegated to
-the transport's servicer) and Stats."""
+"""The Decode servicer: Admit (reserve, then stream tokens) and PushKv (the KV stream, delegated
+to the transport's gRPC plane)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.transport.servicer import PushKvServicer
+from prfaas.messages import Alive, Reserved, TokenBatch
+from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
+from prfaas.rpc.status import grpc_errors
+from prfaas.transport.grpc_push import PushKvServicer
 from prfaas.v1 import decode_pb2, decode_pb2_grpc
-from services.common.convert import sampling_from_pb
-from services.common.errors import grpc_errors
-from services.decode.core import DecodeNode, Reserved
+
+from .core import DecodeNode
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -45,17 +47,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                 kv_address=ev.kv_address,
                             )
                         )
-                    else:
-                        yield decode_pb2.AdmitEvent(
-                            tokens=decode_pb2.Tokens(token_ids=ev.token_ids, finish_reason=ev.finish_reason or "")
+                    elif isinstance(ev, TokenBatch):
+                        tokens = decode_pb2.Tokens(
+                            token_ids=ev.token_ids,
+                            finish_reason=ev.finish_reason or "",
+                            logprobs=[logprob_to_pb(lp) for lp in ev.logprobs],
                         )
-
-    async def PushKv(  # noqa: N802
-        self, request_iterator: AsyncIterator[decode_pb2.KvChunk], context: grpc.aio.ServicerContext
-    ) -> decode_pb2.KvAck:
-        return await self.push.PushKv(request_iterator, context)
-
-    async def Stats(  # noqa: N802
-        self, request: decode_pb2.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> decode_pb2.StatsResponse:
-        return decode_pb2.StatsResponse(node_id=self.node.node_id, **self.node.stats())
+                        yield decode_pb2.AdmitEvent(tokens=tokens)
+                    elif isinstance(ev, Alive):
+                        yield decode_pb2.AdmitEvent(alive=decode_pb2.Alive(kv_pending=ev.kv_pending))

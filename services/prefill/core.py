@@ -1,6 +1,9 @@
 """The prefill node: runs a prompt layer by layer and pushes each finished layer's KV to the
-decode node while the next layer computes. Stateless between requests: its blocks and slot are
-freed when the push is done (or fails, or is cancelled).
+decode node while the next layer computes. Between requests it keeps only its prefix cache;
+a request's own blocks and slot are freed when its push is done (or fails, or is cancelled).
+
+    reserve -> plan (prefix hit, parts, checkpoints) -> for each part: run the layers, push each
+    -> finish (the first token travels last)
 
 No gRPC here: the KV sender is handed in as a factory.
 """
@@ -10,56 +13,41 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
-from prfaas.engine.executor import Executor, LayerKv, Sequence
-from prfaas.engine.sampling import SamplingParams
-from prfaas.kv.allocator import OutOfCapacity
+from prfaas.engine.executor import Executor, LayerKv, SeqState
+from prfaas.errors import Draining, InvalidRequest, OutOfCapacity
+from prfaas.kv.prefill_plan import PrefillPlan, PrefillPlanner, Segment
 from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
+from prfaas.messages import Done, PrefillJob, Progress, Started
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 
 log = get_logger(__name__)
 
+MAX_KV_CONNECTIONS = 64  # what one job may ask for
+
+
+class PushStats(Protocol):
+    bytes: int
+    chunks: int
+    seconds: float
+
 
 class KvPush(Protocol):
+    """One request's KV stream to its decode node (`prfaas.transport.sender.KvSender`)."""
+
     async def push_layer(self, layer_kv: LayerKv) -> None: ...
 
-    async def finish(self, first_token: int) -> dict[str, float]: ...
+    async def finish(self, first_token: int) -> PushStats: ...
 
     async def abort(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class PrefillJob:
-    request_id: str
-    transfer_id: str
-    prompt: list[int]
-    params: SamplingParams
-    decode_address: str
-    num_connections: int = 0
-    wire_dtype: str = ""
-    deadline_unix_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Started:
-    node_id: str
-    queue_wait_ms: int
-
-
-@dataclass(frozen=True)
-class Done:
-    first_token: int
-    kv_bytes: int
-    prefill_s: float
-    transfer_s: float
-    chunks: int
-
-
 SenderFactory = Callable[[PrefillJob], KvPush]
+
 
 
 class PrefillNode:
@@ -69,126 +57,134 @@ class PrefillNode:
         executor: Executor,
         sender_factory: SenderFactory,
         compute_lock: asyncio.Lock | None = None,
-        chunk_tokens: int = 0,
+        planner: PrefillPlanner | None = None,
         prefix_cache: PrefixCache | None = None,
-        grid_tokens: int = 0,
         on_cache_events: Callable[[list[CacheEvent]], None] | None = None,
         yield_between_chunks: bool = False,
+        alive_interval_s: float = 1.0,
+        cluster: str = "",
     ) -> None:
+        self.cluster = cluster  # "prfaas" or "local": the route label of its metrics
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
-        # a convertible node shares the compute lock with its decode batch: between two chunks of a
-        # prompt the lock is handed over (asyncio's lock is FIFO, so a waiting decode step goes
-        # first), and a long prefill no longer stalls the node's decoding for its whole duration
-        self.yield_between_chunks = yield_between_chunks
-        if chunk_tokens & (chunk_tokens - 1):
-            raise ValueError(f"chunk_tokens must be a power of two (the KV chunk grid), got {chunk_tokens}")
-        # prefill long prompts in chunks of this many tokens, streaming each chunk's full-attention KV
-        # while the next computes, so the tail after the last layer shrinks; 0 = whole prompt
-        self.chunk_tokens = chunk_tokens
-        # prefix reuse: checkpoints sit on multiples of `grid_tokens` (block size and KV chunk grid
-        # both divide it), so a reused prefix never breaks the chunk grid of the KV stream
-        if prefix_cache is not None and (grid_tokens <= 0 or grid_tokens % executor.layout.block_size):
-            raise ValueError(f"grid_tokens {grid_tokens} must be a positive multiple of the block size")
-        if prefix_cache is not None and chunk_tokens % grid_tokens:
-            raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of grid_tokens {grid_tokens}")
-        self.prefix_cache, self.grid_tokens = prefix_cache, grid_tokens
+        self.planner = planner or PrefillPlanner(executor.layout.block_size)
+        if prefix_cache is not None and not self.planner.grid:
+            raise ValueError("a prefix cache needs a planner with a checkpoint grid")
+        self.prefix_cache = prefix_cache
         self.on_cache_events = on_cache_events or (lambda events: None)
-        self.cached_tokens = 0  # prompt tokens served from the prefix cache so far
-        # one prefill computes at a time, others queue; shared with a decode core on a convertible node
+        # one prefill computes at a time, others queue; shared with a decode core on a convertible
+        # node, where the lock is handed over between two parts of a prompt (asyncio's lock is
+        # FIFO, so a waiting decode step goes first) and a long prefill no longer stalls decoding
         self._compute = compute_lock or asyncio.Lock()
+        self.yield_between_chunks = yield_between_chunks
+        self.alive_interval_s = alive_interval_s
+        self.draining = False
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache so far
+        self.tokens_computed = 0  # prompt tokens computed so far
         self.queue_depth = 0
         self.running = 0
         self.bytes_sent = 0
 
-    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Done, None]:
-        ex = self.executor
-        ex.validate(job.prompt, job.params)
+    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
+        """The request's events: `Started`, `Progress` at least every `alive_interval_s` (also while
+        it waits for the compute lock or for its KV to drain), then `Done`."""
+        if self.draining:
+            raise Draining(f"prefill node {self.node_id} is draining")
+        self.executor.validate(job.prompt, job.params)
+        if not 0 <= job.num_connections <= MAX_KV_CONNECTIONS:
+            raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
         t_arrive = time.monotonic()
+        hold = _Hold(self._compute)
         self.queue_depth += 1
         try:
-            await self._compute.acquire()
+            async for ev in self._alive(asyncio.ensure_future(hold.acquire()), lambda: Progress(0, 0, True)):
+                yield ev
         finally:
             self.queue_depth -= 1
         self.running += 1
-        locked = True
-        seq = None
-        sender: KvPush | None = None
-        step: asyncio.Future[LayerKv | int | None] | None = None
+        run: _Run | None = None
         try:
-            seq = self._add(job)
-            hit, checkpoint_at, hashes = self._reuse_prefix(seq)
+            run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
+            plan, hashes = self._plan(run.seq)
+            run.tokens_done = plan.hit
+            m = metrics.current()
+            m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
-            sender = self.sender_factory(job)
+            run.sender = self.sender_factory(job)
             t0 = time.monotonic()
-            first: int | None = None
-            read_start: int | None = 0 if hit else None  # the decode side lacks the cached prefix too
-            # Besides the checkpoint at the last grid boundary (the whole earlier prompt: a later turn
-            # of the conversation hits it), one at the end of the first prompt chunk past the hit: a
-            # prompt that shares only a shorter prefix with this one (a system prompt) hits there.
-            early_at = hit + self.chunk_tokens if self.chunk_tokens and hit + self.chunk_tokens < checkpoint_at else 0
-            while first is None:  # one pass per prompt chunk (and a stop at the checkpoint boundary)
-                start, n = seq.num_cached, len(seq.prompt)
-                until = checkpoint_at if start < checkpoint_at else None
-                end = min(n, start + self.chunk_tokens) if self.chunk_tokens > 0 else n
-                last_chunk = min(end, until or n) >= n
-                steps = ex.prefill_layerwise(seq, self.chunk_tokens or None, until=until, read_start=read_start)
-                read_start = None
-                while True:
-                    # compute runs off the event loop; shielded so a cancel never frees blocks under it
-                    step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
-                    item = await asyncio.shield(step)
-                    step = None
-                    if item is None:  # this chunk's layers are done
-                        break
-                    if isinstance(item, int):
-                        first = item
-                    elif last_chunk or not item.is_state:
-                        # queued; the sender streams while the next layer runs. A linear layer's state
-                        # is only sent after the last chunk: the decode side takes it exactly once.
-                        await sender.push_layer(item)
-                if checkpoint_at and seq.num_cached == checkpoint_at:
-                    self._checkpoint(seq, hashes[: checkpoint_at // ex.layout.block_size])
-                elif hashes and seq.num_cached == early_at:
-                    self._checkpoint(seq, hashes[: early_at // ex.layout.block_size])
-                if first is None and self.yield_between_chunks:
-                    self._compute.release()
-                    locked = False
-                    await self._compute.acquire()
-                    locked = True
+            for i, segment in enumerate(plan.segments):
+                # the decode side lacks the cached prefix too: the first part sends it as well
+                async for ev in self._run_part(run, segment, read_start=0 if i == 0 and plan.hit else None):
+                    yield ev
+                if segment.checkpoint:
+                    self._checkpoint(run.seq, hashes[: segment.end // self.executor.layout.block_size])
+                if run.first is None and self.yield_between_chunks:
+                    hold.release()
+                    async for ev in self._alive(asyncio.ensure_future(hold.acquire()), run.progress):
+                        yield ev
+            assert run.first is not None, "the last part yields the first token"
             prefill_s = time.monotonic() - t0
-            self._compute.release()  # the next prompt may compute while this KV drains
-            locked = False
-            stats = await sender.finish(first)
-            sender = None
-            self.bytes_sent += int(stats.get("bytes", 0))
-            log.info(
-                "prefill_done",
-                prompt_tokens=len(job.prompt),
-                prefill_s=round(prefill_s, 4),
-                kv_bytes=int(stats.get("bytes", 0)),
-                transfer_s=round(float(stats.get("seconds", 0.0)), 4),
-                chunks=int(stats.get("chunks", 0)),
-            )
-            yield Done(
-                first,
-                int(stats.get("bytes", 0)),
-                prefill_s,
-                float(stats.get("seconds", 0.0)),
-                int(stats.get("chunks", 0)),
-            )
+            hold.release()  # the next prompt may compute while this KV drains
+            finish = asyncio.ensure_future(run.sender.finish(run.first))
+            async for ev in self._alive(finish, run.progress):
+                yield ev
+            stats, run.sender = finish.result(), None
+            self.bytes_sent += stats.bytes
+            m.kv_bytes.labels(link=job.decode_address).inc(stats.bytes)
+            m.kv_transfer_seconds.labels(link=job.decode_address).observe(stats.seconds)
+            log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
+                     prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
+                     chunks=stats.chunks)
+            first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
+            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob)
         finally:
-            if step is not None:
-                await asyncio.gather(step, return_exceptions=True)
-            if sender is not None:
-                await asyncio.shield(sender.abort())
-            if seq is not None:
-                ex.free(seq)
+            if run is not None:
+                await run.close(self.executor)
             self.running -= 1
-            if locked:
-                self._compute.release()
+            hold.release()
+
+    async def _run_part(self, run: _Run, segment: Segment, read_start: int | None) -> AsyncGenerator[Progress, None]:
+        """Computes one part layer by layer off the event loop, pushing each layer as it finishes
+        (the sender streams while the next layer runs); sets `run.first` when the part ends the
+        prompt."""
+        assert run.sender is not None
+        steps = self.executor.prefill_layerwise(run.seq, segment.end, read_start=read_start)
+        layers = 0
+        while True:
+            run.step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
+            async for ev in self._alive(run.step, run.progress, cancel=False):
+                yield ev
+            item, run.step = run.step.result(), None
+            if item is None:
+                break
+            if isinstance(item, int):
+                run.first = item
+            else:
+                await run.sender.push_layer(item)
+                layers += 1
+                run.layers_done = layers
+                yield run.progress()
+        self.tokens_computed += segment.end - segment.start
+        metrics.current().prompt_computed.inc(segment.end - segment.start)
+        run.tokens_done, run.layers_done = segment.end, 0
+
+    async def _alive(
+        self, waiting: asyncio.Future[object], event: Callable[[], Progress], cancel: bool = True
+    ) -> AsyncGenerator[Progress, None]:
+        """`event()` every `alive_interval_s` until `waiting` is done. Closed early, it cancels
+        `waiting` (or, with `cancel=False`, a compute step that must finish, leaves it to the run)."""
+        try:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting}, timeout=self.alive_interval_s)
+                if not done:
+                    yield event()
+            waiting.result()  # raises what it raised
+        finally:
+            if cancel and not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     # --- prefix reuse ---------------------------------------------------------------------------
-    def _add(self, job: PrefillJob) -> Sequence:
+    def _reserve(self, job: PrefillJob) -> SeqState:
         """Reserves the request; a full pool first gives back least recently used cache entries."""
         try:
             return self.executor.add(job.request_id, job.prompt, job.params)
@@ -199,22 +195,23 @@ class PrefillNode:
             self.on_cache_events(self.prefix_cache.evict(need, 1))
             return self.executor.add(job.request_id, job.prompt, job.params)
 
-    def _reuse_prefix(self, seq: Sequence) -> tuple[int, int, list[int]]:
-        """(tokens reused from the cache, the checkpoint boundary to stop at or 0, block hashes)."""
-        cache, bs = self.prefix_cache, self.executor.layout.block_size
-        if cache is None:
-            return 0, 0, []
-        hashes = block_hashes(seq.prompt, bs)
-        boundary = (len(seq.prompt) - 1) // self.grid_tokens * self.grid_tokens  # last one before the end
-        ids, slot = cache.lookup(hashes, boundary // bs)
-        hit = 0
+    def _plan(self, seq: SeqState) -> tuple[PrefillPlan, list[int]]:
+        """Attaches the longest usable cached prefix and plans the rest; returns the plan and the
+        prompt's block hashes (for the checkpoints)."""
+        n, hit = len(seq.prompt), 0
+        if self.prefix_cache is None:
+            return self.planner.plan(n), []
+        metrics.current().prefix_queries.inc(n)
+        hashes = block_hashes(seq.prompt, self.executor.layout.block_size)
+        ids, slot = self.prefix_cache.lookup(hashes, self.planner.max_hit_blocks(n))
         if ids and slot is not None:
             self.executor.attach_prefix(seq, ids, slot)
-            hit = len(ids) * bs
+            hit = len(ids) * self.executor.layout.block_size
             self.cached_tokens += hit
-        return hit, boundary if boundary > hit else 0, hashes
+            metrics.current().prefix_hits.labels(route=self.cluster).inc(hit)
+        return self.planner.plan(n, hit), hashes
 
-    def _checkpoint(self, seq: Sequence, hashes: list[int]) -> None:
+    def _checkpoint(self, seq: SeqState, hashes: list[int]) -> None:
         assert self.prefix_cache is not None
         try:
             slot = self.executor.checkpoint_state(seq)
@@ -227,13 +224,45 @@ class PrefillNode:
         self.on_cache_events(self.prefix_cache.insert(hashes, seq.block_table[: len(hashes)], slot))
 
     def stats(self) -> dict[str, int]:
-        ex = self.executor
-        return {
-            "free_blocks": ex.blocks.num_free,
-            "free_slots": ex.slots.num_free,
-            "queue_depth": self.queue_depth,
-            "running": self.running,
-        }
+        return {"queue_depth": self.queue_depth, "running": self.running}
+
+
+class _Run:
+    """One request on the node: its sequence, its sender, the compute step in flight (a worker
+    thread that must finish before the blocks are freed) and how far it got."""
+
+    def __init__(self, seq: SeqState) -> None:
+        self.seq = seq
+        self.sender: KvPush | None = None
+        self.step: asyncio.Future[LayerKv | int | None] | None = None
+        self.first: int | None = None
+        self.tokens_done = self.layers_done = 0
+
+    def progress(self) -> Progress:
+        return Progress(self.tokens_done, self.layers_done)
+
+    async def close(self, executor: Executor) -> None:
+        if self.step is not None:  # shielded from cancellation: the thread still uses the blocks
+            await asyncio.shield(asyncio.gather(self.step, return_exceptions=True))
+        if self.sender is not None:
+            await asyncio.shield(self.sender.abort())
+        executor.free(self.seq)
+
+
+class _Hold:
+    """One request's hold on the compute lock, released at most once per acquire."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self.lock, self.held = lock, False
+
+    async def acquire(self) -> None:
+        await self.lock.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
 
 
 def _next_or_none(steps: Iterator[LayerKv | int | None]) -> LayerKv | int | None:

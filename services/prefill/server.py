@@ -1,70 +1,19 @@
-"""The Prefill servicer, and the adapter from the executor's LayerKv to the KV sender."""
+"""The Prefill servicer: request message in, the core's events out."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.engine import executor as names
-from prfaas.engine.executor import LayerKv
-from prfaas.kv.codec import KvKind, KvPiece
-from prfaas.kv.layout import KvLayout
-from prfaas.transport.sender import KvChannels, KvSender
+from prfaas.messages import Done, PrefillJob, Progress
+from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
+from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
-from services.common.convert import sampling_from_pb
-from services.common.errors import grpc_errors
-from services.prefill.core import Done, PrefillJob, PrefillNode
 
-KINDS = {
-    names.FULL_K: KvKind.FULL_K,
-    names.FULL_V: KvKind.FULL_V,
-    names.FULL_LATENT: KvKind.FULL_LATENT,
-    names.LINEAR_RECURRENT: KvKind.LINEAR_RECURRENT,
-    names.LINEAR_CONV: KvKind.LINEAR_CONV,
-}
-
-
-class SenderPush:
-    """`KvPush` over the transport's KvSender: one piece per tensor of each finished layer."""
-
-    def __init__(self, sender: KvSender) -> None:
-        self.sender = sender
-
-    async def push_layer(self, layer_kv: LayerKv) -> None:
-        for name, t in layer_kv.tensors.items():
-            await self.sender.push(KvPiece(layer_kv.layer, KINDS[name], layer_kv.token_start, layer_kv.token_end, t))
-
-    async def finish(self, first_token: int) -> dict[str, float]:
-        stats = await self.sender.finish(first_token)
-        return {"bytes": stats.bytes, "chunks": stats.chunks, "seconds": stats.seconds}
-
-    async def abort(self) -> None:
-        await self.sender.abort()
-
-
-def sender_factory(layout: KvLayout, channels: KvChannels):  # type: ignore[no-untyped-def]
-    """Senders share the node's channels: N TCP connections per decode node, kept warm."""
-
-    def make(job: PrefillJob) -> SenderPush:
-        timeout = max(1.0, job.deadline_unix_s - time.time()) if job.deadline_unix_s else None
-        return SenderPush(
-            KvSender(
-                job.decode_address,
-                job.transfer_id,
-                layout,
-                prompt_tokens=len(job.prompt),
-                num_connections=channels.num_connections,
-                wire_dtype=job.wire_dtype,
-                timeout_s=timeout,
-                channels=channels,
-            )
-        )
-
-    return make
+from .core import PrefillNode
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -88,17 +37,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
-                    if isinstance(ev, Done):
-                        yield prefill_pb2.PrefillEvent(
-                            done=prefill_pb2.PrefillDone(
-                                first_token=ev.first_token,
-                                kv_bytes=ev.kv_bytes,
-                                prefill_s=ev.prefill_s,
-                                transfer_s=ev.transfer_s,
-                                chunks=ev.chunks,
-                            )
-                        )
+                    if isinstance(ev, Progress):
+                        progress = prefill_pb2.PrefillProgress(tokens_done=ev.tokens_done, layers_done=ev.layers_done,
+                                                               queued=ev.queued)
+                        yield prefill_pb2.PrefillEvent(progress=progress)
+                    elif isinstance(ev, Done):
+                        done = prefill_pb2.PrefillDone(first_token=ev.first_token, kv_bytes=ev.kv_bytes,
+                                                       prefill_s=ev.prefill_s, transfer_s=ev.transfer_s,
+                                                       chunks=ev.chunks)
+                        if ev.first_logprob is not None:
+                            done.first_logprob.CopyFrom(logprob_to_pb(ev.first_logprob))
+                        yield prefill_pb2.PrefillEvent(done=done)
                     else:
-                        yield prefill_pb2.PrefillEvent(
-                            started=prefill_pb2.PrefillStarted(node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms)
-                        )
+                        started = prefill_pb2.PrefillStarted(node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms)
+                        yield prefill_pb2.PrefillEvent(started=started)

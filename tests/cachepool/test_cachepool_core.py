@@ -124,7 +124,7 @@ async def test_reaper_task_runs_and_stops_cleanly() -> None:
 
 
 def test_settings_come_from_flags_with_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.cachepool.__main__ import parse_settings
+    from prfaas.settings import parse_cachepool_settings as parse_settings
 
     monkeypatch.setenv("PRFAAS_LISTEN", "0.0.0.0:7001")
     monkeypatch.setenv("PRFAAS_HEARTBEAT_TIMEOUT_S", "2.5")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prfaas.engine.executor import Executor, InvalidRequest
+from prfaas.engine.executor import Executor
 from prfaas.engine.llm import LLM
-from prfaas.engine.sampling import SamplingParams
+from prfaas.errors import InvalidRequest
 from prfaas.kv.layout import KvLayout
+from prfaas.messages import SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.presets import write_preset
 

@@ -51,7 +51,7 @@ def test_whole_model_on_cuda_matches_cpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from prfaas.engine.llm import LLM, build_executor
-    from prfaas.engine.sampling import SamplingParams
+    from prfaas.messages import SamplingParams
     from prfaas.model.presets import write_preset
 
     path = write_preset(tmp_path, "qwen3_next", "tiny")

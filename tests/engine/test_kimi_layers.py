@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from prfaas.engine.executor import Executor
-from prfaas.engine.sampling import SamplingParams
-from prfaas.kv.layout import KvLayout
+from prfaas.kv.layout import KvLayout, StateCache
+from prfaas.messages import SamplingParams
 from prfaas.model import kimi_linear
-from prfaas.model.base import ForwardMeta, FullAttnCache, LayerCache, LinearStateCache
+from prfaas.model.base import ForwardMeta
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.loader import load_model
@@ -148,22 +148,9 @@ class Seq:
 
 class Runner:
     def __init__(self, model: HybridForCausalLM, num_blocks: int = 48, num_slots: int = 4) -> None:
-        cfg = model.config
         self.model = model
-        self.caches: list[LayerCache] = []
         dtype = next(model.parameters()).dtype
-        for kind in cfg.layer_types:
-            if kind == "full":
-                latent = cfg.full.kv_lora_rank + cfg.full.qk_rope_head_dim
-                self.caches.append(FullAttnCache(torch.zeros(num_blocks, BLOCK, latent, dtype=dtype)))
-            else:
-                lin = cfg.linear
-                self.caches.append(
-                    LinearStateCache(
-                        torch.zeros(num_slots, lin.num_v_heads, lin.head_k_dim, lin.head_v_dim),
-                        torch.zeros(num_slots, lin.conv_dim, lin.conv_kernel - 1, dtype=dtype),
-                    )
-                )
+        self.caches = KvLayout(model.config, BLOCK, dtype).allocate(num_blocks, num_slots).layer_caches
 
     def new_seq(self, tokens: list[int], index: int) -> Seq:
         """Sequence `index` gets slot `index` and 8 blocks, in reverse order so paging matters."""
@@ -388,7 +375,7 @@ def test_bf16_keeps_state_float32_and_tracks_fp32(pair):
     run.step([seq], [20])
     decode = torch.stack([run.step([seq], [1])[0] for _ in range(4)])
     for c in run.caches:
-        if isinstance(c, LinearStateCache):
+        if isinstance(c, StateCache):
             assert c.recurrent.dtype == torch.float32
     assert torch.isfinite(decode).all()
     assert_close(decode, ref[20:24], f"{name}: bf16 decode logits vs fp32 transformers", tol=5e-2)

@@ -7,8 +7,8 @@ import torch
 
 from prfaas.engine.executor import Executor
 from prfaas.engine.llm import LLM
-from prfaas.engine.sampling import SamplingParams
 from prfaas.kv.layout import KvLayout
+from prfaas.messages import SamplingParams
 from prfaas.model.loader import load_model
 
 transformers = pytest.importorskip("transformers")

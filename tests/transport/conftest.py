@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prfaas.kv.codec import KvKind, KvPiece, kinds_of_layer
-from prfaas.kv.layout import STATE_DTYPE, KvLayout
+from prfaas.kv.layout import KvLayout
 from prfaas.model.config import ModelConfig
+from prfaas.transport.chunks import KvPiece
 
 QWEN3_NEXT = {
     "model_type": "qwen3_next",
@@ -54,19 +54,12 @@ def make_pieces(layout: KvLayout, prompt_tokens: int, skip_tokens: int = 0, seed
     gen = torch.Generator().manual_seed(seed)
     n = prompt_tokens - skip_tokens
     out = []
-    for layer in range(layout.config.num_layers):
-        for kind in kinds_of_layer(layout, layer):
-            if kind == KvKind.LINEAR_RECURRENT:
-                t = torch.randn(layout.linear_layer(layer).recurrent_shape, generator=gen, dtype=STATE_DTYPE)
-                out.append(KvPiece(layer, kind, 0, 0, t))
-            elif kind == KvKind.LINEAR_CONV:
-                t = torch.randn(layout.linear_layer(layer).conv_shape, generator=gen).to(layout.dtype)
-                out.append(KvPiece(layer, kind, 0, 0, t))
-            else:
-                shape = (n, *layout.full_layer(layer).token_shape)
-                out.append(
-                    KvPiece(layer, kind, skip_tokens, prompt_tokens, torch.randn(shape, generator=gen).to(layout.dtype))
-                )
+    for s in layout.specs:
+        if s.paged:
+            t = torch.randn((n, *s.shape), generator=gen).to(s.dtype)
+            out.append(KvPiece(s.layer, s.kind, skip_tokens, prompt_tokens, t))
+        else:
+            out.append(KvPiece(s.layer, s.kind, 0, 0, torch.randn(s.shape, generator=gen).to(s.dtype)))
     return out
 
 

@@ -7,20 +7,15 @@ import zlib
 import pytest
 import torch
 
-from prfaas.kv.codec import (
-    FULL_KINDS,
-    WIRE_INT8,
-    CodecError,
-    KvKind,
-    KvPiece,
+from prfaas.kv.kinds import KvKind
+from prfaas.transport.chunks import WIRE_EXACT, WIRE_INT8, KvPiece, plan_total_chunks, split_piece, tokens_per_chunk
+from prfaas.transport.errors import TransferError
+from prfaas.transport.wire import (
     chunk_from_message,
     decode_chunk,
     encode_chunk,
     encode_first_token,
     parse_chunk,
-    plan_total_chunks,
-    split_piece,
-    tokens_per_chunk,
 )
 from prfaas.v1 import decode_pb2
 from tests.transport.conftest import make_layout, make_pieces
@@ -28,12 +23,13 @@ from tests.transport.conftest import make_layout, make_pieces
 
 def encode_all(layout, pieces, wire="", max_chunk_bytes=4096, skip=0, prompt=None):
     prompt = prompt if prompt is not None else max(p.token_end for p in pieces)
-    total = plan_total_chunks(layout, prompt, skip, wire, max_chunk_bytes)
+    total = plan_total_chunks(layout, prompt, skip, max_chunk_bytes)
     out, seq = [], 0
     for p in pieces:
-        tpc = tokens_per_chunk(layout, p.layer, wire, max_chunk_bytes) if p.kind in FULL_KINDS else 1
-        for part in split_piece(p, tpc, skip):
-            out.append(encode_chunk("t", seq, total, part, wire))
+        spec = layout.spec(p.layer, p.kind)
+        parts = split_piece(p, tokens_per_chunk(spec, max_chunk_bytes), skip) if spec.paged else [p]
+        for part in parts:
+            out.append(encode_chunk("t", seq, total, part, wire if spec.paged else WIRE_EXACT))
             seq += 1
     out.append(encode_first_token("t", seq, total, 42))
     return out, total
@@ -48,7 +44,7 @@ def test_round_trip_is_bit_exact(family, dtype):
     got: dict[tuple[int, KvKind], list[torch.Tensor]] = {}
     for data in chunks[:-1]:
         c = parse_chunk(data)
-        assert len(data) <= 4096 + 200 or c.kind not in FULL_KINDS, "chunk over max_chunk_bytes"
+        assert len(data) <= 4096 + 200 or not layout.spec(c.layer, c.kind).paged, "chunk over max_chunk_bytes"
         p = decode_chunk(c, layout)
         got.setdefault((p.layer, p.kind), []).append(p.tensor.clone())
     for p in pieces:
@@ -78,7 +74,7 @@ def test_int8_full_within_tolerance_states_exact(family):
         c = parse_chunk(data)
         p = decode_chunk(c, layout, WIRE_INT8)
         src = next(x for x in pieces if (x.layer, x.kind) == (p.layer, p.kind))
-        if p.kind in FULL_KINDS:
+        if layout.spec(p.layer, p.kind).paged:
             assert c.dtype == "int8"
             ref = src.tensor[p.token_start : p.token_end]
             bound = ref.abs().amax(dim=-1, keepdim=True) / 127 * 0.5 + 1e-6
@@ -116,7 +112,7 @@ def test_validation_against_the_layout():
         "int8 not negotiated": parse_chunk(encode_chunk("t", 0, 1, full, WIRE_INT8)),
     }
     for name, c in cases.items():
-        with pytest.raises(CodecError) as e:
+        with pytest.raises(TransferError) as e:
             decode_chunk(c, layout)
         assert e.value.code == "INVALID_ARGUMENT", name
 
@@ -125,22 +121,23 @@ def test_bad_checksum_is_data_loss():
     layout = make_layout("kimi_linear")
     data = bytearray(encode_chunk("t", 0, 1, KvPiece(2, KvKind.FULL_LATENT, 0, 4, torch.randn(4, 40))))
     data[-5] ^= 0xFF
-    with pytest.raises(CodecError) as e:
+    with pytest.raises(TransferError) as e:
         decode_chunk(parse_chunk(bytes(data)), layout)
     assert e.value.code == "DATA_LOSS"
 
 
 def test_truncated_message_is_invalid():
     data = encode_chunk("t", 0, 1, KvPiece(2, KvKind.FULL_LATENT, 0, 4, torch.randn(4, 40)))
-    with pytest.raises(CodecError):
+    with pytest.raises(TransferError) as e:
         parse_chunk(data[:-7] + b"\x52\xff")
+    assert e.value.code == "INVALID_ARGUMENT"
 
 
 def test_chunk_grid_and_plan():
     layout = make_layout("qwen3_next")  # 2 x 32 fp32 = 256 bytes per token per tensor
-    assert tokens_per_chunk(layout, 1, "", 4096) == 16
-    assert tokens_per_chunk(layout, 1, "", 5000) == 16   # power of two
+    assert tokens_per_chunk(layout.spec(1, KvKind.FULL_K), 4096) == 16
+    assert tokens_per_chunk(layout.spec(1, KvKind.FULL_K), 5000) == 16   # power of two
     parts = split_piece(KvPiece(1, KvKind.FULL_K, 8, 50, torch.randn(42, 2, 32)), 16, 8)
     assert [(p.token_start, p.token_end) for p in parts] == [(8, 24), (24, 40), (40, 50)]
     # 2 full layers x 2 tensors x ceil(42/16) + 2 linear layers x 2 states + first token
-    assert plan_total_chunks(layout, 50, 8, "", 4096) == 12 + 4 + 1
+    assert plan_total_chunks(layout, 50, 8, 4096) == 12 + 4 + 1

@@ -9,13 +9,15 @@ import grpc
 import pytest
 import torch
 
-from prfaas.kv.codec import FULL_KINDS, WIRE_INT8, KvKind, KvPiece, encode_chunk
+from prfaas.kv.kinds import KvKind
 from prfaas.rpc import insecure_channel, new_server
+from prfaas.transport.chunks import WIRE_INT8, KvPiece
 from prfaas.transport.errors import TransferError
+from prfaas.transport.grpc_push import PUSH_KV, PushKvServicer, add_push_kv_only
 from prfaas.transport.receiver import KvReceiver, MemorySink
 from prfaas.transport.sender import KvSender
-from prfaas.transport.servicer import PUSH_KV, PushKvServicer, add_push_kv_only
 from prfaas.transport.stats import LinkStats
+from prfaas.transport.wire import encode_chunk
 from tests.transport.conftest import make_layout, make_pieces
 from tests.transport.test_codec import encode_all
 
@@ -33,7 +35,7 @@ async def decode_node():
 
 def assert_same(layout, sink: MemorySink, pieces: list[KvPiece]) -> None:
     for p in pieces:
-        got = sink.assembled(p.layer, p.kind) if p.kind in FULL_KINDS else sink.linear[(p.layer, p.kind)]
+        got = sink.assembled(p.layer, p.kind)
         assert got.dtype == p.tensor.dtype and torch.equal(got, p.tensor), f"layer {p.layer} {p.kind.name}"
 
 
@@ -94,12 +96,12 @@ async def test_int8_wire_within_tolerance_states_exact(decode_node, family):
     await sender.finish(1)
     await transfer.wait()
     for p in pieces:
-        if p.kind in FULL_KINDS:
+        if layout.spec(p.layer, p.kind).paged:
             got = sink.assembled(p.layer, p.kind)
             bound = p.tensor.abs().amax(dim=-1, keepdim=True) / 127 * 0.5 + 1e-6
             assert ((got - p.tensor).abs() <= bound).all(), f"layer {p.layer} {p.kind.name}"
         else:
-            assert torch.equal(sink.linear[(p.layer, p.kind)], p.tensor), f"layer {p.layer} {p.kind.name}"
+            assert torch.equal(sink.assembled(p.layer, p.kind), p.tensor), f"layer {p.layer} {p.kind.name}"
 
 
 def _corrupt(data: bytes) -> bytes:

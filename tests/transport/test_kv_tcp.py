@@ -8,7 +8,8 @@ import socket
 import pytest
 import torch
 
-from prfaas.kv.codec import KvKind, KvPiece
+from prfaas.kv.kinds import KvKind
+from prfaas.transport.chunks import KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver, MemorySink
 from prfaas.transport.sender import KvSender

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from prfaas.transport.linkemu import (
+from tools.linkemu import (
     EmulatedLink,
     Side,
     link_supported,

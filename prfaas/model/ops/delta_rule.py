@@ -169,18 +169,7 @@ def _chunk_per_head(
     r = H // Hk
     N, GK, G = -(-T // C), B * Hk, B * H
     f32 = torch.float32
-    q_mul = _inv_norm(q).mul_(scale) if l2norm_qk else scale
-    k_mul = _inv_norm(k) if l2norm_qk else None
-    qk = q.new_empty(N, GK, 2, C, K, dtype=f32)  # per chunk and key head: C keys, then C queries
-    _to_chunks(k, C, qk[:, :, 0], k_mul)
-    _to_chunks(q, C, qk[:, :, 1], q_mul)
-    vb = _to_chunks(v, C, v.new_empty(N, G, C, V, dtype=f32), beta.float().unsqueeze(-1))  # beta v
-    gc = _to_chunks(g, C, g.new_empty(N, G, C, dtype=f32))
-    bc = _to_chunks(beta, C, beta.new_empty(N, G, C, dtype=f32))
-    b = gc.cumsum(-1)  # (N, G, C): decay from the chunk start, inclusive
-    eb = _decay(b.clone())  # e^b
-    k_to_end = _decay(b[..., -1:] - b)  # (N, G, C): e^(b_end - b)
-
+    qk, vb, bc, b, eb, k_to_end = _per_head_chunks(q, k, v, g, beta, scale, C, l2norm_qk)
     upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     eye = torch.eye(C, dtype=f32, device=q.device)
     states = q.new_empty(N + 1, G, K, V, dtype=f32)  # the state entering each chunk, and the final one
@@ -219,6 +208,30 @@ def _chunk_per_head(
         torch.bmm(qe, states[n0:n1].view(n * G, K, V), out=o_s)
         o_s.baddbmm_(P.view(n * G, C, C), delta.view(n * G, C, V))
     return _unchunked(o.view(N, B, H, C, V), T, v.dtype), states[N].view(B, H, K, V).clone()
+
+
+def _per_head_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float, C: int,
+    l2norm_qk: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The inputs of `_chunk_per_head` in its chunked layout, normalised, scaled and beta-weighted
+    on the way in: keys and queries (N, GK, 2, C, K), beta v (N, G, C, V), beta (N, G, C), the
+    decay from each chunk's start b, e^b, and e^(b_end - b) (all (N, G, C))."""
+    B, T, Hk, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    N, GK, G, f32 = -(-T // C), B * Hk, B * H, torch.float32
+    q_mul = _inv_norm(q).mul_(scale) if l2norm_qk else scale
+    k_mul = _inv_norm(k) if l2norm_qk else None
+    qk = q.new_empty(N, GK, 2, C, K, dtype=f32)  # per chunk and key head: C keys, then C queries
+    _to_chunks(k, C, qk[:, :, 0], k_mul)
+    _to_chunks(q, C, qk[:, :, 1], q_mul)
+    vb = _to_chunks(v, C, v.new_empty(N, G, C, V, dtype=f32), beta.float().unsqueeze(-1))  # beta v
+    gc = _to_chunks(g, C, g.new_empty(N, G, C, dtype=f32))
+    bc = _to_chunks(beta, C, beta.new_empty(N, G, C, dtype=f32))
+    b = gc.cumsum(-1)  # (N, G, C): decay from the chunk start, inclusive
+    eb = _decay(b.clone())  # e^b
+    k_to_end = _decay(b[..., -1:] - b)  # (N, G, C): e^(b_end - b)
+    return qk, vb, bc, b, eb, k_to_end
 
 
 def _chunk_per_channel(

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Emulated cross-datacenter link from the command line (needs root).
 
-    scripts/linkemu.py measure --rate-mbit 200 --delay-ms 5     # goodput and RTT, as JSON
-    scripts/linkemu.py up --rate-mbit 200 --delay-ms 5 \\
+    python -m tools.linkemu measure --rate-mbit 200 --delay-ms 5     # goodput and RTT, as JSON
+    python -m tools.linkemu up --rate-mbit 200 --delay-ms 5 \\
         --proxy 50061:10.203.0.2:50061                          # hold the link until Ctrl-C
 
 While `up` runs, start processes with `ip netns exec <prefix>-prfaas ...` / `<prefix>-local`.
@@ -15,11 +14,8 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prfaas.transport.linkemu import EmulatedLink, link_supported, read_ready_line  # noqa: E402
+from tools.linkemu import EmulatedLink, link_supported, read_ready_line
 
 
 def _measure(link: EmulatedLink, seconds: float) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Operations tools that are not part of the serving library (not installed with the package)."""
