@@ -144,6 +144,15 @@ class NodeSettings:
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
+    kv_wire_accept: str = "int8,fp8,convert"  # decode nodes: KV wire formats taken (transport/codec.py)
+
+
+def _wire_accept(text: str) -> str:
+    """--kv-wire-accept (prfaas.transport.codec.wire_accept reads it; checked here without torch)."""
+    bad = [w for w in (w.strip() for w in text.split(",")) if w and w not in ("int8", "fp8", "convert")]
+    if bad:
+        raise ValueError(f"unknown wire format {bad[0]!r}: use int8, fp8 and/or convert, comma-separated")
+    return text
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -184,6 +193,9 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--kv-wire-accept", "KV_WIRE_ACCEPT", "int8,fp8,convert", _wire_accept,
+           "decode nodes: KV wire formats taken, comma-separated: int8, fp8 (compressed), convert (KV "
+           "from a node of another cache dtype); empty = exact in its own dtype only")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
@@ -216,6 +228,8 @@ class RouterSettings:
     max_queue_wait_s: float = 120.0
     stale_after_s: float = 10.0
     drain_timeout_s: float = 30.0
+    kv_compression: str = "auto"  # off / auto / always: compress cross-cluster KV (services/router/wire.py)
+    kv_compression_format: str = "int8"  # the compressed form: int8 or fp8
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
@@ -249,6 +263,11 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
            "a node whose last heartbeat is older is out of routing")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--kv-compression", "KV_COMPRESSION", "auto", str,
+           "compress cross-cluster KV transfers: never, while the link is the bottleneck (measured egress "
+           "near --link-gbps, retransmits), or always", choices=["off", "auto", "always"])
+    p.flag("--kv-compression-format", "KV_COMPRESSION_FORMAT", "int8", str,
+           "the compressed wire format (docs/compression.md)", choices=["int8", "fp8"])
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")

@@ -41,6 +41,8 @@ class ClusterSpec:
     served_model_name: str = ""  # the model name the front door answers to; empty = the directory's
     extra_env: dict[str, str] = field(default_factory=dict)  # PRFAAS_* for every process
     router_env: dict[str, str] = field(default_factory=dict)  # and for the router alone
+    # and for the nodes of one cluster, "prfaas" or "local" (e.g. {"prfaas": {"PRFAAS_DTYPE": "bfloat16"}})
+    cluster_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_toml(cls, path: str) -> ClusterSpec:
@@ -172,6 +174,7 @@ class LocalCluster:
                     c,
                     *(["--convertible"] if c == "local" and s.convertible_local else []),
                 ],
+                s.cluster_env.get(c),
             )
             for n, mod, c in nodes
         ]
