@@ -12,6 +12,7 @@ routes the requests to the prefill node of its own dtype.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import pytest
@@ -27,12 +28,17 @@ MODEL = "builtin:qwen3_next-small"
 PROMPTS = ["    def __repr__(self):\n        return", "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"",
            "class Stack:\n    def push(self, item):\n"]
 MAX_TOKENS = 12
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@functools.cache
+def executor(dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    return build_executor(MODEL, dtype=dtype, num_blocks=64, num_slots=2)[0]
 
 
 def reference(prompt_ids: list[int], prefill_dtype: torch.dtype, decode_dtype: torch.dtype) -> list[int]:
     """Greedy tokens: prefill in `prefill_dtype`, the KV cast to `decode_dtype`, decode there."""
-    a, _ = build_executor(MODEL, dtype=prefill_dtype, num_blocks=64, num_slots=2)
-    b, _ = build_executor(MODEL, dtype=decode_dtype, num_blocks=64, num_slots=2)
+    a, b = executor(prefill_dtype), executor(decode_dtype)
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     seq = a.add("r", prompt_ids, params)
     a.prefill(seq)
@@ -41,9 +47,11 @@ def reference(prompt_ids: list[int], prefill_dtype: torch.dtype, decode_dtype: t
         for kind, t in lk.tensors.items():
             spec = b.layout.spec(lk.layer, kind)
             b.write_kv(out, lk.layer, kind, lk.token_start, lk.token_end, t.to(spec.dtype))
+    a.free(seq)
     b.complete_import(out, seq.output[0])
     while not out.finished:
         b.decode_step([out])
+    b.free(out)
     return out.output
 
 
