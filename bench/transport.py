@@ -2,6 +2,7 @@
 against a raw asyncio TCP socket moving the same bytes (write + drain / sock_recv_into).
 
     .venv/bin/python bench/transport.py [--tokens 16384] [--reps 3]
+    .venv/bin/python bench/transport.py --only-formats   # bytes on the wire and goodput per wire format
 
 Prints progress and one table of ratios, all measured in this run (compare ratios, not GB/s).
 The receiver verifies every chunk (CRC32, layout) and hands it to a sink that drops it, so the
@@ -44,6 +45,7 @@ MODEL = {  # qwen3_next-style: 8 full GQA layers (2 kv heads x 128) + 24 linear 
     "full_attention_interval": 4,
 }
 TRANSFERS_PER_SERVER = 200
+WIRE_FORMATS = ("", "int8", "fp8")  # prfaas/transport/codec.py
 
 
 def layout() -> KvLayout:
@@ -79,6 +81,9 @@ async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: i
         for i in range(TRANSFERS_PER_SERVER):
             receiver.expect(f"{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
             receiver.expect(f"tcp{mcb}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600)
+    for fmt in WIRE_FORMATS:
+        for i in range(TRANSFERS_PER_SERVER // 10):
+            receiver.expect(f"fmt{fmt}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600, wire_dtype=fmt)
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -144,6 +149,8 @@ async def run_grpc(
     connections: int,
     chunk_bytes: int,
     channels: object,
+    wire: str = "",
+    stats: dict | None = None,
 ) -> float:
     from prfaas.transport.sender import KvSender
 
@@ -156,12 +163,37 @@ async def run_grpc(
         max_chunk_bytes=chunk_bytes,
         channels=channels,
         stats=None,
+        wire_dtype=wire,
     )  # type: ignore[arg-type]
     t0 = time.perf_counter()
     for p in ps:
         await sender.push(p)
-    await sender.finish(1)
+    st = await sender.finish(1)
+    if stats is not None:
+        stats.update(kv_bytes=st.bytes, wire_bytes=st.wire_bytes)
     return time.perf_counter() - t0
+
+
+async def formats_table(tport: int, lay: KvLayout, ps: list[KvPiece], args: argparse.Namespace) -> None:
+    """Per wire format over the raw-TCP plane (4 connections, 1 MiB chunks): bytes on the wire,
+    seconds, and goodput counted in KV bytes delivered (what the decode node gets)."""
+    rows = []
+    for fmt in WIRE_FORMATS:
+        st: dict = {}
+        secs = []
+        for i in range(args.reps + 1):  # the first warms the connections
+            secs.append(await run_grpc(f"tcp://127.0.0.1:{tport}", lay, ps, args.tokens, f"fmt{fmt}-{i}", 4,
+                                       1 << 20, None, fmt, st))
+        best = min(secs[1:])
+        rows.append((fmt or "exact", st["kv_bytes"], st["wire_bytes"], best))
+        print(f"  wire {fmt or 'exact':<6} {st['wire_bytes'] / 2**20:8.1f} MiB on the wire, {best * 1e3:7.1f} ms",
+              flush=True)
+    exact = rows[0]
+    print("\n| wire format | MiB on the wire | vs exact | transfer ms | KV goodput GB/s | vs exact |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for name, kv, wire, secs in rows:
+        print(f"| {name} | {wire / 2**20:.1f} | {exact[2] / wire:.2f}x | {secs * 1e3:.1f} | {kv / secs / 1e9:.2f} "
+              f"| {(kv / secs) / (exact[1] / exact[3]):.2f} |")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -185,6 +217,13 @@ async def main(args: argparse.Namespace) -> None:
     ]
     results: dict[str, float] = {}
     counter: dict[int, int] = {}
+    if args.only_formats:
+        try:
+            await formats_table(tport, lay, ps, args)
+        finally:
+            for p in procs:
+                p.kill()
+        return
     try:
 
         async def best(name: str, fn) -> None:  # type: ignore[no-untyped-def]
@@ -227,6 +266,7 @@ async def main(args: argparse.Namespace) -> None:
         for conns in (1, 2, 4):
             for cb in (1 << 20, 4 << 20):
                 await best(f"KvSender over raw-TCP plane, {conns} conn, {cb >> 10} KiB chunks", tcp_run(conns, cb))
+        await formats_table(tport, lay, ps, args)
     finally:
         for p in procs:
             p.kill()
@@ -244,6 +284,7 @@ if __name__ == "__main__":
     ap.add_argument("--serve-raw", type=int)
     ap.add_argument("--chunks", type=int, nargs="*", default=[])
     ap.add_argument("--tcp-port", type=int, default=0)
+    ap.add_argument("--only-formats", action="store_true", help="only the per-wire-format table")
     a = ap.parse_args()
     if a.serve_grpc:
         asyncio.run(serve_grpc(a.serve_grpc, a.tokens, a.chunks, a.tcp_port))

@@ -13,6 +13,10 @@ pair, latency from the user-space delay proxy; tools/linkemu).
     token rides on the last chunk); both ends read CLOCK_MONOTONIC, which namespaces share.
 (c) loopback: raw TCP (1 connection) and KvSender (8 connections, 256 KiB chunks) alternated,
     raw, grpc, raw, grpc ..., so that load swings on a shared machine hit both alike.
+(d) compress: the (b) setup on a link that is the bottleneck (`--compress-rate-factor` x the KV
+    production rate, default 0.4), layer-wise streaming with the KV exact, int8 and fp8 on the
+    wire (prfaas/transport/codec.py), alternated exact, int8, fp8, exact, ... in one run:
+    TTFT and bytes per format (docs/compression.md).
 
 Ratios come from one run. Needs root and `ip netns` for (a) and (b); without them those parts
 print why they are skipped. Results: docs/transport.md.
@@ -104,9 +108,11 @@ async def serve(args: argparse.Namespace) -> None:
     if args.goodput_tokens:
         lay = loopback.layout()
         expected += [(f"g-{i}", lay, args.goodput_tokens, loopback.NullSink) for i in range(args.count)]
+    wires: list[str] = json.loads(args.wire_plan) if args.wire_plan else []
     if args.model:
         lay = model_layout(Path(args.model))
         expected += [(f"t-{i}", lay, args.ttft_tokens, MemorySink) for i in range(args.count)]
+    wire_of = {f"t-{i}": w for i, w in enumerate(wires)}
 
     async def report(tid: str, transfer: Any) -> None:
         try:
@@ -117,7 +123,8 @@ async def serve(args: argparse.Namespace) -> None:
         print(json.dumps({"tid": tid, "t": time.monotonic(), "first_token": token}), flush=True)
 
     tasks = [
-        asyncio.ensure_future(report(tid, receiver.expect(tid, lay, n, 0, sink(), deadline_s=3600)))
+        asyncio.ensure_future(report(tid, receiver.expect(tid, lay, n, 0, sink(), deadline_s=3600,
+                                                          wire_dtype=wire_of.get(tid, ""))))
         for tid, lay, n, sink in expected
     ]
     server = new_server()
@@ -233,11 +240,14 @@ async def client_ttft(spec: dict[str, Any]) -> None:
     prompt = [random.Random(0).randrange(300, 900) for _ in range(spec["tokens"])]
     params = SamplingParams(max_tokens=1, temperature=0.0)
     modes = ["stream"] + [m for _ in range(spec["rounds"]) for m in ("after", "stream")]
+    wires = spec.get("wires") or [""] * len(modes)  # per run: the wire format (part compress)
+    if spec.get("wires"):
+        modes = ["stream"] * len(wires)
     for i, mode in enumerate(modes):  # run 0 warms the connections and the model
         factory = streaming if mode == "stream" else (lambda job: SendAfterPrefill(streaming(job)))
         chunk = spec.get("chunk", 0) if mode == "stream" else 0
         node = PrefillNode("bench", ex, factory, planner=PrefillPlanner(ex.layout.block_size, chunk_tokens=chunk))
-        job = PrefillJob(f"r{i}", f"t-{i}", prompt, params, spec["address"], spec["conns"])
+        job = PrefillJob(f"r{i}", f"t-{i}", prompt, params, spec["address"], spec["conns"], wires[i])
         t0 = time.monotonic()
         async for ev in node.prefill(job):
             if isinstance(ev, Done):
@@ -245,7 +255,8 @@ async def client_ttft(spec: dict[str, Any]) -> None:
         if i:
             print(
                 json.dumps(
-                    {"mode": mode, "tid": f"t-{i}", "t0": t0, "prefill_s": done.prefill_s, "kv_bytes": done.kv_bytes}
+                    {"mode": mode, "tid": f"t-{i}", "t0": t0, "prefill_s": done.prefill_s, "kv_bytes": done.kv_bytes,
+                     "wire": wires[i]}
                 ),
                 flush=True,
             )
@@ -376,6 +387,47 @@ def part_ttft(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def part_compress(args: argparse.Namespace) -> list[str]:
+    """TTFT per wire format on a link that is the bottleneck, formats alternated in one run."""
+    model_dir = bench_model_dir()
+    prefill_s, kv = measure_prefill(model_dir, args.ttft_tokens, 2)
+    production = kv * 8 / 1e6 / prefill_s
+    rate = args.compress_rate_factor * production
+    formats = ["", "int8", "fp8"]
+    plan = [""] + [w for _ in range(args.rounds) for w in formats]  # run 0 warms up
+    say(f"[compress] prefill {prefill_s:.3f} s, KV {kv / 2**20:.1f} MiB ({production:.0f} Mbit/s); link {rate:.0f} "
+        f"Mbit/s, {args.delay_ms:g} ms one way; runs {plan}")
+    with EmulatedLink(rate, delay_ms=args.delay_ms, name_prefix=NAME_PREFIX) as link:
+        recv = Receiver(link, model=model_dir, ttft_tokens=args.ttft_tokens, count=len(plan),
+                        wire_plan=json.dumps(plan))
+        tcp = args.kv_transport == "tcp"
+        proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT + (1 if tcp else 0))
+        spec = {"part": "ttft", "model": str(model_dir), "tokens": args.ttft_tokens,
+                "address": f"tcp://{proxy}" if tcp else proxy, "conns": args.ttft_connections,
+                "rounds": args.rounds, "chunk": args.prefill_chunk, "wires": plan}
+        results = run_client(link, spec, timeout_s=900)
+        for r in results:
+            r["ttft_s"] = recv.finished(r["tid"])["t"] - r["t0"]
+    lay = model_layout(model_dir)
+    from prfaas.transport.formats import transfer_bytes
+
+    exact_ttft = statistics.median(r["ttft_s"] for r in results if r["wire"] == "")
+    rows = [f"Link {rate:.0f} Mbit/s ({args.compress_rate_factor:g} x the KV production rate {production:.0f} "
+            f"Mbit/s), {args.delay_ms:g} ms one way, {args.ttft_tokens}-token prompts, {args.ttft_connections} "
+            f"connections over {args.kv_transport}; {args.rounds} runs per format, alternated.", "",
+            "| wire format | bytes of the transfer | vs exact | TTFT median (s) | runs (s) | TTFT vs exact |",
+            "|---|---:|---:|---:|---|---:|"]
+    for w in formats:
+        runs = [r["ttft_s"] for r in results if r["wire"] == w]
+        b = transfer_bytes(lay, args.ttft_tokens, w)
+        med = statistics.median(runs)
+        rows.append(f"| {w or 'exact'} | {b / 2**20:.2f} MiB | {transfer_bytes(lay, args.ttft_tokens) / b:.2f}x "
+                    f"| {med:.3f} | {', '.join(f'{x:.2f}' for x in runs)} | {med / exact_ttft:.2f} |")
+    for row in rows[4:]:
+        say(row)
+    return rows
+
+
 async def part_loopback(args: argparse.Namespace) -> list[str]:
     from prfaas.transport.grpc_push import KvChannels
 
@@ -421,7 +473,7 @@ def main(args: argparse.Namespace) -> None:
     ok, why = link_supported()
     tables: dict[str, list[str]] = {}
     for part in args.parts:
-        if part in ("goodput", "ttft") and not ok:
+        if part in ("goodput", "ttft", "compress") and not ok:
             say(f"[{part}] skipped: no network namespaces here ({why})")
             continue
         say(f"[{part}] starting; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
@@ -429,6 +481,8 @@ def main(args: argparse.Namespace) -> None:
             tables[part] = part_goodput(args)
         elif part == "ttft":
             tables[part] = part_ttft(args)
+        elif part == "compress":
+            tables[part] = part_compress(args)
         else:
             tables[part] = asyncio.run(part_loopback(args))
     for part, rows in tables.items():
@@ -439,8 +493,11 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument(
-        "--parts", nargs="+", default=["goodput", "ttft", "loopback"], choices=["goodput", "ttft", "loopback"]
+        "--parts", nargs="+", default=["goodput", "ttft", "loopback"],
+        choices=["goodput", "ttft", "loopback", "compress"],
     )
+    ap.add_argument("--compress-rate-factor", type=float, default=0.4,
+                    help="compress part: link rate / KV production rate (below 1: the link is the bottleneck)")
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 200.0], help="Mbit/s, goodput part")
     ap.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay through the proxy")
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -462,6 +519,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--client", help=argparse.SUPPRESS)
+    ap.add_argument("--wire-plan", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         asyncio.run(serve(a))

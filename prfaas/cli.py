@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from prfaas.training.cli import add_train_args, train_command
+
 
 def _model_init(args: argparse.Namespace) -> int:
     from prfaas.model.presets import write_preset
@@ -62,6 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    """`prfaas model init` and `prfaas model train`."""
+    model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_cmd", required=True)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    init = model.add_parser("init", help="write a small random checkpoint in Hugging Face format", **fmt)
+    init.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True, help="the model family")
+    init.add_argument("--preset", default="tiny", help="the size preset")
+    init.add_argument("--out", required=True, help="the directory to write")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    init.set_defaults(fn=_model_init)
+
+    tr = model.add_parser("train", help="train a small model on the Python standard library (docs/models.md)", **fmt)
+    tr.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True, help="the model family")
+    tr.add_argument("--out", required=True, help="the directory to write")
+    add_train_args(tr)
+    tr.set_defaults(fn=train_command)
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("--version", "-V"):
         from prfaas import __version__
@@ -102,15 +122,8 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
 
-    model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_cmd", required=True)
+    _model_commands(sub)
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
-    init = model.add_parser("init", help="write a small random checkpoint in Hugging Face format", **fmt)
-    init.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True, help="the model family")
-    init.add_argument("--preset", default="tiny", help="the size preset")
-    init.add_argument("--out", required=True, help="the directory to write")
-    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    init.set_defaults(fn=_model_init)
-
     gen = sub.add_parser("generate", help="generate with one in-process executor", **fmt)
     gen.add_argument("--model", required=True, help="a model directory or builtin:FAMILY-PRESET")
     gen.add_argument("--prompt", help="the prompt text (or --token-ids)")

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import torch
 
 CACHE_DTYPES = ("float32", "bfloat16")  # what a node's model and KV cache may run in
-NAMES = ("float32", "bfloat16", "float16", "int8")  # every dtype a payload may have on the wire
+NAMES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn")  # every dtype a payload may have on the wire
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -14,6 +14,9 @@ from typing import Any
 
 from prfaas.dtypes import CACHE_DTYPES
 
+# the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
+DEFAULT_MODEL = "builtin:qwen3_next-small"
+
 
 # --- value types ---------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
@@ -141,6 +144,15 @@ class NodeSettings:
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
+    kv_wire_accept: str = "int8,fp8,convert"  # decode nodes: KV wire formats taken (transport/codec.py)
+
+
+def _wire_accept(text: str) -> str:
+    """--kv-wire-accept (prfaas.transport.codec.wire_accept reads it; checked here without torch)."""
+    bad = [w for w in (w.strip() for w in text.split(",")) if w and w not in ("int8", "fp8", "convert")]
+    if bad:
+        raise ValueError(f"unknown wire format {bad[0]!r}: use int8, fp8 and/or convert, comma-separated")
+    return text
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -158,7 +170,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     _common(p, "127.0.0.1:0")
     p.flag("--advertise", "ADVERTISE", "", str, "host:port others dial; empty = the bound address")
     p.flag("--cachepool", "CACHEPOOL", "", str, "host:port of the cache pool; empty = standalone")
-    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "a model directory or builtin:FAMILY-PRESET")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "a model directory or builtin:FAMILY-PRESET")
     p.flag("--dtype", "DTYPE", "float32", str, "model and KV cache dtype", choices=list(CACHE_DTYPES))
     p.flag("--block-size", "BLOCK_SIZE", 16, positive_int, "tokens per KV block")
     p.flag("--kv-blocks", "KV_BLOCKS", 2048, positive_int, "KV blocks in the pool")
@@ -181,6 +193,9 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--kv-wire-accept", "KV_WIRE_ACCEPT", "int8,fp8,convert", _wire_accept,
+           "decode nodes: KV wire formats taken, comma-separated: int8, fp8 (compressed), convert (KV "
+           "from a node of another cache dtype); empty = exact in its own dtype only")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
@@ -213,13 +228,15 @@ class RouterSettings:
     max_queue_wait_s: float = 120.0
     stale_after_s: float = 10.0
     drain_timeout_s: float = 30.0
+    kv_compression: str = "auto"  # off / auto / always: compress cross-cluster KV (services/router/wire.py)
+    kv_compression_format: str = "int8"  # the compressed form: int8 or fp8
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
     p = _Parser("python -m services.router", "The PrfaaS router: the client-facing API.")
     _common(p, "127.0.0.1:0")
     p.flag("--cachepool", "CACHEPOOL", "", str, "host:port of the cache pool (required)")
-    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "the model (tokenizer and KV sizes)")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "the model (tokenizer and KV sizes)")
     p.flag("--policy", "POLICY", "prfaas", str, "routing policy", choices=["prfaas", "homogeneous", "naive"])
     p.flag("--threshold-tokens", "THRESHOLD_TOKENS", 256.0, non_negative_float,
            "offload prefills whose uncached length exceeds this")
@@ -246,6 +263,11 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
            "a node whose last heartbeat is older is out of routing")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--kv-compression", "KV_COMPRESSION", "auto", str,
+           "compress cross-cluster KV transfers: never, while the link is the bottleneck (measured egress "
+           "near --link-gbps, retransmits), or always", choices=["off", "auto", "always"])
+    p.flag("--kv-compression-format", "KV_COMPRESSION_FORMAT", "int8", str,
+           "the compressed wire format (docs/compression.md)", choices=["int8", "fp8"])
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
@@ -293,7 +315,7 @@ def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings
     p = _Parser("python -m services.frontdoor", "The PrfaaS front door: an OpenAI-compatible HTTP API.")
     p.flag("--listen", "LISTEN", "127.0.0.1:8000", host_port, "host:port of the HTTP server; port 0 picks a free one")
     p.flag("--router", "ROUTER", "", host_port_or_empty, "host:port of the router's gRPC API (required)")
-    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "the model (tokenizer, chat template, defaults)")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "the model (tokenizer, chat template, defaults)")
     p.flag("--served-model-name", "SERVED_MODEL_NAME", "", str,
            "the model name clients send; empty = the model directory's name")
     p.flag("--api-key", "API_KEY", "", _Secret, "require `Authorization: Bearer KEY`; empty = no check")

@@ -74,8 +74,8 @@ class MemoryClients:
     def __init__(self, decode: DecodeNode, prefill: dict[str, PrefillNode]) -> None:
         self.decode, self.prefill_nodes = decode, prefill
 
-    def admit(self, address, request_id, prompt, params, timeout_s):  # type: ignore[no-untyped-def]
-        return self.decode.admit(request_id, prompt, params, timeout_s)
+    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=()):  # type: ignore[no-untyped-def]
+        return self.decode.admit(request_id, prompt, params, timeout_s, wire_dtypes)
 
     def prefill(self, address, job):  # type: ignore[no-untyped-def]
         return self.prefill_nodes[address].prefill(job)

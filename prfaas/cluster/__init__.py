@@ -37,6 +37,8 @@ class NodeInfo:
     convertible: bool = False     # local nodes: serves both roles, the router may switch it
     max_context: int = 0          # the longest sequence (prompt + output) it serves; 0 = unknown
     prefix_grid: int = 0          # its prefix hits fall on multiples of this; 0 = it caches no prefixes
+    cache_dtype: str = ""         # its KV cache dtype; "" = unknown (float32)
+    wire_dtypes: tuple[str, ...] = ()  # decode nodes: KV wire formats accepted (transport/codec.py); () = exact only
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class ClusterSpec:
     served_model_name: str = ""  # the model name the front door answers to; empty = the directory's
     extra_env: dict[str, str] = field(default_factory=dict)  # PRFAAS_* for every process
     router_env: dict[str, str] = field(default_factory=dict)  # and for the router alone
+    # and for the nodes of one cluster, "prfaas" or "local" (e.g. {"prfaas": {"PRFAAS_DTYPE": "bfloat16"}})
+    cluster_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_toml(cls, path: str) -> ClusterSpec:
@@ -172,6 +174,7 @@ class LocalCluster:
                     c,
                     *(["--convertible"] if c == "local" and s.convertible_local else []),
                 ],
+                s.cluster_env.get(c),
             )
             for n, mod, c in nodes
         ]
@@ -253,10 +256,10 @@ class LocalCluster:
 
 
 def up_command(argv: list[str]) -> int:
-    from prfaas.settings import command_parser, positive_int
+    from prfaas.settings import DEFAULT_MODEL, command_parser, positive_int
 
     p = command_parser("prfaas up", __doc__)
-    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "a model directory or builtin:FAMILY-PRESET")
+    p.flag("--model", "MODEL", DEFAULT_MODEL, str, "a model directory or builtin:FAMILY-PRESET")
     p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections, "
                    "frontdoor, metrics, served_model_name (see ClusterSpec)")
     p.add_argument("--demo", action="store_true", help="serve a demo workload, print the results and stop")
@@ -286,7 +289,7 @@ def up_command(argv: list[str]) -> int:
                 from prfaas.cluster.demo import print_table, run_demo
 
                 print(f"[prfaas up] sending {a.demo_requests} demo requests ...", flush=True)
-                results = asyncio.run(run_demo(cluster.router_address, a.demo_requests))
+                results = asyncio.run(run_demo(cluster.router_address, a.demo_requests, model=a.model))
                 print_table(results)
                 return 0
             print("[prfaas up] Ctrl-C stops the cluster", flush=True)

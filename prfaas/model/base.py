@@ -27,6 +27,9 @@ class ForwardMeta:
     slot_mapping: torch.Tensor       # (T,) int64: flat index block_id * block_size + offset
     state_slots: list[int]           # per sequence: its linear-state slot
     attn: AttentionBackend = field(default_factory=TorchAttention)
+    # training (prfaas/model/train_forward.py): linear layers take an autograd-friendly path from a zero
+    # state and leave their cache untouched; every sequence the same length, nothing cached
+    differentiable: bool = False
 
     @property
     def is_decode(self) -> bool:

@@ -36,6 +36,10 @@ def conv_delta_rule(
     conv_weight (C, W); `heads` splits conv output (..., C) into q, k (..., Hk, K) and v (..., H, V)
     (views; Hk divides H, value head h reading key head h // (H / Hk)). Returns the delta-rule
     output (T, H, V) in mixed's dtype."""
+    if meta.differentiable:
+        from prfaas.model.train_forward import conv_delta_rule_train
+
+        return conv_delta_rule_train(mixed, g, beta, conv_weight, scale, heads, meta)
     kernel = mixed.device.type == "cpu" and cpu_kernel.available()
     if meta.is_decode:
         return _decode(mixed, g, beta, conv_weight, scale, heads, meta, cache, kernel)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import HybridForCausalLM, family_parts
+from prfaas.model.trained import shipped_dir
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3_next": {
@@ -153,11 +154,14 @@ def save_weights(model: HybridForCausalLM, file: str | Path) -> None:
 
 
 def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
-    """A model spec is a directory, or `builtin:FAMILY-PRESET` (written on first use under
-    `cache_dir`, default ~/.cache/prfaas/models)."""
+    """A model spec is a directory, or `builtin:FAMILY-PRESET`: a trained model shipped in the
+    package (prfaas/model/trained/, e.g. `builtin:qwen3_next-small`), else a random preset
+    written on first use under `cache_dir`, default ~/.cache/prfaas/models."""
     if not spec.startswith("builtin:"):
         return Path(spec)
     name = spec.removeprefix("builtin:")
+    if (shipped := shipped_dir(name)) is not None:
+        return shipped
     family, _, preset = name.rpartition("-")
     if not family:
         family, preset = name, "tiny"

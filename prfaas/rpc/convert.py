@@ -82,15 +82,17 @@ def logprob_from_pb(m: common_pb2.TokenLogprob) -> TokenLogprob:
 
 # --- membership ----------------------------------------------------------------------------------
 _INFO_FIELDS = ("node_id", "cluster", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size",
-                "max_request_blocks", "convertible", "max_context", "prefix_grid")
+                "max_request_blocks", "convertible", "max_context", "prefix_grid", "cache_dtype")
 
 
 def node_info_to_pb(n: NodeInfo) -> common_pb2.NodeInfo:
-    return common_pb2.NodeInfo(role=role_to_pb(n.role), **{f: getattr(n, f) for f in _INFO_FIELDS})
+    return common_pb2.NodeInfo(role=role_to_pb(n.role), wire_dtypes=list(n.wire_dtypes),
+                               **{f: getattr(n, f) for f in _INFO_FIELDS})
 
 
 def node_info_from_pb(m: common_pb2.NodeInfo) -> NodeInfo:
-    return NodeInfo(role=role_from_pb(m.role), **{f: getattr(m, f) for f in _INFO_FIELDS})
+    return NodeInfo(role=role_from_pb(m.role), wire_dtypes=tuple(m.wire_dtypes),
+                    **{f: getattr(m, f) for f in _INFO_FIELDS})
 
 
 _LOAD_FIELDS = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s",

@@ -31,8 +31,10 @@ def plan_command(argv: list[str]) -> int:
     ap.add_argument("--scenario", default="paper-case-study", choices=sorted(SCENARIOS), help="the inputs")
     ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ap.add_argument("--out", default="docs/img", help="folder for the plots (without --json)")
+    ap.add_argument("--kv-compression", default="off", choices=["off", "int8", "fp8"],
+                    help="S_kv of KV compressed on the wire (prfaas/scheduling/compression.py)")
     args = ap.parse_args(argv)
-    sc = SCENARIOS[args.scenario]()
+    sc = SCENARIOS[args.scenario](args.kv_compression)
     plans = sc.plans()
     if args.json:
         print(json.dumps({k: _plan_dict(k, v) for k, v in plans.items()}))
@@ -94,6 +96,8 @@ def sim_command(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ap.add_argument("--out", default="docs/img", help="folder for the plots (without --json)")
+    ap.add_argument("--kv-compression", default="off", choices=["off", "int8", "fp8"],
+                    help="steady: S_kv of KV compressed on the wire (prfaas/scheduling/compression.py)")
     trace_run.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.trace is not None:
@@ -104,7 +108,7 @@ def sim_command(argv: list[str]) -> int:
 
     if args.scenario == "steady":
         kinds = (args.policy,) if args.policy else ("prfaas", "homogeneous", "naive")
-        res = scenarios.steady(args.seed, policies=kinds, progress=progress)
+        res = scenarios.steady(args.seed, policies=kinds, progress=progress, kv_compression=args.kv_compression)
         table = {k: {"lambda_max": p.lambda_max, **r.summary.as_dict(),
                      "sim_over_model": r.summary.throughput / p.lambda_max} for k, (p, r) in res.items()}
     else:

@@ -9,6 +9,7 @@ inputs of PAPER.md's case study.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,9 +77,15 @@ class Scenario:
         }
 
 
-def paper_case_study() -> Scenario:
-    """32 H200 (4 PrfaaS instances), 64 H20 (8 local instances), 100 Gbps, log-normal(9.90, 1.00)."""
-    return Scenario("paper-case-study", SystemProfile(), TruncatedLogNormal(), 4, 8, 12)
+def paper_case_study(kv_compression: str = "off") -> Scenario:
+    """32 H200 (4 PrfaaS instances), 64 H20 (8 local instances), 100 Gbps, log-normal(9.90, 1.00);
+    with `kv_compression` ("int8", "fp8") S_kv is the compressed transfer's (compression.py)."""
+    system = SystemProfile()
+    if kv_compression != "off":
+        from prfaas.scheduling.compression import compressed_kv_bytes
+
+        system = dataclasses.replace(system, kv_bytes=compressed_kv_bytes(system.kv_bytes, kv_compression))
+    return Scenario("paper-case-study", system, TruncatedLogNormal(), 4, 8, 12)
 
 
 SCENARIOS = {"paper-case-study": paper_case_study}

@@ -47,8 +47,9 @@ def _policy(kind: str, plan: Throughput) -> RoutingPolicy:
 
 def run_one(label: str, plan: Throughput, policy_kind: str, segments: list[Segment], duration: float,
             window: tuple[float, float], seed: int, controlled: bool = False, long_term: bool = False,
-            link_changes: tuple = (), prefix_reuse: float = 0.0, progress: Progress = None) -> RunResult:
-    sc = paper_case_study()
+            link_changes: tuple = (), prefix_reuse: float = 0.0, progress: Progress = None,
+            kv_compression: str = "off") -> RunResult:
+    sc = paper_case_study(kv_compression)
     policy = _policy(policy_kind, plan)
     st = None
     if controlled and isinstance(policy, PrfaasPolicy):
@@ -62,14 +63,15 @@ def run_one(label: str, plan: Throughput, policy_kind: str, segments: list[Segme
 
 
 def steady(seed: int = 1, duration: float = 1500.0, policies: tuple[str, ...] = ("prfaas", "homogeneous", "naive"),
-           progress: Progress = None) -> dict[str, tuple[Throughput, RunResult]]:
-    plans = paper_case_study().plans()
+           progress: Progress = None, kv_compression: str = "off") -> dict[str, tuple[Throughput, RunResult]]:
+    plans = paper_case_study(kv_compression).plans()
     dist = paper_case_study().lengths
     out = {}
     for kind in policies:
         plan = plans[kind]
         seg = [Segment(0.0, duration, 1.1 * plan.lambda_max, dist)]
-        out[kind] = (plan, run_one(kind, plan, kind, seg, duration, (300.0, duration), seed, progress=progress))
+        out[kind] = (plan, run_one(kind, plan, kind, seg, duration, (300.0, duration), seed, progress=progress,
+                                   kv_compression=kv_compression))
     return out
 
 

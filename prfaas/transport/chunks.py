@@ -21,7 +21,7 @@ from prfaas.kv.pool import LayerKv
 
 WIRE_EXACT = ""      # payloads in the layout's dtypes
 WIRE_INT8 = "int8"   # paged payloads as int8 with per-row float32 scales; states stay exact
-WIRE_DTYPES = (WIRE_EXACT, WIRE_INT8)
+WIRE_FP8 = "fp8"     # paged payloads as float8 e4m3 with per-block float32 scales (transport/codec.py)
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 10  # chosen by bench/transport.py (docs/transport.md)
 

@@ -25,7 +25,8 @@ import torch
 from prfaas.errors import Code
 from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
-from prfaas.transport.chunks import WIRE_DTYPES, KvPiece
+from prfaas.transport.chunks import KvPiece
+from prfaas.transport.codec import is_valid
 from prfaas.transport.errors import TransferError
 from prfaas.transport.wire import WireChunk, decode_chunk
 
@@ -135,7 +136,7 @@ class KvReceiver:
             raise TransferError(Code.ALREADY_EXISTS, f"transfer {transfer_id} is already expected")
         if not 0 <= skip_tokens <= prompt_tokens or prompt_tokens <= 0:
             raise TransferError(Code.INVALID_ARGUMENT, f"bad token range [{skip_tokens}, {prompt_tokens})")
-        if wire_dtype not in WIRE_DTYPES:
+        if not is_valid(wire_dtype):
             raise TransferError(Code.INVALID_ARGUMENT, f"unknown wire dtype {wire_dtype!r}")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()

@@ -26,7 +26,6 @@ from prfaas.kv.pool import LayerKv
 from prfaas.messages import PrefillJob
 from prfaas.transport.chunks import (
     DEFAULT_MAX_CHUNK_BYTES,
-    WIRE_DTYPES,
     WIRE_EXACT,
     KvPiece,
     pieces_of,
@@ -34,6 +33,7 @@ from prfaas.transport.chunks import (
     split_piece,
     tokens_per_chunk,
 )
+from prfaas.transport.codec import is_valid
 from prfaas.transport.errors import TransferError
 from prfaas.transport.grpc_push import GrpcPushCall, KvChannels
 from prfaas.transport.stats import GLOBAL, LinkStats
@@ -102,7 +102,7 @@ class KvSender:
         channels: KvChannels | None = None,
         stats: LinkStats | None = GLOBAL,
     ) -> None:
-        if wire_dtype not in WIRE_DTYPES:
+        if not is_valid(wire_dtype):
             raise ValueError(f"unknown wire dtype {wire_dtype!r}")
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.transfer_id, self.layout = transfer_id, layout

@@ -7,8 +7,9 @@ out as memoryviews of the received bytes. Any protobuf implementation reads and 
 bytes. `decode_chunk` checks a chunk against the layout and itself (kind, shape, dtype, size,
 CRC-32) and raises `TransferError` for anything that does not fit.
 
-Payloads are raw little-endian. With wire dtype "int8" (negotiated per transfer) paged payloads
-are quantised per row (the last dimension) with float32 scales; states always travel exact.
+Payloads are raw little-endian. The wire format (negotiated per transfer, `codec.py`) may
+compress paged payloads (int8 per row, fp8 per block, with float32 scales) and lets exact
+payloads arrive in the sender's dtype, converted here into the receiver's; states travel exact.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from prfaas.dtypes import dtype_name, torch_dtype
 from prfaas.errors import Code
 from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
-from prfaas.transport.chunks import WIRE_EXACT, WIRE_INT8, KvPiece
+from prfaas.transport.chunks import WIRE_EXACT, KvPiece
+from prfaas.transport.codec import WireFormat, decode_tensor, encode_tensor
 from prfaas.transport.errors import TransferError
 from prfaas.v1 import decode_pb2
 
@@ -65,19 +67,6 @@ class WireChunk:
         return len(self.payload) + len(self.scales)
 
 
-# --- int8 ----------------------------------------------------------------------------------------
-def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (last dim) symmetric int8: returns (q, scales) with q * scales[..., None] ~ t."""
-    x = t.float()
-    scales = (x.abs().amax(dim=-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(x / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scales
-
-
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scales.unsqueeze(-1)).to(dtype)
-
-
 # --- encoding ------------------------------------------------------------------------------------
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -106,9 +95,7 @@ def encode_chunk_parts(
     tensor. The tensor must not change until they are sent; the checksum is taken here, so a
     change would fail the transfer. `wire_dtype` applies to this piece as given (the sender
     passes WIRE_EXACT for states)."""
-    tensor, scales = piece.tensor, None
-    if wire_dtype == WIRE_INT8:
-        tensor, scales = quantize_int8(tensor)
+    tensor, scales = encode_tensor(piece.tensor, WireFormat.parse(wire_dtype), paged=True)
     payload = _raw(tensor)
     crc = crc32(payload)
     parts: list[bytes | memoryview] = []
@@ -225,7 +212,7 @@ def _bad(why: str) -> TransferError:
 
 def decode_chunk(chunk: WireChunk, layout: KvLayout, wire_dtype: str = WIRE_EXACT) -> KvPiece:
     """Validates a data chunk against the layout and itself; returns its piece. The tensor is a
-    view of the received bytes (exact) or a new tensor (int8 dequantised)."""
+    view of the received bytes (exact, same dtype) or a new tensor (dequantised or converted)."""
     if chunk.kind not in KvKind._value2member_map_:
         raise _bad(f"unknown kind {chunk.kind}")
     kind = KvKind(chunk.kind)
@@ -245,12 +232,12 @@ def decode_chunk(chunk: WireChunk, layout: KvLayout, wire_dtype: str = WIRE_EXAC
     shape = (chunk.token_end - chunk.token_start, *spec.shape) if spec.paged else spec.shape
     if chunk.shape != shape:
         raise _bad(f"layer {layer} {kind.name}: shape {chunk.shape}, expected {shape}")
-    quantized = spec.paged and wire_dtype == WIRE_INT8
-    want = "int8" if quantized else dtype_name(spec.dtype)
-    if chunk.dtype != want:
-        raise _bad(f"layer {layer} {kind.name}: dtype {chunk.dtype!r}, expected {want!r}")
-    wire = torch_dtype(want)
-    n_scales = prod(shape[:-1]) * 4 if quantized else 0
+    fmt = WireFormat.parse(wire_dtype)
+    allowed = fmt.payload_dtypes(spec.dtype, spec.paged)
+    if chunk.dtype not in allowed:
+        raise _bad(f"layer {layer} {kind.name}: dtype {chunk.dtype!r}, expected {' or '.join(map(repr, allowed))}")
+    wire = torch_dtype(chunk.dtype)
+    n_scales = fmt.scales_count(shape, spec.paged) * 4
     if len(chunk.payload) != prod(shape) * wire.itemsize or len(chunk.scales) != n_scales:
         raise _bad(f"layer {layer} {kind.name}: payload size does not match the shape")
     crc = crc32(chunk.payload)
@@ -258,7 +245,7 @@ def decode_chunk(chunk: WireChunk, layout: KvLayout, wire_dtype: str = WIRE_EXAC
         crc = crc32(chunk.scales, crc)
     if crc != chunk.checksum:
         raise TransferError(Code.DATA_LOSS, f"layer {layer} {kind.name}: checksum mismatch")
-    tensor = _tensor(chunk.payload, wire, shape)
-    if quantized:
-        tensor = dequantize_int8(tensor, _tensor(chunk.scales, torch.float32, shape[:-1]), spec.dtype)
+    payload = _tensor(chunk.payload, wire, shape)
+    scales = _tensor(chunk.scales, torch.float32, (n_scales // 4,)) if n_scales else None
+    tensor = decode_tensor(payload, scales, fmt, spec.paged, spec.dtype)
     return KvPiece(layer, kind, chunk.token_start, chunk.token_end, tensor)

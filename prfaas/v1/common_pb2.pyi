@@ -60,7 +60,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "cluster", "role", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size", "max_request_blocks", "convertible", "max_context", "prefix_grid")
+    __slots__ = ("node_id", "cluster", "role", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size", "max_request_blocks", "convertible", "max_context", "prefix_grid", "cache_dtype", "wire_dtypes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class NodeInfo(_message.Message):
     CONVERTIBLE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PREFIX_GRID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cluster: str
     role: Role
@@ -85,7 +87,9 @@ class NodeInfo(_message.Message):
     convertible: bool
     max_context: int
     prefix_grid: int
-    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., capacity_slots: _Optional[int] = ..., hardware: _Optional[str] = ..., block_size: _Optional[int] = ..., max_request_blocks: _Optional[int] = ..., convertible: _Optional[bool] = ..., max_context: _Optional[int] = ..., prefix_grid: _Optional[int] = ...) -> None: ...
+    cache_dtype: str
+    wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., capacity_slots: _Optional[int] = ..., hardware: _Optional[str] = ..., block_size: _Optional[int] = ..., max_request_blocks: _Optional[int] = ..., convertible: _Optional[bool] = ..., max_context: _Optional[int] = ..., prefix_grid: _Optional[int] = ..., cache_dtype: _Optional[str] = ..., wire_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s", "kv_retransmits")

@@ -23,6 +23,7 @@ from prfaas.errors import Draining, InvalidRequest, ModelFault
 from prfaas.messages import Alive, Reserved, SamplingParams, TokenBatch
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
+from prfaas.transport.formats import accepted_formats
 
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
     from prfaas.transport.chunks import KvPiece
@@ -66,6 +67,8 @@ class DecodeNode:
         # one request may hold at most this many blocks (prompt + output): none takes the pool
         self.max_request_blocks = max_request_blocks or executor.blocks.num_blocks
         self.alive_interval_s = alive_interval_s
+        # KV wire formats this node takes (registered; the router picks one per transfer)
+        self.wire_accept: tuple[str, ...] = accepted_formats()
         self.draining = False
         self._running: dict[str, tuple[SeqState, asyncio.Queue[TokenBatch]]] = {}
         self._pending = 0
@@ -120,7 +123,8 @@ class DecodeNode:
         self._check_admissible(prompt, params)
         seq = ex.reserve(request_id, prompt, params)  # raises InvalidRequest / OutOfCapacity
         transfer_id = f"{self.node_id}/{request_id}/{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        wire = "int8" if "int8" in wire_dtypes else ""
+        # the router's choice first: the first format offered that this node takes, else exact
+        wire = next((w for w in wire_dtypes if w in self.wire_accept), "")
         queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
         try:
             transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,

@@ -19,6 +19,7 @@ from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
 from prfaas.startup import run_service
+from prfaas.transport.formats import transfer_bytes
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2
 
 from .clients import GrpcNodeClients
@@ -26,6 +27,7 @@ from .control import ControlLoop
 from .core import Node, Router, RouterLimits
 from .directory import CachePoolDirectory
 from .server import RouterServicer
+from .wire import WirePolicy, WireSettings
 
 log = get_logger(__name__)
 
@@ -75,13 +77,23 @@ async def main(s: RouterSettings) -> None:
     clients = GrpcNodeClients()
     directory = CachePoolDirectory(pool, s.refresh_s)
     policy = make_policy(s.policy, s.threshold_tokens, s.bandwidth_mode)
-    router = Router(directory, clients, policy, tokenizer, limits(s, config))
+    layout = KvLayout(config)
+    wire = WirePolicy(WireSettings(
+        s.kv_compression, s.kv_compression_format, s.link_gbps * GBPS,
+        ratio=transfer_bytes(layout, 4096) / transfer_bytes(layout, 4096, s.kv_compression_format),
+        scarce=s.bandwidth_mode == "scarce",
+    ))
+    router = Router(directory, clients, policy, tokenizer, limits(s, config), wire=wire)
+
+    def kv_bytes(tokens: int) -> int:  # S_kv as the controller should see it: compressed while compressing
+        return transfer_bytes(layout, tokens, s.kv_compression_format if wire.compressing else "")
+
     control = None
     if s.control_interval_s > 0:
         control = ControlLoop(
             router,
             policy,
-            KvLayout(config).kv_bytes,
+            kv_bytes,
             s.link_gbps * GBPS,
             set_role,
             s.control_interval_s,
@@ -98,6 +110,8 @@ async def main(s: RouterSettings) -> None:
         bandwidth_mode=s.bandwidth_mode,
         link_gbps=s.link_gbps,
         control_loop=control is not None,
+        kv_compression=s.kv_compression,
+        kv_compression_format=s.kv_compression_format,
     )
 
     def add(server: grpc.aio.Server) -> list[str]:

@@ -44,7 +44,8 @@ FINAL = frozenset({Code.INVALID_ARGUMENT, Code.INTERNAL, Code.PERMISSION_DENIED,
 
 class NodeClients(Protocol):
     def admit(
-        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
+        wire_dtypes: tuple[str, ...] = (),
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]: ...
 
     def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]: ...
@@ -94,11 +95,13 @@ class Attempt:
         num_connections: int,
         deadline_unix_s: float,
         on_prefill_done: Callable[[Done], None],
+        wire_dtype: str = "",
     ) -> None:
         self.clients, self.request_id, self.prompt, self.params = clients, request_id, prompt, params
         self.p, self.transfer_timeout_s, self.stall_timeout_s = placement, transfer_timeout_s, stall_timeout_s
         self.num_connections, self.deadline_unix_s = num_connections, deadline_unix_s
         self.on_prefill_done = on_prefill_done
+        self.wire_dtype = wire_dtype  # the router's choice (wire.py); the decode node confirms it in Reserved
         self.sent = 0
         self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, prefill_done, first
 
@@ -108,7 +111,7 @@ class Attempt:
     async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
         d = self.p.decision
         admit = self.clients.admit(self.p.decode.address, self.request_id, self.prompt, self.params,
-                                   self.transfer_timeout_s)
+                                   self.transfer_timeout_s, wire_dtypes=(self.wire_dtype,))
         async with contextlib.aclosing(admit):
             reserved = await self._decode_event(admit)
             self._mark("reserved")

@@ -31,7 +31,8 @@ class GrpcNodeClients:
         self._channels.clear()
 
     async def admit(
-        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
+        wire_dtypes: tuple[str, ...] = (),
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
         stub = decode_pb2_grpc.DecodeStub(self._channel(address))
         call = stub.Admit(
@@ -40,6 +41,7 @@ class GrpcNodeClients:
                 sampling=sampling_to_pb(params),
                 transfer_timeout_s=timeout_s,
                 token_ids=prompt,
+                accept_wire_dtypes=list(wire_dtypes),
             )
         )
         try:

@@ -37,6 +37,7 @@ from prfaas.scheduling.policy import NoCapacityError, RouteDecision, RouteQuery,
 from .admission import AdmissionQueue, Waiting
 from .attempt import Attempt, AttemptFailed, NodeClients
 from .placement import Ask, Capacity, Liveness, Node, Placement, decode_blocks
+from .wire import WirePolicy
 
 log = get_logger(__name__)
 
@@ -117,9 +118,11 @@ class Router:
         policy: RoutingPolicy,
         tokenizer: Tokenizer | None = None,
         limits: RouterLimits | None = None,
+        wire: WirePolicy | None = None,
         **overrides: float,
     ) -> None:
         self.directory, self.clients, self.policy, self.tokenizer = directory, clients, policy, tokenizer
+        self.wire = wire or WirePolicy()  # KV wire format per transfer: pairs, compression (wire.py)
         base = limits or RouterLimits()
         self.limits = RouterLimits(**{**base.__dict__, **overrides})
         lim = self.limits
@@ -253,8 +256,9 @@ class Router:
         self, request_id: str, prompt: list[int], params: SamplingParams, p: Placement, t0: float, attempt_t0: float
     ) -> AsyncGenerator[GenerateOutput, None]:
         d = p.decision
+        wire = self.wire.wire_for(p.prefill, p.decode) or ""
         log.info("route", route=d.route, prefill=d.prefill_node, decode=d.decode_node, uncached=d.uncached_tokens,
-                 reason=d.reason, queue_ms=round((attempt_t0 - t0) * 1000, 1))
+                 reason=d.reason, queue_ms=round((attempt_t0 - t0) * 1000, 1), wire=wire)
         self.stats.decisions[d.route] = self.stats.decisions.get(d.route, 0) + 1
         prefill_counted = [True]
 
@@ -270,7 +274,8 @@ class Router:
         lim = self.limits
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
                           stall_timeout_s=lim.stall_timeout_s, num_connections=lim.num_connections,
-                          deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over)
+                          deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over,
+                          wire_dtype=wire)
         first, text = True, _Text(self.tokenizer)
         try:
             async with contextlib.aclosing(attempt.tokens()) as batches:
@@ -321,6 +326,7 @@ class Router:
         if not len(self.queue):
             return 0
         self._nodes = await self.nodes()
+        self.wire.observe(self._nodes)
         self._expire_waiting()
         return self.queue.dispatch(self._try_place)
 
@@ -332,21 +338,33 @@ class Router:
     def _try_place(self, w: Waiting[Placement]) -> Placement | None:
         ask: Ask = w.ask
         by_id = {n.node_id: n for n in self._nodes}
+        for _ in range(len(self._nodes)):
+            d = self._route(ask)
+            if d is None:
+                return None
+            decode = by_id[d.decode_node]
+            if self.wire.wire_for(by_id[d.prefill_node], decode) is not None:
+                break
+            # a pair that cannot work (cache dtypes the decode node does not convert): not this prefill node
+            ask = dataclasses.replace(ask, exclude=ask.exclude | {d.prefill_node})
+        else:
+            return None
+        p = Placement(d, by_id[d.prefill_node], decode, decode_blocks(decode, ask))
+        self.capacity.take(p)
+        return p
+
+    def _route(self, ask: Ask) -> RouteDecision | None:
         query = RouteQuery(ask.request_id, ask.prompt_tokens, ask.route)
         try:
-            d = self.policy.route(query, self.capacity.views(self._nodes, ask))
+            return self.policy.route(query, self.capacity.views(self._nodes, ask))
         except NoCapacityError as e:
             if e.busy or not ask.exclude:
                 return None
             try:  # only excluded prefill nodes are left: try them again (they heartbeated since)
                 everyone = dataclasses.replace(ask, exclude=frozenset())
-                d = self.policy.route(query, self.capacity.views(self._nodes, everyone))
+                return self.policy.route(query, self.capacity.views(self._nodes, everyone))
             except NoCapacityError:
                 return None
-        decode = by_id[d.decode_node]
-        p = Placement(d, by_id[d.prefill_node], decode, decode_blocks(decode, ask))
-        self.capacity.take(p)
-        return p
 
     def _expire_waiting(self) -> None:
         limit = self.limits.max_queue_wait_s

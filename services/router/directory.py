@@ -59,6 +59,8 @@ class CachePoolDirectory:
                 convertible=s.node.convertible,
                 prefix_grid=s.node.prefix_grid,
                 draining=s.draining,
+                cache_dtype=s.node.cache_dtype,
+                wire_dtypes=tuple(s.node.wire_dtypes),
                 heartbeat_at=now - s.last_heartbeat_age_s,
             )
             for s in statuses

@@ -41,6 +41,8 @@ class Node:
     convertible: bool = False
     prefix_grid: int = 0  # its prefix hits fall on multiples of this; 0: it caches none
     draining: bool = False
+    cache_dtype: str = ""  # "" = float32
+    wire_dtypes: tuple[str, ...] = ()  # decode nodes: KV wire formats accepted; () = exact only
     heartbeat_at: float = float("inf")  # monotonic time of its last heartbeat as the router knows it
 
 

@@ -28,6 +28,7 @@ from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.settings import NodeSettings
 from prfaas.transport.chunks import chunk_grid
+from prfaas.transport.codec import wire_accept
 from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvSender
@@ -88,6 +89,7 @@ class WorkerNode:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
                                      max_request_blocks=cap)
+            self.decode.wire_accept = wire_accept(s.kv_wire_accept)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
@@ -136,7 +138,8 @@ class WorkerNode:
         grid = self.prefill.planner.grid if self.prefill and self.prefix_cache else 0
         return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
                         block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
-                        max_context=self.executor.max_context, prefix_grid=grid)
+                        max_context=self.executor.max_context, prefix_grid=grid, cache_dtype=s.dtype,
+                        wire_dtypes=self.decode.wire_accept if self.decode else ())
 
     @property
     def busy(self) -> bool:
