@@ -27,7 +27,9 @@ from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
 from prfaas.transport.chunks import WIRE_DTYPES, KvPiece
 from prfaas.transport.errors import TransferError
-from prfaas.transport.wire import WireChunk, decode_chunk
+from prfaas.transport.limits import HEADER_SLACK
+from prfaas.transport.parse import ChunkHeader
+from prfaas.transport.wire import WireChunk, decode_chunk, expected_bulk_bytes
 
 __all__ = ["KvSink", "KvReceiver", "Transfer", "TransferError", "MemorySink"]
 
@@ -114,6 +116,7 @@ class KvReceiver:
 
     def __init__(self) -> None:
         self._transfers: dict[str, Transfer] = {}
+        self.largest_piece_bytes = 0  # the largest whole state (or one token) of a layout expected so far
 
     def __len__(self) -> int:
         return len(self._transfers)
@@ -137,6 +140,7 @@ class KvReceiver:
             raise TransferError(Code.INVALID_ARGUMENT, f"bad token range [{skip_tokens}, {prompt_tokens})")
         if wire_dtype not in WIRE_DTYPES:
             raise TransferError(Code.INVALID_ARGUMENT, f"unknown wire dtype {wire_dtype!r}")
+        self.largest_piece_bytes = max(self.largest_piece_bytes, *(s.nbytes for s in layout.specs))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
@@ -183,6 +187,43 @@ class KvReceiver:
                 ),
             )
         return chunk.nbytes
+
+    def check_frame(self, header: ChunkHeader, frame_len: int) -> None:
+        """Before a frame is allocated: its header names a live transfer, a chunk that transfer
+        still needs, and `frame_len` is no more than that chunk can take. Raises `TransferError`
+        (NOT_FOUND for an unknown transfer; any other error fails the transfer)."""
+        t = self._transfers.get(header.transfer_id)
+        if t is None:
+            raise TransferError(Code.NOT_FOUND, f"transfer {header.transfer_id!r} is unknown, finished or expired")
+        try:
+            bound = self._frame_bound(t, header) + HEADER_SLACK
+            if frame_len > bound:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"a frame of {frame_len} bytes for a chunk that takes at most {bound}"
+                )
+        except TransferError as e:
+            raise self._fail(t, TransferError(e.code, f"transfer {t.transfer_id}: {e.message}")) from None
+
+    @staticmethod
+    def _frame_bound(t: Transfer, h: ChunkHeader) -> int:
+        layer, kind, start, end = h.int(4), h.int(5), h.int(6), h.int(7)
+        if h.int(2) in t.seqs:
+            raise TransferError(Code.ALREADY_EXISTS, f"duplicate seq {h.int(2)}")
+        if kind == KvKind.FIRST_TOKEN:
+            return 0
+        bulk = expected_bulk_bytes(t.layout, layer, kind, start, end, t.wire_dtype)  # checks layer and kind
+        if t.layout.spec(layer, kind).paged:
+            if start < t.skip_tokens or end > t.prompt_tokens:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"tokens [{start}, {end}) outside [{t.skip_tokens}, {t.prompt_tokens})"
+                )
+            ranges = t.ranges.get((layer, KvKind(kind)), [])
+            i = bisect.bisect_left(ranges, (start, end))
+            if (i > 0 and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
+                raise TransferError(Code.ALREADY_EXISTS, f"layer {layer} tokens [{start}, {end}) arrived already")
+        elif (layer, KvKind(kind)) in t.states:
+            raise TransferError(Code.ALREADY_EXISTS, f"second {KvKind(kind).name} for layer {layer}")
+        return bulk
 
     # --- internals ----------------------------------------------------------------------------
     def _accept(self, t: Transfer, chunk: WireChunk) -> None:
