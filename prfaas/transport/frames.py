@@ -110,6 +110,8 @@ _LENGTH, _HEAD, _BODY, _WAIT, _DONE = range(5)
 class FrameProtocol(asyncio.BufferedProtocol):
     """One data-plane connection (see the module docstring)."""
 
+    _scratch = bytearray(4096)  # where bytes go while paused or done (copied out at once): shared
+
     def __init__(self, gate: Gate, on_close: Callable[[FrameProtocol], None]) -> None:
         self.gate, self.on_close = gate, on_close
         self.transport: asyncio.Transport | None = None
@@ -117,7 +119,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.closed = False
         self._small = bytearray(LEN.size)
         self._head = bytearray(HEADER_READ_BYTES)
-        self._scratch = bytearray(4096)
         self._stash = bytearray()  # bytes that arrived while paused
         self._state, self._buf, self._pos, self._want = _LENGTH, memoryview(self._small), 0, LEN.size
         self._size = self._reserved = 0

@@ -188,15 +188,20 @@ class KvReceiver:
             )
         return chunk.nbytes
 
-    def check_frame(self, header: ChunkHeader, frame_len: int) -> None:
+    def check_frame(self, header: ChunkHeader | WireChunk, frame_len: int) -> None:
         """Before a frame is allocated: its header names a live transfer, a chunk that transfer
         still needs, and `frame_len` is no more than that chunk can take. Raises `TransferError`
         (NOT_FOUND for an unknown transfer; any other error fails the transfer)."""
+        if isinstance(header, WireChunk):
+            c = header
+            fields = (c.seq, c.layer, c.kind, c.token_start, c.token_end)
+        else:
+            fields = (header.int(2), header.int(4), header.int(5), header.int(6), header.int(7))
         t = self._transfers.get(header.transfer_id)
         if t is None:
             raise TransferError(Code.NOT_FOUND, f"transfer {header.transfer_id!r} is unknown, finished or expired")
         try:
-            bound = self._frame_bound(t, header) + HEADER_SLACK
+            bound = self._frame_bound(t, *fields) + HEADER_SLACK
             if frame_len > bound:
                 raise TransferError(
                     Code.INVALID_ARGUMENT, f"a frame of {frame_len} bytes for a chunk that takes at most {bound}"
@@ -205,10 +210,9 @@ class KvReceiver:
             raise self._fail(t, TransferError(e.code, f"transfer {t.transfer_id}: {e.message}")) from None
 
     @staticmethod
-    def _frame_bound(t: Transfer, h: ChunkHeader) -> int:
-        layer, kind, start, end = h.int(4), h.int(5), h.int(6), h.int(7)
-        if h.int(2) in t.seqs:
-            raise TransferError(Code.ALREADY_EXISTS, f"duplicate seq {h.int(2)}")
+    def _frame_bound(t: Transfer, seq: int, layer: int, kind: int, start: int, end: int) -> int:
+        if seq in t.seqs:
+            raise TransferError(Code.ALREADY_EXISTS, f"duplicate seq {seq}")
         if kind == KvKind.FIRST_TOKEN:
             return 0
         bulk = expected_bulk_bytes(t.layout, layer, kind, start, end, t.wire_dtype)  # checks layer and kind
