@@ -57,6 +57,7 @@ class Gate:
         self.inflight = 0
         self.peak_inflight = 0
         self.refused = 0  # connections refused over a cap
+        self.waits = 0  # frames that waited for in-flight budget
         self._waiting: deque[tuple[int, FrameProtocol]] = deque()
 
     def frame_cap(self) -> int:
@@ -87,6 +88,7 @@ class Gate:
             self.peak_inflight = max(self.peak_inflight, self.inflight)
             return True
         self._waiting.append((n, proto))
+        self.waits += 1
         return False
 
     def release(self, n: int) -> None:
