@@ -65,8 +65,11 @@ def _verdict_of(s: socket.socket, tally: Tally) -> None:
         tally.add("reset")
 
 
-def _flood_frame(target: tuple[str, int], source: str, declared: int, stop: float, tally: Tally, body: bytes) -> None:
-    while time.monotonic() < stop:
+def _flood_frame(target: tuple[str, int], source: str, declared: int, stop: float, tally: Tally, body: bytes,
+                 repeat: bool = True) -> None:
+    first = True
+    while time.monotonic() < stop and (repeat or first):
+        first = False
         try:
             s = _connect(target, source)
         except OSError:
@@ -96,7 +99,8 @@ def attack(kind: str, target: tuple[str, int], seconds: float, source: str) -> d
             threads.append(threading.Thread(target=_flood_frame, args=(target, source, declared, stop, tally, zeros)))
     elif kind == "big_frame":
         bomb = b"\x48\x01" * (1 << 19)  # field 9 (shape), varint 1: a 200 MiB frame of them
-        threads.append(threading.Thread(target=_flood_frame, args=(target, source, 200 << 20, stop, tally, bomb)))
+        once = (target, source, 200 << 20, stop, tally, bomb, False)
+        threads.append(threading.Thread(target=_flood_frame, args=once))
     elif kind == "conn_flood":
         threads.append(threading.Thread(target=_hold, args=(target, source, 3000, stop, tally, False)))
     elif kind == "slowloris":
@@ -113,6 +117,9 @@ def attack(kind: str, target: tuple[str, int], seconds: float, source: str) -> d
 def _hold(target: tuple[str, int], source: str, n: int, stop: float, tally: Tally, trickle: bool) -> None:
     socks: list[socket.socket] = []
     for _ in range(n):
+        if time.monotonic() > stop:
+            tally.add("not_opened")
+            continue
         try:
             s = _connect(target, source)
             s.setblocking(False)
@@ -229,8 +236,11 @@ def measure(router: str, decode_pid: int, target: tuple[str, int], kind: str, pr
     try:
         run.code, run.tokens, run.max_gap_s = asyncio.run(timed_stream(router, prompt, max_tokens))
         if proc is not None:
-            out, _ = proc.communicate(timeout=seconds + 60)
-            run.answers = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            try:
+                out, _ = proc.communicate(timeout=seconds + 60)
+                run.answers = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            except subprocess.TimeoutExpired:
+                run.answers = {"attacker_timed_out": 1}
     finally:
         done.set()
         sampler.join()

@@ -83,6 +83,8 @@ class Gate:
 
     def reserve(self, n: int, proto: FrameProtocol) -> bool:
         """Reserves `n` in-flight bytes now, or queues `proto` (granted in order by `release`)."""
+        while self._waiting and self._waiting[0][1].closed:
+            self._waiting.popleft()
         if not self._waiting and self.inflight + n <= self.limits.max_inflight_bytes:
             self.inflight += n
             self.peak_inflight = max(self.peak_inflight, self.inflight)
@@ -197,7 +199,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if not self.gate.reserve(self._size, self):
                 self._pause()  # granted() resumes
                 return
-            return self._allocate()
+            return self._allocate(rearm=False)  # the frame's read timer runs on from its first byte
         if self._state == _BODY:
             frame = self._buf
             self._expect(_LENGTH, memoryview(self._small), LEN.size)
@@ -211,12 +213,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._allocate()
         self._resume()
 
-    def _allocate(self) -> None:
+    def _allocate(self, rearm: bool = True) -> None:
         self._reserved = self._size
         frame = memoryview(bytearray(self._size))
         frame[:HEADER_READ_BYTES] = self._head
         self._expect(_BODY, frame, self._size, HEADER_READ_BYTES)
-        self._arm(reading=True)
+        if rearm:  # after a wait for budget (which does not count against the sender)
+            self._arm(reading=True)
 
     def _complete(self, frame: memoryview) -> None:
         """A whole frame: parsed, verified (in a thread when large) and handed to the receiver."""
