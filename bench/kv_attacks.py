@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", default="frame_length,conn_flood,slowloris,big_frame",
                    help="in this order (the parser bomb last: before the fix it keeps the node busy long after)")
-    p.add_argument("--seconds", type=float, default=6.0, help="how long each attack runs")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each attack runs")
+    p.add_argument("--max-tokens", type=int, default=96)
     a = p.parse_args(argv)
 
     import torch
@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ka = _attacks_module()
     root = Path(tempfile.mkdtemp(prefix="kv_attacks_"))
     model = write_preset(root / "model", "qwen3_next", "tiny", seed=5)
-    env = {"PRFAAS_KV_BLOCKS": "512", "PRFAAS_STATE_SLOTS": "16"}
+    # the node's read and idle timeouts shortened to 5 s (defaults 15 and 10) so that the attacks'
+    # windows cover them; a checkout without these settings ignores the variables
+    env = {"PRFAAS_KV_BLOCKS": "512", "PRFAAS_STATE_SLOTS": "16", "PRFAAS_KV_READ_TIMEOUT_S": "5",
+           "PRFAAS_KV_IDLE_TIMEOUT_S": "5"}
     spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64,
                        convertible_local=False, frontdoor=False, metrics=False, extra_env=env)
     prompt = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(3)).tolist()

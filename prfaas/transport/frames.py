@@ -224,11 +224,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _complete(self, frame: memoryview) -> None:
         """A whole frame: parsed, verified (in a thread when large) and handed to the receiver."""
         self._expect(_LENGTH, memoryview(self._small), LEN.size)
-        self._arm()
+        self._disarm()
         chunk = parse_chunk(frame if self._reserved else bytes(frame))
         if len(frame) < self.gate.limits.parallel_verify_bytes:
-            return self._accept(chunk)
-        self._pause()
+            self._accept(chunk)
+            return self._arm()  # after the accept: the idle limit of a connection proven by this chunk
+        self._pause()  # _verified resumes (and arms the idle timer)
         task = asyncio.get_running_loop().run_in_executor(None, chunk_crc, chunk)
         task.add_done_callback(lambda f: self._verified(chunk, f))
 

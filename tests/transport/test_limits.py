@@ -303,3 +303,23 @@ async def test_pool_bounds_and_retain():
             a.close()
             b.close()
         pool.close()
+
+
+async def test_a_slow_first_chunk_proves_the_connection():
+    """A genuine chunk that takes longer than the unproven idle limit to arrive (but less than the
+    read timeout) is accepted, and its connection then has the pooled idle limit."""
+    receiver, server, port = await serve(KvLimits(read_timeout_s=3.0, idle_timeout_s=0.5, pooled_idle_timeout_s=5.0))
+    layout = make_layout("qwen3_next")
+    spec = next(s for s in layout.specs if s.kind == KvKind.FULL_K)
+    receiver.expect("slow", layout, 64, 0, MemorySink(), deadline_s=20)
+    data = encode_chunk("slow", 0, 99, KvPiece(spec.layer, spec.kind, 0, 64, torch.randn(64, *spec.shape)))
+    try:
+        reader, writer = await connect(port)
+        writer.write(LEN.pack(len(data)) + data[:100])
+        await asyncio.sleep(0.8)  # past the unproven idle limit, inside the read timeout
+        writer.write(data[100:])
+        await asyncio.sleep(1.0)  # idle, but proven now: still open
+        writer.write(LEN.pack(0))
+        assert await verdict(reader) == ("K", "")
+    finally:
+        await server.stop()
