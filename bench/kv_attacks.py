@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="in this order (the parser bomb last: before the fix it keeps the node busy long after)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long each attack runs")
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--fresh", action="store_true",
+                   help="a new cluster for each attack (a node an attack leaves stalled does not spoil the next)")
     a = p.parse_args(argv)
 
     import torch
@@ -56,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     import prfaas
 
     print(f"services from {Path(prfaas.__file__).parents[1]}", file=sys.stderr, flush=True)
-    with LocalCluster(str(model), spec, log_dir=str(root / "logs")) as c:
-        target = ka.kv_port_of(root / "logs" / "local-d0.log")
-        pid = c.proc("local-d0").popen.pid
-        ka.measure(c.router_address, pid, target, "", prompt, a.max_tokens)  # warm up
-        runs = [ka.measure(c.router_address, pid, target, "", prompt, a.max_tokens)]
-        for kind in a.attacks.split(","):
-            print(f"attack {kind} ...", file=sys.stderr, flush=True)
-            runs.append(ka.measure(c.router_address, pid, target, kind, prompt, a.max_tokens, a.seconds))
+    runs: list = []  # type: ignore[type-arg]
+    groups = [[k] for k in a.attacks.split(",")] if a.fresh else [a.attacks.split(",")]
+    for i, kinds in enumerate(groups):
+        with LocalCluster(str(model), spec, log_dir=str(root / f"logs{i}")) as c:
+            target = ka.kv_port_of(root / f"logs{i}" / "local-d0.log")
+            pid = c.proc("local-d0").popen.pid
+            ka.measure(c.router_address, pid, target, "", prompt, a.max_tokens)  # warm up
+            if not runs:
+                runs.append(ka.measure(c.router_address, pid, target, "", prompt, a.max_tokens))
+            for kind in kinds:
+                print(f"attack {kind} ...", file=sys.stderr, flush=True)
+                runs.append(ka.measure(c.router_address, pid, target, kind, prompt, a.max_tokens, a.seconds))
     base = runs[0]
     print("| attack | decode RSS MiB (start -> peak) | open fds (peak) | max token gap s | vs unattacked | "
           "same tokens | node's answers |")
