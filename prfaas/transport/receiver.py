@@ -111,6 +111,14 @@ class Transfer:
         return True
 
 
+def _chunk_count_bounds(t: Transfer) -> tuple[int, int]:
+    """The fewest and most chunks a transfer can take, whatever the sender's chunk size: every
+    state once, each paged tensor in one chunk or one per token, and the first token."""
+    n = t.prompt_tokens - t.skip_tokens
+    paged, states = len(t.layout.paged_specs), len(t.layout.state_specs)
+    return 1 + states + (paged if n else 0), 1 + states + paged * n
+
+
 class KvReceiver:
     """The registry of expected transfers on one decode node."""
 
@@ -232,6 +240,11 @@ class KvReceiver:
     # --- internals ----------------------------------------------------------------------------
     def _accept(self, t: Transfer, chunk: WireChunk) -> None:
         if t.total_chunks is None:
+            low, high = _chunk_count_bounds(t)
+            if not low <= chunk.total_chunks <= high:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"total_chunks {chunk.total_chunks} outside [{low}, {high}] for this layout"
+                )
             t.total_chunks = chunk.total_chunks
         elif chunk.total_chunks != t.total_chunks:
             raise TransferError(Code.INVALID_ARGUMENT, f"total_chunks {chunk.total_chunks} != {t.total_chunks}")
@@ -242,6 +255,8 @@ class KvReceiver:
         if chunk.kind == KvKind.FIRST_TOKEN:
             if t.first_token is not None:
                 raise TransferError(Code.ALREADY_EXISTS, "second FIRST_TOKEN")
+            if not 0 <= chunk.first_token < t.layout.config.vocab_size:
+                raise TransferError(Code.INVALID_ARGUMENT, f"first token {chunk.first_token} outside the vocabulary")
             t.first_token = chunk.first_token
         else:
             piece = decode_chunk(chunk, t.layout, t.wire_dtype)
