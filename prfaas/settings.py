@@ -145,6 +145,17 @@ class NodeSettings:
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     kv_wire_accept: str = "int8,fp8,convert"  # decode nodes: KV wire formats taken (transport/codec.py)
+    # KV data-plane limits against hostile peers (prfaas/transport/limits.py, docs/transport.md "Limits")
+    kv_max_frame_bytes: int = 64 << 20  # the largest frame (raised to the layout's largest state)
+    kv_max_inflight_bytes: int = 1 << 30  # frames being received at once, all connections
+    kv_max_connections: int = 1024  # data-plane connections in total
+    kv_max_connections_per_peer: int = 256  # per peer (source address)
+    kv_read_timeout_s: float = 15.0  # a frame that has started must be complete within this
+    kv_idle_timeout_s: float = 10.0  # a connection that never carried an accepted chunk
+    kv_pooled_idle_timeout_s: float = 300.0  # a connection that did (a sender's pooled one)
+    kv_parallel_verify_bytes: int = 1 << 20  # frames this large are checksummed off the event loop
+    kv_pool_per_address: int = 16  # prefill side: idle pooled connections per decode address
+    kv_pool_idle_s: float = 120.0  # prefill side: a pooled connection idle this long is closed
 
 
 def _wire_accept(text: str) -> str:
@@ -153,6 +164,29 @@ def _wire_accept(text: str) -> str:
     if bad:
         raise ValueError(f"unknown wire format {bad[0]!r}: use int8, fp8 and/or convert, comma-separated")
     return text
+
+
+def _kv_limit_flags(p: _Parser) -> None:
+    mib = 1 << 20
+    p.flag("--kv-max-frame-bytes", "KV_MAX_FRAME_BYTES", 64 * mib, positive_int,
+           "the largest KV frame a peer may declare (raised to the layout's largest state)")
+    p.flag("--kv-max-inflight-bytes", "KV_MAX_INFLIGHT_BYTES", 1024 * mib, positive_int,
+           "KV frames being received at once on the node; more wait (must be >= the max frame)")
+    p.flag("--kv-max-connections", "KV_MAX_CONNECTIONS", 1024, positive_int, "KV data-plane connections in total")
+    p.flag("--kv-max-connections-per-peer", "KV_MAX_CONNECTIONS_PER_PEER", 256, positive_int,
+           "KV data-plane connections per peer (source address)")
+    p.flag("--kv-read-timeout-s", "KV_READ_TIMEOUT_S", 15.0, positive_float,
+           "a KV frame that has started must be complete within this")
+    p.flag("--kv-idle-timeout-s", "KV_IDLE_TIMEOUT_S", 10.0, positive_float,
+           "close a KV connection that has carried no accepted chunk this long after connecting")
+    p.flag("--kv-pooled-idle-timeout-s", "KV_POOLED_IDLE_TIMEOUT_S", 300.0, positive_float,
+           "close a KV connection that has carried chunks after this long without a frame")
+    p.flag("--kv-parallel-verify-bytes", "KV_PARALLEL_VERIFY_BYTES", mib, positive_int,
+           "KV frames this large are checksummed in a worker thread, off the event loop")
+    p.flag("--kv-pool-per-address", "KV_POOL_PER_ADDRESS", 16, positive_int,
+           "prefill side: idle pooled KV connections kept per decode address")
+    p.flag("--kv-pool-idle-s", "KV_POOL_IDLE_S", 120.0, positive_float,
+           "prefill side: close a pooled KV connection idle this long (keep it below the decode side's pooled idle)")
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -196,10 +230,13 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     p.flag("--kv-wire-accept", "KV_WIRE_ACCEPT", "int8,fp8,convert", _wire_accept,
            "decode nodes: KV wire formats taken, comma-separated: int8, fp8 (compressed), convert (KV "
            "from a node of another cache dtype); empty = exact in its own dtype only")
+    _kv_limit_flags(p)
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
     a = p.parse_args(argv)
+    if a.kv_max_inflight_bytes < a.kv_max_frame_bytes:
+        p.error("--kv-max-inflight-bytes must be >= --kv-max-frame-bytes")
     return NodeSettings(**{f: getattr(a, f) for f in NodeSettings.__dataclass_fields__})
 
 

@@ -14,7 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# the KV data plane's default max frame (64 MiB, prfaas/transport/limits.py) plus slack: a server
+# never takes a larger message (gRPC allocates it before any handler sees it)
+MAX_MESSAGE_BYTES = 65 * 1024 * 1024
 
 OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

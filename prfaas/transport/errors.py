@@ -15,6 +15,7 @@ TRANSFER_CODES = frozenset({
     Code.DATA_LOSS,          # checksum mismatch
     Code.DEADLINE_EXCEEDED,  # the transfer's deadline passed before every chunk arrived
     Code.CANCELLED,          # cancelled by the decode side (request gone) or aborted by the sender
+    Code.RESOURCE_EXHAUSTED, # the decode node's data port holds its limit of connections (in total or this peer's)
     Code.UNAVAILABLE,        # sender side: the connection failed
     Code.INTERNAL,           # anything else
 })

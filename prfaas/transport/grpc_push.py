@@ -14,7 +14,7 @@ of its Decode service (`prfaas.rpc.handlers.add_service(..., overrides={"PushKv"
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,8 +23,9 @@ from prfaas.errors import Code
 from prfaas.rpc import channel_options
 from prfaas.rpc.status import STATUS, code_of
 from prfaas.transport.errors import TransferError
+from prfaas.transport.limits import DEFAULT_LIMITS, KvLimits
 from prfaas.transport.receiver import KvReceiver
-from prfaas.transport.wire import WireChunk, chunk_from_message, parse_chunk
+from prfaas.transport.wire import WireChunk, chunk_crc, chunk_from_message, parse_chunk
 from prfaas.v1 import decode_pb2
 
 SERVICE = "prfaas.v1.Decode"
@@ -109,31 +110,87 @@ def _wire_or_error(raw: bytes) -> WireChunk | TransferError:
         return e
 
 
+def grpc_peer(context: grpc.aio.ServicerContext) -> str:
+    """The default peer identity of a PushKv stream: its source address (`ipv4:HOST:PORT`)."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
 class PushKvServicer:
-    def __init__(self, receiver: KvReceiver) -> None:
-        self.receiver = receiver
+    """`Decode.PushKv`'s server side, under the data plane's limits: at most `max_connections`
+    streams at once (`max_connections_per_peer` per peer), each chunk checked against its
+    transfer before anything is decoded (`KvReceiver.check_frame`), large chunks checksummed in
+    a worker thread, and a stream that sends nothing for the idle limit is ended. gRPC itself
+    refuses any message over `prfaas.rpc.MAX_MESSAGE_BYTES` before it reaches the handler."""
+
+    def __init__(self, receiver: KvReceiver, limits: KvLimits = DEFAULT_LIMITS,
+                 peer_id: Callable[[grpc.aio.ServicerContext], str] = grpc_peer) -> None:
+        self.receiver, self.limits, self.peer_id = receiver, limits, peer_id
+        self.streams: dict[str, int] = {}
+
+    def _admit(self, peer: str) -> str | None:
+        total = sum(self.streams.values())
+        if total >= self.limits.max_connections:
+            return f"the decode node holds {total} PushKv streams (its limit)"
+        if self.streams.get(peer, 0) >= self.limits.max_connections_per_peer:
+            return f"peer {peer} holds {self.streams[peer]} PushKv streams (its limit)"
+        self.streams[peer] = self.streams.get(peer, 0) + 1
+        return None
+
+    def _leave(self, peer: str) -> None:
+        n = self.streams.pop(peer, 1) - 1
+        if n > 0:
+            self.streams[peer] = n
 
     async def PushKv(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> decode_pb2.KvAck:
+        peer = self.peer_id(context)
+        refused = self._admit(peer)
+        if refused is not None:
+            await _abort(context, TransferError(Code.RESOURCE_EXHAUSTED, refused))
+        try:
+            return await self._stream(request_iterator, context)
+        finally:
+            self._leave(peer)
+
+    async def _stream(self, messages: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> decode_pb2.KvAck:
         chunks = nbytes = 0
-        async for msg in request_iterator:
+        it = aiter(messages)
+        while True:
+            idle = self.limits.pooled_idle_timeout_s if chunks else self.limits.idle_timeout_s
             try:
-                if isinstance(msg, TransferError):
-                    raise msg
-                chunk = msg if isinstance(msg, WireChunk) else chunk_from_message(msg)
-                nbytes += self.receiver.on_chunk(chunk)
+                msg = await asyncio.wait_for(anext(it), idle)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                await _abort(context, TransferError(Code.DEADLINE_EXCEEDED, f"no KV chunk within {idle:g} s"))
+            try:
+                nbytes += await self._chunk(msg)
             except TransferError as e:
-                context.set_trailing_metadata(((CODE_KEY, e.code.value),))
-                await context.abort(STATUS[e.code], e.message)
+                await _abort(context, e)
             chunks += 1
         return decode_pb2.KvAck(chunks=chunks, bytes=nbytes)
+
+    async def _chunk(self, msg: Any) -> int:
+        if isinstance(msg, TransferError):
+            raise msg
+        chunk = msg if isinstance(msg, WireChunk) else chunk_from_message(msg)
+        self.receiver.check_frame(chunk, chunk.nbytes)
+        if chunk.nbytes >= self.limits.parallel_verify_bytes:
+            chunk.crc = await asyncio.to_thread(chunk_crc, chunk)
+        return self.receiver.on_chunk(chunk)
 
     def method_handler(self) -> grpc.RpcMethodHandler:
         """The zero-copy `PushKv` handler."""
         return grpc.stream_unary_rpc_method_handler(
             self.PushKv, request_deserializer=_wire_or_error, response_serializer=decode_pb2.KvAck.SerializeToString
         )
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: TransferError) -> None:
+    context.set_trailing_metadata(((CODE_KEY, e.code.value),))
+    await context.abort(STATUS[e.code], e.message)
 
 
 def add_push_kv_only(server: grpc.aio.Server, push_kv: PushKvServicer) -> None:

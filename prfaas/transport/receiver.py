@@ -28,7 +28,9 @@ from prfaas.kv.layout import KvLayout
 from prfaas.transport.chunks import KvPiece
 from prfaas.transport.codec import is_valid
 from prfaas.transport.errors import TransferError
-from prfaas.transport.wire import WireChunk, decode_chunk
+from prfaas.transport.limits import HEADER_SLACK
+from prfaas.transport.parse import ChunkHeader
+from prfaas.transport.wire import WireChunk, decode_chunk, expected_bulk_bytes
 
 __all__ = ["KvSink", "KvReceiver", "Transfer", "TransferError", "MemorySink"]
 
@@ -110,11 +112,20 @@ class Transfer:
         return True
 
 
+def _chunk_count_bounds(t: Transfer) -> tuple[int, int]:
+    """The fewest and most chunks a transfer can take, whatever the sender's chunk size: every
+    state once, each paged tensor in one chunk or one per token, and the first token."""
+    n = t.prompt_tokens - t.skip_tokens
+    paged, states = len(t.layout.paged_specs), len(t.layout.state_specs)
+    return 1 + states + (paged if n else 0), 1 + states + paged * n
+
+
 class KvReceiver:
     """The registry of expected transfers on one decode node."""
 
     def __init__(self) -> None:
         self._transfers: dict[str, Transfer] = {}
+        self.largest_piece_bytes = 0  # the largest whole state (or one token) of a layout expected so far
 
     def __len__(self) -> int:
         return len(self._transfers)
@@ -138,6 +149,7 @@ class KvReceiver:
             raise TransferError(Code.INVALID_ARGUMENT, f"bad token range [{skip_tokens}, {prompt_tokens})")
         if not is_valid(wire_dtype):
             raise TransferError(Code.INVALID_ARGUMENT, f"unknown wire dtype {wire_dtype!r}")
+        self.largest_piece_bytes = max(self.largest_piece_bytes, *(s.nbytes for s in layout.specs))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
@@ -185,9 +197,55 @@ class KvReceiver:
             )
         return chunk.nbytes
 
+    def check_frame(self, header: ChunkHeader | WireChunk, frame_len: int) -> None:
+        """Before a frame is allocated: its header names a live transfer, a chunk that transfer
+        still needs, and `frame_len` is no more than that chunk can take. Raises `TransferError`
+        (NOT_FOUND for an unknown transfer; any other error fails the transfer)."""
+        if isinstance(header, WireChunk):
+            c = header
+            fields = (c.seq, c.layer, c.kind, c.token_start, c.token_end)
+        else:
+            fields = (header.int(2), header.int(4), header.int(5), header.int(6), header.int(7))
+        t = self._transfers.get(header.transfer_id)
+        if t is None:
+            raise TransferError(Code.NOT_FOUND, f"transfer {header.transfer_id!r} is unknown, finished or expired")
+        try:
+            bound = self._frame_bound(t, *fields) + HEADER_SLACK
+            if frame_len > bound:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"a frame of {frame_len} bytes for a chunk that takes at most {bound}"
+                )
+        except TransferError as e:
+            raise self._fail(t, TransferError(e.code, f"transfer {t.transfer_id}: {e.message}")) from None
+
+    @staticmethod
+    def _frame_bound(t: Transfer, seq: int, layer: int, kind: int, start: int, end: int) -> int:
+        if seq in t.seqs:
+            raise TransferError(Code.ALREADY_EXISTS, f"duplicate seq {seq}")
+        if kind == KvKind.FIRST_TOKEN:
+            return 0
+        bulk = expected_bulk_bytes(t.layout, layer, kind, start, end, t.wire_dtype)  # checks layer and kind
+        if t.layout.spec(layer, kind).paged:
+            if start < t.skip_tokens or end > t.prompt_tokens:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"tokens [{start}, {end}) outside [{t.skip_tokens}, {t.prompt_tokens})"
+                )
+            ranges = t.ranges.get((layer, KvKind(kind)), [])
+            i = bisect.bisect_left(ranges, (start, end))
+            if (i > 0 and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
+                raise TransferError(Code.ALREADY_EXISTS, f"layer {layer} tokens [{start}, {end}) arrived already")
+        elif (layer, KvKind(kind)) in t.states:
+            raise TransferError(Code.ALREADY_EXISTS, f"second {KvKind(kind).name} for layer {layer}")
+        return bulk
+
     # --- internals ----------------------------------------------------------------------------
     def _accept(self, t: Transfer, chunk: WireChunk) -> None:
         if t.total_chunks is None:
+            low, high = _chunk_count_bounds(t)
+            if not low <= chunk.total_chunks <= high:
+                raise TransferError(
+                    Code.INVALID_ARGUMENT, f"total_chunks {chunk.total_chunks} outside [{low}, {high}] for this layout"
+                )
             t.total_chunks = chunk.total_chunks
         elif chunk.total_chunks != t.total_chunks:
             raise TransferError(Code.INVALID_ARGUMENT, f"total_chunks {chunk.total_chunks} != {t.total_chunks}")
@@ -198,6 +256,8 @@ class KvReceiver:
         if chunk.kind == KvKind.FIRST_TOKEN:
             if t.first_token is not None:
                 raise TransferError(Code.ALREADY_EXISTS, "second FIRST_TOKEN")
+            if not 0 <= chunk.first_token < t.layout.config.vocab_size:
+                raise TransferError(Code.INVALID_ARGUMENT, f"first token {chunk.first_token} outside the vocabulary")
             t.first_token = chunk.first_token
         else:
             piece = decode_chunk(chunk, t.layout, t.wire_dtype)

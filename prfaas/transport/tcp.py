@@ -25,22 +25,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import weakref
-from collections.abc import Callable
 
 from prfaas.errors import Code
 from prfaas.obs.log import get_logger
 from prfaas.transport.errors import TransferError
+from prfaas.transport.frames import ACK as _ACK
+from prfaas.transport.frames import LEN as _LEN
+from prfaas.transport.frames import FrameProtocol, Gate, PeerId, peer_address
+from prfaas.transport.limits import DEFAULT_LIMITS, KvLimits
+from prfaas.transport.pool import loop_pool
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.stats import LinkStats
-from prfaas.transport.wire import parse_chunk
 
 log = get_logger(__name__)
 
 SCHEME = "tcp://"
-_LEN = struct.Struct("<I")
-_ACK = struct.Struct("<IQ")
-MAX_FRAME = 256 << 20
 SOCKET_BUFFER = 4 << 20
 
 
@@ -62,28 +61,6 @@ def tcp_retransmits(sock: socket.socket | None) -> int:
 
 def is_tcp(address: str) -> bool:
     return address.startswith(SCHEME)
-
-
-_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[socket.socket]]] = (
-    weakref.WeakKeyDictionary()
-)
-MAX_IDLE_PER_ADDRESS = 16
-
-
-def _idle(host: str, port: int) -> list[socket.socket]:
-    """Idle connections to one data port, per event loop."""
-    return _IDLE.setdefault(asyncio.get_running_loop(), {}).setdefault((host, port), [])
-
-
-def _usable(sock: socket.socket) -> bool:
-    """An idle pooled connection is usable when the peer has neither closed it nor sent anything."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": closed; bytes: out of turn
-    except (BlockingIOError, InterruptedError):
-        return True  # nothing to read: open and quiet
-    except OSError:
-        pass
-    return False
 
 
 async def _writable(sock: socket.socket) -> None:
@@ -150,14 +127,11 @@ class TcpPushCall:
     async def _connect(self) -> None:
         if self._sock is not None:
             return
-        idle = _idle(self._host, self._port)
-        while idle:
-            sock = idle.pop()
-            if _usable(sock):
-                self._sock = sock
-                self._retrans_base = tcp_retransmits(sock)
-                return
-            sock.close()
+        pooled = loop_pool().take((self._host, self._port))  # a quiet idle one (prfaas/transport/pool.py)
+        if pooled is not None:
+            self._sock = pooled
+            self._retrans_base = tcp_retransmits(pooled)
+            return
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
         family, kind, proto, _, addr = infos[0]
@@ -218,8 +192,8 @@ class TcpPushCall:
             self._fail(TransferError(Code.UNAVAILABLE, f"no verdict from {self._host}:{self._port}: {e!r}"))
             return None
         if body[:1] == b"K" and len(body) == 1 + _ACK.size:
-            _chunks, nbytes = _ACK.unpack(body[1:])
-            self._release()
+            chunks, nbytes = _ACK.unpack(body[1:])
+            self._release(pool=chunks > 0)
             return int(nbytes)
         self._close()
         if body[:1] == b"E" and len(body) >= 2:
@@ -234,14 +208,14 @@ class TcpPushCall:
         if self.stats is not None and self.retransmits > 0:
             self.stats.record_retransmits(f"{self._host}:{self._port}", self.retransmits)
 
-    def _release(self) -> None:
-        """A clean verdict: the connection goes back to the pool for the next transfer."""
+    def _release(self, pool: bool = True) -> None:
+        """A clean verdict: the connection goes back to the pool for the next transfer (unless it
+        carried no chunk: the receiver gives such connections only a short idle limit)."""
         if self._sock is None:
             return
         self._count_retransmits()
-        idle = _idle(self._host, self._port)
-        if len(idle) < MAX_IDLE_PER_ADDRESS:
-            idle.append(self._sock)
+        if pool:
+            loop_pool().give((self._host, self._port), self._sock)
         else:
             self._sock.close()
         self._sock = None
@@ -265,84 +239,22 @@ class TcpPushCall:
         return cause if isinstance(cause, TransferError) else TransferError(Code.UNAVAILABLE, repr(cause))
 
 
-class _FrameProtocol(asyncio.BufferedProtocol):
-    """Reads length-prefixed frames straight into per-frame buffers (no stream-reader copies)
-    and hands each chunk to the receiver as it completes."""
-
-    def __init__(self, receiver: KvReceiver, on_close: Callable[[_FrameProtocol], None]) -> None:
-        self.receiver, self.on_close = receiver, on_close
-        self.transport: asyncio.Transport | None = None
-        self._header = bytearray(_LEN.size)
-        self._buf = self._header
-        self._pos = 0
-        self._frame = False
-        self.chunks = self.bytes = 0
-        self._seen: set[str] = set()
-        self._finished = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buf)[self._pos :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._pos += nbytes
-        if self._pos < len(self._buf) or self._finished:
-            return
-        if not self._frame:
-            size = _LEN.unpack(self._header)[0]
-            if size == 0:  # the end frame: verdict, then the connection waits for the next transfer
-                ack = b"K" + _ACK.pack(self.chunks, self.bytes)
-                self.chunks = self.bytes = self._pos = 0
-                self._seen.clear()
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.write(_LEN.pack(len(ack)) + ack)
-                return
-            if size > MAX_FRAME:
-                return self._reply_error(TransferError(Code.INVALID_ARGUMENT, f"bad KV frame length {size}"))
-            self._buf, self._pos, self._frame = bytearray(size), 0, True
-            return
-        data, self._buf, self._pos, self._frame = self._buf, self._header, 0, False
-        try:
-            chunk = parse_chunk(data)
-            self._seen.add(chunk.transfer_id)
-            self.bytes += self.receiver.on_chunk(chunk)
-            self.chunks += 1
-        except TransferError as e:
-            self._reply_error(e)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._finished:  # the sender went away mid-transfer (nothing seen: an idle close)
-            for tid in self._seen:
-                self.receiver.cancel(tid, "the sender's KV connection broke")
-        self.on_close(self)
-
-    def _reply_error(self, e: TransferError) -> None:
-        self._finished = True
-        self._reply(b"E" + bytes([e.code.number]) + e.message.encode())
-
-    def _reply(self, body: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_LEN.pack(len(body)) + body)
-            self.transport.close()
-
-
 class KvTcpServer:
     """The decode node's TCP data port: every connection feeds the same `KvReceiver`."""
 
-    def __init__(self, receiver: KvReceiver) -> None:
+    def __init__(self, receiver: KvReceiver, limits: KvLimits = DEFAULT_LIMITS, peer_id: PeerId = peer_address) -> None:
         self.receiver = receiver
+        self.gate = Gate(receiver, limits, peer_id)  # the limits (prfaas/transport/frames.py); peer_id: the cap's key
         self._server: asyncio.Server | None = None
-        self._conns: set[_FrameProtocol] = set()
+        self._conns: set[FrameProtocol] = set()
         self.accepted = 0  # connections accepted (pooled senders reuse theirs)
 
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
 
-        def make() -> _FrameProtocol:
+        def make() -> FrameProtocol:
             self.accepted += 1
-            p = _FrameProtocol(self.receiver, self._conns.discard)
+            p = FrameProtocol(self.gate, self._conns.discard)
             self._conns.add(p)
             return p
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
 from math import prod
 
 import torch
@@ -28,6 +27,10 @@ from prfaas.kv.layout import KvLayout
 from prfaas.transport.chunks import WIRE_EXACT, KvPiece
 from prfaas.transport.codec import WireFormat, decode_tensor, encode_tensor
 from prfaas.transport.errors import TransferError
+from prfaas.transport.parse import PAYLOAD_FIELD, SCALES_FIELD, WireChunk, malformed, parse_chunk, parse_header
+
+__all__ = ["WireChunk", "parse_chunk", "parse_header", "malformed", "encode_chunk", "encode_chunk_parts",
+           "decode_chunk", "chunk_from_message", "expected_bulk_bytes"]
 from prfaas.v1 import decode_pb2
 
 try:  # the same CRC-32 as zlib's, with SIMD: ~19 GB/s against zlib's ~2 here (docs/transport.md)
@@ -41,30 +44,6 @@ if sys.byteorder != "little":  # payloads are the host's memory as is
 if any(decode_pb2.KvKind.Value(k.name) != k.value for k in KvKind):
     raise ImportError("prfaas.kv.kinds.KvKind no longer matches prfaas.v1.KvKind: update kinds.py")
 
-PAYLOAD_FIELD, SCALES_FIELD = 10, 12
-
-
-@dataclass
-class WireChunk:
-    """A parsed `KvChunk`; `payload` and `scales` are views of the received message."""
-
-    transfer_id: str
-    seq: int
-    total_chunks: int
-    layer: int
-    kind: int
-    token_start: int
-    token_end: int
-    dtype: str
-    shape: tuple[int, ...]
-    payload: memoryview
-    checksum: int
-    scales: memoryview
-    first_token: int
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.payload) + len(self.scales)
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -130,61 +109,7 @@ def encode_first_token(transfer_id: str, seq: int, total_chunks: int, token: int
     ).SerializeToString()
 
 
-# --- parsing -------------------------------------------------------------------------------------
-def _malformed(why: str) -> TransferError:
-    return TransferError(Code.INVALID_ARGUMENT, f"malformed KvChunk: {why}")
-
-
-def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if i >= len(buf):
-            raise _malformed("truncated")
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, i
-        shift += 7
-
-
-def parse_chunk(data: bytes | bytearray | memoryview) -> WireChunk:
-    """Parses a serialized `KvChunk`, keeping `payload` and `scales` as views of `data`."""
-    buf = memoryview(data)
-    views: dict[int, memoryview] = {}
-    rest: list[memoryview] = []
-    i = 0
-    while i < len(buf):
-        start = i
-        key, i = _read_varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, i = _read_varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            if i + n > len(buf):
-                raise _malformed("truncated")
-            if field in (PAYLOAD_FIELD, SCALES_FIELD):
-                views[field] = buf[i : i + n]
-                i += n
-                continue
-            i += n
-        else:
-            raise _malformed(f"bad wire type {wire}")
-        if i > len(buf):
-            raise _malformed("truncated")
-        rest.append(buf[start:i])
-    try:
-        msg = decode_pb2.KvChunk.FromString(b"".join(rest))
-    except Exception as e:  # protobuf's DecodeError
-        raise _malformed(str(e)) from None
-    return _wire(msg, views.get(PAYLOAD_FIELD, memoryview(b"")), views.get(SCALES_FIELD, memoryview(b"")))
-
-
+# --- parsing: prfaas/transport/parse.py (bounded, protobuf-free) -------------------------------------
 def chunk_from_message(msg: decode_pb2.KvChunk) -> WireChunk:
     """A `KvChunk` already parsed by protobuf (the generated servicer's path)."""
     return _wire(msg, memoryview(msg.payload), memoryview(msg.scales))
@@ -210,42 +135,68 @@ def _bad(why: str) -> TransferError:
     return TransferError(Code.INVALID_ARGUMENT, why)
 
 
-def decode_chunk(chunk: WireChunk, layout: KvLayout, wire_dtype: str = WIRE_EXACT) -> KvPiece:
-    """Validates a data chunk against the layout and itself; returns its piece. The tensor is a
-    view of the received bytes (exact, same dtype) or a new tensor (dequantised or converted)."""
-    if chunk.kind not in KvKind._value2member_map_:
-        raise _bad(f"unknown kind {chunk.kind}")
-    kind = KvKind(chunk.kind)
+def _expected(
+    layout: KvLayout, layer: int, kind_number: int, token_start: int, token_end: int, wire_dtype: str
+) -> tuple[KvKind, tuple[int, ...], WireFormat, tuple[str, ...], int]:
+    """What a data chunk of (layer, kind, token range) may be, from the layout alone: its kind,
+    shape, wire format, the payload dtypes it may come in, and the most payload + scales bytes."""
+    if kind_number not in KvKind._value2member_map_:
+        raise _bad(f"unknown kind {kind_number}")
+    kind = KvKind(kind_number)
     if kind == KvKind.FIRST_TOKEN:
         raise _bad("FIRST_TOKEN carries no tensor")
-    layer = chunk.layer
     if not 0 <= layer < layout.num_layers:
         raise _bad(f"layer {layer} out of range")
     try:
         spec = layout.spec(layer, kind)
     except KeyError:
         raise _bad(f"kind {kind.name} does not belong to layer {layer}") from None
-    if spec.paged and chunk.token_start >= chunk.token_end:
-        raise _bad(f"empty token range [{chunk.token_start}, {chunk.token_end})")
-    if not spec.paged and (chunk.token_start, chunk.token_end) != (0, 0):
+    if spec.paged and token_start >= token_end:
+        raise _bad(f"empty token range [{token_start}, {token_end})")
+    if not spec.paged and (token_start, token_end) != (0, 0):
         raise _bad(f"{kind.name} has a token range")
-    shape = (chunk.token_end - chunk.token_start, *spec.shape) if spec.paged else spec.shape
+    shape = (token_end - token_start, *spec.shape) if spec.paged else spec.shape
+    fmt = WireFormat.parse(wire_dtype)
+    allowed = tuple(fmt.payload_dtypes(spec.dtype, spec.paged))
+    most = max(torch_dtype(d).itemsize for d in allowed) * prod(shape) + fmt.scales_count(shape, spec.paged) * 4
+    return kind, shape, fmt, allowed, most
+
+
+def expected_bulk_bytes(
+    layout: KvLayout, layer: int, kind: int, token_start: int, token_end: int, wire_dtype: str = WIRE_EXACT
+) -> int:
+    """The most payload plus scales bytes a chunk of (layer, kind, token range) may carry; raises
+    `TransferError` when the layout has no such chunk. The TCP plane bounds a frame with it
+    before allocating."""
+    if kind == KvKind.FIRST_TOKEN:
+        return 0
+    return _expected(layout, layer, kind, token_start, token_end, wire_dtype)[4]
+
+
+def decode_chunk(chunk: WireChunk, layout: KvLayout, wire_dtype: str = WIRE_EXACT) -> KvPiece:
+    """Validates a data chunk against the layout and itself; returns its piece. The tensor is a
+    view of the received bytes (exact, same dtype) or a new tensor (dequantised or converted)."""
+    layer = chunk.layer
+    kind, shape, fmt, allowed, _ = _expected(layout, layer, chunk.kind, chunk.token_start, chunk.token_end, wire_dtype)
+    spec = layout.spec(layer, kind)
     if chunk.shape != shape:
         raise _bad(f"layer {layer} {kind.name}: shape {chunk.shape}, expected {shape}")
-    fmt = WireFormat.parse(wire_dtype)
-    allowed = fmt.payload_dtypes(spec.dtype, spec.paged)
     if chunk.dtype not in allowed:
         raise _bad(f"layer {layer} {kind.name}: dtype {chunk.dtype!r}, expected {' or '.join(map(repr, allowed))}")
     wire = torch_dtype(chunk.dtype)
     n_scales = fmt.scales_count(shape, spec.paged) * 4
     if len(chunk.payload) != prod(shape) * wire.itemsize or len(chunk.scales) != n_scales:
         raise _bad(f"layer {layer} {kind.name}: payload size does not match the shape")
-    crc = crc32(chunk.payload)
-    if n_scales:
-        crc = crc32(chunk.scales, crc)
+    crc = chunk.crc if chunk.crc is not None else chunk_crc(chunk)
     if crc != chunk.checksum:
         raise TransferError(Code.DATA_LOSS, f"layer {layer} {kind.name}: checksum mismatch")
     payload = _tensor(chunk.payload, wire, shape)
     scales = _tensor(chunk.scales, torch.float32, (n_scales // 4,)) if n_scales else None
     tensor = decode_tensor(payload, scales, fmt, spec.paged, spec.dtype)
     return KvPiece(layer, kind, chunk.token_start, chunk.token_end, tensor)
+
+
+def chunk_crc(chunk: WireChunk) -> int:
+    """CRC-32 of payload then scales (releases the GIL: callable from a worker thread)."""
+    crc = crc32(chunk.payload)
+    return crc32(chunk.scales, crc) if len(chunk.scales) else crc

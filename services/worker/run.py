@@ -17,6 +17,8 @@ from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc.serve import serve
 from prfaas.settings import NodeSettings
+from prfaas.transport import pool as kv_pool
+from prfaas.transport.limits import limits_from_settings
 from prfaas.transport.tcp import KvTcpServer
 
 from .node import WorkerNode
@@ -31,7 +33,9 @@ async def run_node(s: NodeSettings, role: Role) -> None:
     pool = CachePoolClient(s.cachepool) if s.cachepool else None
     node = WorkerNode(s, role, pool)
     node.bind_metrics()
-    kv_tcp = KvTcpServer(node.receiver)  # the raw-TCP data port, when the node decodes
+    limits = limits_from_settings(s)
+    kv_tcp = KvTcpServer(node.receiver, limits)  # the raw-TCP data port, when the node decodes
+    kv_pool.configure(limits.pool_per_address, limits.pool_idle_s)  # the prefill side's idle connections
     if node.decode:
         node.decode.start()
 

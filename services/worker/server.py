@@ -8,6 +8,7 @@ import grpc
 from prfaas.rpc.convert import role_from_pb, role_to_pb
 from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
+from prfaas.transport.limits import limits_from_settings
 from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2
 
 from ..decode.server import DecodeServicer
@@ -45,5 +46,6 @@ def add_servicers(node: WorkerNode, server: grpc.aio.Server) -> list[str]:
         names.append(add_service(server, PrefillServicer(node.prefill), PREFILL))
     if node.decode:
         servicer = DecodeServicer(node.decode)  # PushKv without a protobuf copy of the payload
+        servicer.push.limits = limits_from_settings(node.settings)  # the data plane's limits (issue 10)
         names.append(add_service(server, servicer, DECODE, overrides={"PushKv": servicer.push.method_handler()}))
     return names
