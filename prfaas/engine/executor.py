@@ -11,6 +11,7 @@ thread, since it only touches the blocks and slots of the sequences it was hande
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,10 +25,13 @@ from prfaas.kv.layout import KvLayout
 from prfaas.kv.pool import LayerKv
 from prfaas.messages import SamplingParams
 from prfaas.model.base import ForwardMeta
+from prfaas.model.fast_decode import FastDecoder, Unsupported
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.ops.attention import AttentionBackend, TorchAttention
+from prfaas.obs.log import get_logger
 
 __all__ = ["Executor", "SeqState", "LayerKv", "ExportedKv"]
+log = get_logger(__name__)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Executor:
         num_slots: int,
         attn: AttentionBackend | None = None,
         device: str | torch.device = "cpu",
+        fast_decode: bool | None = None,
     ) -> None:
         if layout.config != model.config:
             raise ValueError("the layout was built for another model config")
@@ -82,6 +87,13 @@ class Executor:
         self.pool = layout.allocate(num_blocks, num_slots, self.device)
         self.caches = self.pool.layer_caches
         self.stop_ids = frozenset(self.config.eos_token_ids)
+        # the fused C decode step (prfaas/model/fast_decode): on unless turned off here or by
+        # PRFAAS_FAST_DECODE=0 (read here only); built on the first decode step, and where the model,
+        # pool or machine is one it does not cover, the torch step runs (the reason logged once)
+        if fast_decode is None:
+            fast_decode = os.environ.get("PRFAAS_FAST_DECODE", "1") != "0"
+        self.fast_decode = fast_decode and isinstance(self.attn, TorchAttention)
+        self._fast: FastDecoder | None = None
 
     # --- admission ----------------------------------------------------------------------------
     @property
@@ -289,6 +301,21 @@ class Executor:
         return ready
 
     @torch.inference_mode()
+    def decode_logits(self, batch: list[SeqState]) -> tuple[torch.Tensor, list[int]]:
+        """The logits (B, vocab) float32 of one decode step over prepared sequences, and each row's
+        greedy token; writes the step's KV and states, changes nothing else. The fused C step where
+        it runs (see the constructor), else the torch layers."""
+        positions = [s.num_tokens - 1 for s in batch]
+        fast = self._fast_decoder()
+        if fast is not None:
+            tables = [s.block_table for s in batch]
+            return fast.step([s.output[-1] for s in batch], positions, [s.slot for s in batch], tables)
+        ids = torch.tensor([s.output[-1] for s in batch], dtype=torch.long, device=self.device)
+        meta = self._meta(batch, [1] * len(batch), positions)
+        logits = self.model(ids, meta, self.caches)  # (B, vocab)
+        return logits, logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
+
+    @torch.inference_mode()
     def run_decode(self, seqs: list[SeqState]) -> list[int]:
         """One decode step for every sequence (all prepared); returns the sampled tokens and
         appends them to the sequences."""
@@ -297,11 +324,7 @@ class Executor:
         # in slot order: packed slots then form one run, which linear layers update in place
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         batch = [seqs[i] for i in order]
-        ids = torch.tensor([s.output[-1] for s in batch], dtype=torch.long, device=self.device)
-        positions = [s.num_tokens - 1 for s in batch]
-        meta = self._meta(batch, [1] * len(batch), positions)
-        logits = self.model(ids, meta, self.caches)  # (B, vocab)
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
+        logits, greedy = self.decode_logits(batch)
         tokens = [0] * len(seqs)
         for i, seq, row, best in zip(order, batch, logits, greedy, strict=True):
             seq.num_cached += 1
@@ -309,6 +332,15 @@ class Executor:
             self.append_token(seq, tok)
             tokens[i] = tok
         return tokens
+
+    def _fast_decoder(self) -> FastDecoder | None:
+        if self.fast_decode and self._fast is None:
+            try:
+                self._fast = FastDecoder(self.model, self.caches, self.layout.block_size)
+            except Unsupported as e:
+                log.info("fast_decode_off", reason=str(e))
+                self.fast_decode = False
+        return self._fast
 
     def decode_step(self, seqs: list[SeqState]) -> list[int]:
         return self.run_decode(self.prepare_decode(seqs))
