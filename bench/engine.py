@@ -12,6 +12,11 @@ every repeat, median of the repeats after a warmup:
             its own cache) and at batch 16 of equal-length prompts (for reference)
   peak      torch matmul 2048^3 GFLOP/s, and the fraction of it our prefill reaches (model FLOPs:
             2 * active non-embedding params * tokens, plus attention)
+  llama.cpp a third side, interleaved with the two where llama-cpp-python is installed
+            (scripts/bench_setup.sh; bench/llamacpp.py): the same checkpoint converted to GGUF by
+            llama.cpp's own converter, at the same thread count; decode at batch 1 and as one batch
+            of the same 16 prompts as ours. Without it (or with --no-llamacpp) the column is empty
+            and the reason is logged.
 The machine is shared: compare the ratios of one run, not absolute numbers across runs.
 """
 
@@ -36,6 +41,9 @@ from prfaas.kv.layout import KvLayout
 from prfaas.messages import SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp import LlamaCpp, open_llamacpp  # noqa: E402  (imports llama_cpp only when asked to)
 
 FAMILIES = ("qwen3_next", "kimi_linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,6 +87,10 @@ def hf_config(family: str) -> Any:
         qk_rope_head_dim=32, v_head_dim=64, linear_num_heads=4, linear_head_dim=64, linear_conv_kernel_dim=4,
         num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
         mlp_layer_types=["dense"] + ["sparse"] * 7, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        # 1e-6, not Kimi's 1e-5: llama.cpp also uses this eps for KDA's q/k l2 norm and MLA's kv_a
+        # norm, where the reference has 1e-6; with it equal, llama.cpp computes the same function
+        # (docs/llamacpp.md)
+        rms_norm_eps=1e-6,
     )
 
 
@@ -203,14 +215,17 @@ class Theirs:
         return run
 
 
-def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[float, float]:
-    """One warmup each, then `repeats` rounds of a then b; the median of each."""
-    a(), b()
-    ra, rb = [], []
+def interleaved(*fns: Callable[[], float] | None, repeats: int) -> list[float | None]:
+    """One warmup each, then `repeats` rounds of each in turn; the median of each (None for None)."""
+    runs = [f for f in fns if f is not None]
+    for f in runs:
+        f()
+    results: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        ra.append(a())
-        rb.append(b())
-    return statistics.median(ra), statistics.median(rb)
+        for f, r in zip(runs, results, strict=True):
+            r.append(f())
+    medians = iter(statistics.median(r) for r in results)
+    return [None if f is None else next(medians) for f in fns]
 
 
 # --- one family at one dtype ----------------------------------------------------------------------
@@ -224,55 +239,82 @@ class Row:
     unit: str
     target: float | None = None
     peak_fraction: float | None = None
+    llamacpp: float | None = None  # llama.cpp's tok/s on the same checkpoint, where it ran
 
     @property
     def ratio(self) -> float:
         return self.ours / self.theirs
 
 
-def bench_family(family: str, path: Path, dname: str, sizes: Sizes, peaks: dict[str, float]) -> list[Row]:
+def bench_family(family: str, path: Path, dname: str, sizes: Sizes, peaks: dict[str, float],
+                 llamacpp: bool = True) -> list[Row]:
     """`peaks` holds the best matmul GFLOP/s seen so far per dtype; measured again here, since
     the machine's load changes (the fraction of peak is taken against the best)."""
     dtype = DTYPES[dname]
     peaks[dname] = max(peaks[dname], matmul_gflops(dtype))
     peak = peaks[dname]
     ours, theirs = Ours(path, dtype), Theirs(family, path, dtype)
+    llama = open_llamacpp(path, dname, torch.get_num_threads(), log) if llamacpp else None
+    try:
+        return _bench_sides(family, dname, sizes, peak, ours, theirs, llama)
+    finally:
+        if llama is not None:
+            llama.close()
+
+
+def _lc(r: float | None) -> str:
+    return f", llama.cpp {r:.0f} tok/s" if r is not None else ""
+
+
+def _bench_sides(family: str, dname: str, sizes: Sizes, peak: float, ours: Ours, theirs: Theirs,
+                 llama: LlamaCpp | None) -> list[Row]:
     cfg = theirs.model.config
     params = active_params(theirs.model, cfg)
     log(f"{family} {dname}: {params / 1e6:.2f} M active non-embedding params")
     rows = []
     for T in sizes.prefill_lens:
         prompt = prompt_of(T, T)
-        t_ours, t_theirs = interleaved(ours.prefill(prompt), theirs.prefill(prompt), sizes.repeats)
+        t_ours, t_theirs, t_llama = interleaved(ours.prefill(prompt), theirs.prefill(prompt),
+                                                llama.prefill(prompt) if llama else None, repeats=sizes.repeats)
+        assert t_ours is not None and t_theirs is not None
         frac = prefill_flops(family, cfg, params, T) / t_ours / (peak * 1e9)
         target = PREFILL_TARGET[family] if T == 4096 else None  # the issue sets targets at 4096 only
-        rows.append(Row(family, dname, f"prefill {T}", T / t_ours, T / t_theirs, "tok/s", target, frac))
+        lc = T / t_llama if t_llama else None
+        rows.append(Row(family, dname, f"prefill {T}", T / t_ours, T / t_theirs, "tok/s", target, frac, lc))
         log(f"{family} {dname} prefill {T}: ours {t_ours * 1e3:.0f} ms, transformers {t_theirs * 1e3:.0f} ms, "
-            f"x{t_theirs / t_ours:.2f}, {frac:.1%} of matmul peak")
+            f"x{t_theirs / t_ours:.2f}, {frac:.1%} of matmul peak{_lc(lc)}")
     steps = sizes.decode_steps
     one = [prompt_of(sizes.decode_prompt, 1)]
-    o1, t1 = interleaved(ours.decode(one, steps), theirs.decode(one, steps), sizes.repeats)
-    rows.append(Row(family, dname, "decode b1", o1, t1, "tok/s"))
-    log(f"{family} {dname} decode b1: ours {o1:.0f} tok/s, transformers {t1:.0f} tok/s")
+    o1, t1, l1 = interleaved(ours.decode(one, steps), theirs.decode(one, steps),
+                             llama.decode(one, steps) if llama else None, repeats=sizes.repeats)
+    assert o1 is not None and t1 is not None
+    rows.append(Row(family, dname, "decode b1", o1, t1, "tok/s", llamacpp=l1))
+    log(f"{family} {dname} decode b1: ours {o1:.0f} tok/s, transformers {t1:.0f} tok/s{_lc(l1)}")
     mixed = [prompt_of(n, 100 + i) for i, n in enumerate(sizes.batch_prompts)]
     equal = [prompt_of(sizes.decode_prompt, 200 + i) for i in range(len(sizes.batch_prompts))]
-    o16, t16 = interleaved(ours.decode(mixed, steps), theirs.decode(equal, steps), sizes.repeats)
-    rows.append(Row(family, dname, "decode b16 vs their b16", o16, t16, "tok/s"))
-    rows.append(Row(family, dname, "decode b16 vs their b1", o16, t1, "tok/s", DECODE_B16_TARGET))
+    o16, t16, l16 = interleaved(ours.decode(mixed, steps), theirs.decode(equal, steps),
+                                llama.decode(mixed, steps) if llama else None, repeats=sizes.repeats)
+    assert o16 is not None and t16 is not None
+    rows.append(Row(family, dname, "decode b16 vs their b16", o16, t16, "tok/s", llamacpp=l16))
+    rows.append(Row(family, dname, "decode b16 vs their b1", o16, t1, "tok/s", DECODE_B16_TARGET, llamacpp=l1))
     log(f"{family} {dname} decode b16: ours {o16:.0f} tok/s, transformers b16 {t16:.0f} tok/s, "
-        f"x{o16 / t1:.1f} over their b1")
+        f"x{o16 / t1:.1f} over their b1{_lc(l16)}")
     return rows
 
 
 def table(rows: list[Row], peaks: dict[str, float]) -> str:
+    """The llama.cpp columns hold llama.cpp's figure for the same metric ("their b16" rows: its
+    batch of the same 16 mixed prompts as ours; "their b1" rows: its batch 1)."""
     out = ["| family | dtype | metric | ours tok/s | transformers tok/s | ours / transformers | target | met | "
-           "ours % of matmul peak |", "|---|---|---|---:|---:|---:|---|---|---:|"]
+           "ours % of matmul peak | llama.cpp tok/s | ours / llama.cpp |",
+           "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         target = f">= {r.target:g}x" if r.target else ""
         met = ("yes" if r.ratio >= r.target else "no") if r.target else ""
         frac = f"{r.peak_fraction:.1%}" if r.peak_fraction is not None else ""
+        lc, lr = (f"{r.llamacpp:,.0f}", f"{r.ours / r.llamacpp:.2f}x") if r.llamacpp else ("", "")
         out.append(f"| {r.family} | {r.dtype} | {r.metric} | {r.ours:,.0f} | {r.theirs:,.0f} | {r.ratio:.2f}x | "
-                   f"{target} | {met} | {frac} |")
+                   f"{target} | {met} | {frac} | {lc} | {lr} |")
     out.append("")
     best = ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items())
     out.append(f"torch matmul 2048^3 peak (best of the run): {best} ({torch.get_num_threads()} threads)")
@@ -316,11 +358,12 @@ def rows_from_table(text: str) -> list[Row]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 9 or cells[0] not in FAMILIES:
+        if len(cells) not in (9, 11) or cells[0] not in FAMILIES:  # 9: tables from before the llama.cpp columns
             continue
         target = float(cells[6].removeprefix(">= ").removesuffix("x")) if cells[6] else None
         ours, theirs = (float(c.replace(",", "")) for c in cells[3:5])
-        rows.append(Row(cells[0], cells[1], cells[2], ours, theirs, "tok/s", target))
+        lc = float(cells[9].replace(",", "")) if len(cells) == 11 and cells[9] else None
+        rows.append(Row(cells[0], cells[1], cells[2], ours, theirs, "tok/s", target, llamacpp=lc))
     return rows
 
 
@@ -338,6 +381,8 @@ def main() -> None:
     parser.add_argument("--delta-rule", choices=["kernel", "torch"], default="kernel",
                         help="our linear-attention path on the CPU: the C kernel (default where a C compiler "
                              "exists) or the chunked torch form")
+    parser.add_argument("--no-llamacpp", action="store_true",
+                        help="leave out the llama.cpp side (bench/llamacpp.py) even where llama_cpp is installed")
     args = parser.parse_args()
     if args.plot_from:
         if not args.plot:
@@ -372,7 +417,7 @@ def main() -> None:
             path = Path(tmp) / family
             make_checkpoint(family, path)
             for d in dnames:
-                rows += bench_family(family, path, d, sizes, peaks)
+                rows += bench_family(family, path, d, sizes, peaks, llamacpp=not args.no_llamacpp)
     log(f"done in {time.perf_counter() - start:.0f} s")
     print(table(rows, peaks))
     print(f"our delta rule: {path_name}")

@@ -51,7 +51,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from prfaas.obs.log import configure
+    from prfaas.sim.plots import PlotsUnavailable
+
+    configure("cli", "WARNING", json=False)  # logs on stderr: stdout is for the command's output
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except PlotsUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in ("--version", "-V"):
+        from prfaas import __version__
+
+        print(f"prfaas {__version__}")
+        return 0
     # plan / sim / up parse their own flags
     if argv and argv[0] == "plan":
         from prfaas.scheduling.commands import plan_command
@@ -74,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return status_command(argv[1:])
 
-    p = argparse.ArgumentParser(prog="prfaas", description="Prefill-as-a-Service for hybrid-attention LLMs")
+    from prfaas import __version__
+
+    p = argparse.ArgumentParser(prog="prfaas", description="Prefill-as-a-Service for hybrid-attention LLMs",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", "-V", action="version", version=f"prfaas {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="start a local cluster on loopback (see `prfaas up --help`)")
     sub.add_parser("demo", help="send a demo workload to a router (see `prfaas demo --help`)")
@@ -83,24 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
 
     model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_cmd", required=True)
-    init = model.add_parser("init", help="write a small random checkpoint in Hugging Face format")
-    init.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True)
-    init.add_argument("--preset", default="tiny")
-    init.add_argument("--out", required=True)
-    init.add_argument("--seed", type=int, default=0)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    init = model.add_parser("init", help="write a small random checkpoint in Hugging Face format", **fmt)
+    init.add_argument("--family", choices=["qwen3_next", "kimi_linear"], required=True, help="the model family")
+    init.add_argument("--preset", default="tiny", help="the size preset")
+    init.add_argument("--out", required=True, help="the directory to write")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     init.set_defaults(fn=_model_init)
 
-    gen = sub.add_parser("generate", help="generate with one in-process executor")
+    gen = sub.add_parser("generate", help="generate with one in-process executor", **fmt)
     gen.add_argument("--model", required=True, help="a model directory or builtin:FAMILY-PRESET")
-    gen.add_argument("--prompt")
+    gen.add_argument("--prompt", help="the prompt text (or --token-ids)")
     gen.add_argument("--token-ids", help="comma-separated token ids")
-    gen.add_argument("--max-tokens", type=int, default=16)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    gen.add_argument("--json", action="store_true")
+    gen.add_argument("--max-tokens", type=int, default=16, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--seed", type=int, help="sampling seed")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
+    gen.add_argument("--json", action="store_true", help="print token ids and text as JSON")
     gen.set_defaults(fn=_generate)
 
     args = p.parse_args(argv)

@@ -63,6 +63,27 @@ class OutOfCapacity(PrfaasError, RuntimeError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class ModelFault(PrfaasError):
+    """The model produced what it must not (non-finite logits): the request's KV, its state or
+    the weights are corrupt. Not worth retrying elsewhere with the same input."""
+
+    code = Code.INTERNAL
+
+
+class RemoteError(PrfaasError):
+    """A call to another service ended with this code (the client side of any edge raises it)."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Draining(PrfaasError):
+    """The service is shutting down: it finishes what it has and takes nothing new."""
+
+    code = Code.UNAVAILABLE
+
+
 class NotConvertible(PrfaasError):
     """A node asked to change its role that was not started convertible."""
 

@@ -139,6 +139,8 @@ class NodeSettings:
     kv_tcp_port: int = 0  # that port (0 = any free port; fix it where firewalls need to know)
     device: str = "cpu"  # cpu, cuda or cuda:N
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
+    max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -175,6 +177,10 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     p.flag("--kv-tcp-port", "KV_TCP_PORT", 0, non_negative_int, "the raw-TCP KV data port; 0 = any free one")
     p.flag("--attention-backend", "ATTENTION_BACKEND", "auto", str, "full-attention kernels on a GPU",
            choices=["auto", "torch", "flashinfer", "flash_attn"])
+    p.flag("--max-request-blocks", "MAX_REQUEST_BLOCKS", 0, non_negative_int,
+           "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
@@ -199,6 +205,14 @@ class RouterSettings:
     role_interval_s: float  # long-term controller period
     metrics_port: int
     log_level: str
+    stall_timeout_s: float = 5.0
+    prefill_inflight: int = 4
+    max_queue: int = 1024
+    max_queue_tokens: int = 1 << 22
+    max_head_wait_s: float = 5.0
+    max_queue_wait_s: float = 120.0
+    stale_after_s: float = 10.0
+    drain_timeout_s: float = 30.0
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
@@ -218,6 +232,20 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
     p.flag("--control-interval-s", "CONTROL_INTERVAL_S", 2.0, non_negative_float,
            "short-term controller period; 0 turns the control loop off")
     p.flag("--role-interval-s", "ROLE_INTERVAL_S", 30.0, positive_float, "long-term controller period")
+    p.flag("--stall-timeout-s", "STALL_TIMEOUT_S", 5.0, positive_float,
+           "a node stream (prefill progress, decode tokens or keepalives) quiet this long has stalled")
+    p.flag("--prefill-inflight", "PREFILL_INFLIGHT", 4, positive_int,
+           "requests a prefill node holds at once; the rest wait in the router")
+    p.flag("--max-queue", "MAX_QUEUE", 1024, positive_int, "requests that may wait; past it RESOURCE_EXHAUSTED")
+    p.flag("--max-queue-tokens", "MAX_QUEUE_TOKENS", 1 << 22, positive_int, "prompt tokens that may wait")
+    p.flag("--max-head-wait-s", "MAX_HEAD_WAIT_S", 5.0, non_negative_float,
+           "how long the oldest waiting request lets younger ones that fit go first")
+    p.flag("--max-queue-wait-s", "MAX_QUEUE_WAIT_S", 120.0, positive_float,
+           "a request no node could take for this long fails UNAVAILABLE")
+    p.flag("--stale-after-s", "STALE_AFTER_S", 10.0, positive_float,
+           "a node whose last heartbeat is older is out of routing")
+    p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
+           "on SIGTERM: how long the requests in flight may take to finish")
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
@@ -246,3 +274,57 @@ def parse_cachepool_settings(argv: list[str] | None = None) -> CachePoolSettings
     a = p.parse_args(argv)
     return CachePoolSettings(a.listen, a.block_size, a.heartbeat_timeout_s, a.heartbeat_interval_s or None,
                              a.metrics_port, a.log_level)
+
+
+# --- front door (the OpenAI-compatible HTTP API) -----------------------------------------------------
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    listen: str  # host:port of the HTTP server; port 0 picks a free one
+    router: str  # host:port of the router's gRPC API
+    model: str  # the model directory (tokenizer, chat template, generation defaults)
+    served_model_name: str  # the `model` clients name; empty = the model directory's name
+    api_key: str  # clients must send `Authorization: Bearer KEY`; empty = no check
+    max_n: int
+    default_max_tokens: int
+    log_level: str
+
+
+def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings:
+    p = _Parser("python -m services.frontdoor", "The PrfaaS front door: an OpenAI-compatible HTTP API.")
+    p.flag("--listen", "LISTEN", "127.0.0.1:8000", host_port, "host:port of the HTTP server; port 0 picks a free one")
+    p.flag("--router", "ROUTER", "", host_port_or_empty, "host:port of the router's gRPC API (required)")
+    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "the model (tokenizer, chat template, defaults)")
+    p.flag("--served-model-name", "SERVED_MODEL_NAME", "", str,
+           "the model name clients send; empty = the model directory's name")
+    p.flag("--api-key", "API_KEY", "", _Secret, "require `Authorization: Bearer KEY`; empty = no check")
+    p.flag("--max-n", "MAX_N", 8, positive_int, "the largest n (choices per request) accepted")
+    p.flag("--default-max-tokens", "DEFAULT_MAX_TOKENS", 256, positive_int,
+           "max_tokens when neither the request nor generation_config.json sets it")
+    p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = p.parse_args(argv)
+    if not a.router:
+        p.error("--router (or PRFAAS_ROUTER) is required")
+    a.api_key = str.__str__(a.api_key)  # a plain string from here on
+    return FrontDoorSettings(**{f: getattr(a, f) for f in FrontDoorSettings.__dataclass_fields__})
+
+
+def host_port_or_empty(text: str) -> str:
+    return text and host_port(text)
+
+
+class _Secret(str):
+    """A value `--help` shows as *** (an API key set through the environment stays out of it)."""
+
+    def __new__(cls, value: str) -> _Secret:
+        return super().__new__(cls, str.__str__(value))  # argparse converts its default again
+
+    def __str__(self) -> str:
+        return "***" if self else ""
+
+    __repr__ = __str__
+
+
+def command_parser(prog: str, description: str | None = None) -> _Parser:
+    """The parser of a `prfaas` subcommand: like the services', every flag's `--help` shows its
+    default (and its PRFAAS_* variable, for flags added with `.flag`)."""
+    return _Parser(prog, description or "")

@@ -58,6 +58,8 @@ class MemoryPush:
 
 
 class Directory:
+    degraded = False
+
     def __init__(self, nodes: list[Node]) -> None:
         self._nodes = nodes
 
@@ -77,3 +79,41 @@ class MemoryClients:
 
     def prefill(self, address, job):  # type: ignore[no-untyped-def]
         return self.prefill_nodes[address].prefill(job)
+
+
+@dataclass
+class Streamed:
+    """What a client saw of one Router.Generate call."""
+
+    tokens: list[int]
+    head: object | None  # the first GenerateResponse
+    code: str  # "OK" or the status code's name
+    details: str = ""
+    trailing: dict[str, str] | None = None
+    first_at: float = 0.0  # seconds from the call to the first message
+    done_at: float = 0.0
+
+
+async def stream(address: str, timeout_s: float = 120.0, **request: object) -> Streamed:
+    """One Generate call; never raises for a status (it is in the result)."""
+    import time
+
+    import grpc
+
+    from prfaas.rpc import insecure_channel
+    from prfaas.v1 import router_pb2, router_pb2_grpc
+
+    t0 = time.monotonic()
+    out = Streamed([], None, "OK")
+    async with insecure_channel(address) as ch:
+        call = router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(**request), timeout=timeout_s)
+        try:
+            async for msg in call:
+                if out.head is None:
+                    out.head, out.first_at = msg, time.monotonic() - t0
+                out.tokens += list(msg.token_ids)
+        except grpc.aio.AioRpcError as e:
+            out.code, out.details = e.code().name, e.details() or ""
+            out.trailing = {k: v for k, v in (e.trailing_metadata() or ())}
+    out.done_at = time.monotonic() - t0
+    return out

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this file also runs as the client script, inside a namespace
 
 from tools.linkemu import EmulatedLink, link_supported  # noqa: E402
+
 SUPPORTED, WHY_NOT = link_supported()
 RATE_MBIT, DELAY_MS = 500.0, 3.0
 PROMPT_TOKENS, MAX_TOKENS = 600, 12

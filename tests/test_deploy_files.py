@@ -4,6 +4,7 @@ PRFAAS_* variables and probed through the gRPC health service."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,11 +43,16 @@ ROUTER_ENV = COMMON_ENV | {
     "PRFAAS_POLICY",
     "PRFAAS_THRESHOLD_TOKENS",
 }
-REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_ENV, "decode": NODE_ENV}
+FRONTDOOR_ENV = {"PRFAAS_LISTEN", "PRFAAS_ROUTER", "PRFAAS_MODEL", "PRFAAS_LOG_LEVEL"}
+REQUIRED_ENV = {"cachepool": COMMON_ENV, "router": ROUTER_ENV, "prefill": NODE_ENV, "decode": NODE_ENV,
+                "frontdoor": FRONTDOOR_ENV}
 
 
 def _compose() -> dict[str, Any]:
-    return dict(yaml.safe_load(COMPOSE.read_text()))  # merge keys (<<) resolved by PyYAML
+    """compose.yaml with every `${NAME:-default}` at its default, as compose would resolve it with
+    nothing set (merge keys `<<` resolved by PyYAML)."""
+    text = re.sub(r"\$\{[A-Za-z0-9_]+:-([^}]*)\}", r"\1", COMPOSE.read_text())
+    return dict(yaml.safe_load(text))
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -68,20 +74,32 @@ def test_compose_services_env_and_healthchecks() -> None:
         assert svc["image"] == "prfaas:local" and svc["build"]["dockerfile"] == "deploy/Dockerfile", name
         assert "grpc_health" in " ".join(svc["healthcheck"]["test"]), name
         if module in ("prefill", "decode"):
-            assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == f"{name}:50051"
+            assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == env["PRFAAS_LISTEN"]
             assert env["PRFAAS_ROLE"] == module and env["PRFAAS_CLUSTER"] == name.split("-")[1]
-            assert env["PRFAAS_CACHEPOOL"] == "cachepool:50050"
+        if module != "cachepool":
+            assert env["PRFAAS_CACHEPOOL"] == _env(services["cachepool"])["PRFAAS_LISTEN"], name
 
 
-def test_compose_topology() -> None:
-    services = _compose()["services"]
-    nets = {name: set(services[name]["networks"]) for name in SERVING}
-    assert nets["router"] == nets["cachepool"] == {"dc-prfaas", "dc-local"}
-    assert nets["prefill-prfaas-0"] == nets["prefill-prfaas-1"] == {"dc-prfaas"}
-    assert "dc-local" in nets["prefill-local-0"] and "dc-local" in nets["decode-local-0"]
-    assert "dc-prfaas" in nets["decode-local-0"], "PrfaaS prefill nodes must reach the decode node"
-    assert services["router"]["ports"] == ["50052:50052"]
+def test_compose_host_network_on_loopback() -> None:
+    """Every container on the host's network (no container network, whose addresses are private
+    ones), each service on its own ports on 127.0.0.1, the one-shot job on no network."""
+    compose = _compose()
+    services = compose["services"]
+    assert "networks" not in compose
+    assert services["model-init"]["network_mode"] == "none"
+    ports: list[int] = []
+    for name in SERVING:
+        svc, env = services[name], _env(services[name])
+        assert svc["network_mode"] == "host", name
+        assert not {"networks", "ports", "expose"} & set(svc), f"{name}: no networks or port mappings on the host's"
+        host, port = env["PRFAAS_LISTEN"].rsplit(":", 1)
+        assert host == "127.0.0.1", name
+        ports += [int(port), int(env["PRFAAS_METRICS_PORT"])]
+        ports += [int(env["PRFAAS_KV_TCP_PORT"])] if "PRFAAS_KV_TCP_PORT" in env else []
+    assert len(ports) == len(set(ports)) and all(ports), f"ports must be distinct and fixed: {sorted(ports)}"
+    assert _env(services["router"])["PRFAAS_LISTEN"] == "127.0.0.1:50052"
     assert all("models:/models" in v for n in SERVING if n != "cachepool" for v in services[n]["volumes"])
+    assert services["router"]["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
@@ -93,8 +111,6 @@ def test_compose_config_validates() -> None:
 def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     """Runs the compose healthcheck command against a real health service, serving then not."""
     import asyncio
-
-    from grpc_health.v1 import health_pb2
 
     from prfaas.rpc import add_health_and_reflection, new_server
 
@@ -112,7 +128,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         serving = await probe(port)
-        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        health.set(False)
         not_serving = await probe(port)
         await server.stop(None)
         return serving, not_serving
@@ -121,9 +137,15 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
 
 
 def test_dockerfile_builds_one_cpu_image() -> None:
+    """One stage on a base chosen by build argument (python:3.11-slim unless told), torch from a
+    wheel in the context's .whl/ when there is one, else the CPU index."""
     text = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert [line for line in text.splitlines() if line.startswith("FROM")] == ["FROM python:3.11-slim"]
-    assert "--extra-index-url" in text and "https://download.pytorch.org/whl/cpu" in text
+    lines = text.splitlines()
+    assert [line for line in lines if line.startswith("FROM")] == ["FROM ${BASE_IMAGE}"]
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines[: lines.index("FROM ${BASE_IMAGE}")]
+    assert "--extra-index-url" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
+    assert any(line.startswith("COPY") and ".whl*" in line for line in lines)
+    assert ".whl" not in (ROOT / ".dockerignore").read_text().split(), "the wheel folder must reach the build"
 
 
 def _manifests() -> list[dict[str, Any]]:
@@ -139,7 +161,7 @@ def test_k8s_manifests_shape() -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    kinds = {"cachepool", "router", "prefill-prfaas", "prefill-local", "decode-local"}
+    kinds = {"cachepool", "router", "prefill-prfaas", "prefill-local", "decode-local", "frontdoor"}
     assert set(deployments) == services == {f"prfaas-{k}" for k in kinds}
     for name, dep in deployments.items():
         (c,) = dep["spec"]["template"]["spec"]["containers"]
@@ -149,6 +171,10 @@ def test_k8s_manifests_shape() -> None:
         assert not missing, f"{name} lacks {sorted(missing)}"
         assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         port = int(next(e["value"] for e in c["env"] if e["name"] == "PRFAAS_LISTEN").rsplit(":", 1)[1])
+        if module == "frontdoor":  # HTTP: ready when the router serves, alive while it answers /metrics
+            assert c["readinessProbe"]["httpGet"]["path"] == "/health", name
+            assert c["ports"][0]["containerPort"] == port
+            continue
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port, f"{name} {probe}"
 
@@ -159,3 +185,13 @@ def test_k8s_manifests_validate() -> None:
     )
     for doc in _manifests():
         kv.validate(doc, desired_version=kv.latest_version(), strict=True)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_prometheus_config_validates_and_scrapes_every_service() -> None:
+    config = ROOT / "deploy" / "prometheus.yml"
+    r = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    targets = {t.split(":")[0] for job in yaml.safe_load(config.read_text())["scrape_configs"]
+               for group in job["static_configs"] for t in group["targets"]}
+    assert targets == set(SERVING) | {"frontdoor"}

@@ -146,7 +146,7 @@ async def test_router_spreads_concurrent_prefills_over_equal_nodes(model_dir):
     finally:
         await decode.stop()
     assert set(used) == {"pa", "pb"}, used
-    assert not any(router._inflight.values())
+    assert router.capacity.in_flight() == 0 and not router.capacity.prefilling
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])

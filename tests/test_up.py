@@ -76,7 +76,7 @@ def test_router_logs_and_exports_threshold_and_decisions(tmp_path):
     assert "prfaas_threshold_tokens 64.0" in text
     assert 'prfaas_routing_decisions_total{route="local"} 1.0' in text
     assert 'prfaas_routing_decisions_total{route="prfaas"} 1.0' in text
-    assert 'prfaas_ttft_seconds_count{route="prfaas"} 1.0' in text
+    assert 'prfaas_time_to_first_token_seconds_count{route="prfaas"} 1.0' in text
     lines = [json.loads(line) for line in (tmp_path / "logs" / "router.log").read_text().splitlines()
              if line.startswith("{")]
     policy = next(m for m in lines if m.get("event") == "policy")

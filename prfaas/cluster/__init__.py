@@ -32,6 +32,11 @@ class NodeInfo:
     capacity_blocks: int = 0      # full-attention blocks in its pool
     capacity_slots: int = 0       # linear-state slots
     hardware: str = "cpu"         # profile name
+    block_size: int = 16          # tokens per KV block
+    max_request_blocks: int = 0   # decode nodes: the most blocks one request may hold; 0 = capacity_blocks
+    convertible: bool = False     # local nodes: serves both roles, the router may switch it
+    max_context: int = 0          # the longest sequence (prompt + output) it serves; 0 = unknown
+    prefix_grid: int = 0          # its prefix hits fall on multiples of this; 0 = it caches no prefixes
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class NodeStatus:
     node: NodeInfo
     load: NodeLoad
     last_heartbeat_age_s: float
+    draining: bool = False        # shutting down: finishing its requests, taking no new ones
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,9 @@ class CachePoolApi(Protocol):
 
     async def register(self, node: NodeInfo) -> RegisterResult: ...
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool: ...
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool: ...
 
     async def list_nodes(self, cluster: str = "", role: Role = Role.UNSPECIFIED) -> list[NodeStatus]: ...
 

@@ -80,8 +80,11 @@ class CachePoolClient:
             r = await self._stub.Register(req, timeout=self.timeout_s)
         return RegisterResult(r.heartbeat_interval_s, r.heartbeat_timeout_s)
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool:
-        req = pb.HeartbeatRequest(node_id=node_id, load=node_load_to_pb(load), role=role_to_pb(role))
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool:
+        req = pb.HeartbeatRequest(node_id=node_id, load=node_load_to_pb(load), role=role_to_pb(role),
+                                  draining=draining)
         with _domain_errors():
             r = await self._stub.Heartbeat(req, timeout=self.timeout_s)
         return r.known

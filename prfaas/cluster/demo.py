@@ -3,7 +3,6 @@ route taken, the prefill node, TTFT and decode tokens/s."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -13,6 +12,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from prfaas.rpc import insecure_channel
+from prfaas.settings import command_parser, host_port_or_empty, positive_int
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 ROUTE_NAMES = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
@@ -118,13 +118,15 @@ def print_table(results: list[DemoResult]) -> None:
 
 
 def demo_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prfaas demo")
-    p.add_argument("--router", required=True, help="host:port of the router")
-    p.add_argument("--requests", type=int, default=12)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--json", action="store_true")
+    p = command_parser("prfaas demo", "A demo workload of mixed prompt lengths against a router.")
+    p.flag("--router", "ROUTER", "", host_port_or_empty, "host:port of the router (required)")
+    p.flag("--requests", "DEMO_REQUESTS", 12, positive_int, "how many requests")
+    p.flag("--concurrency", "DEMO_CONCURRENCY", 4, positive_int, "requests in flight at once")
+    p.flag("--max-tokens", "DEMO_MAX_TOKENS", 24, positive_int, "tokens to generate per request")
+    p.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     a = p.parse_args(argv)
+    if not a.router:
+        p.error("--router (or PRFAAS_ROUTER) is required")
     try:
         results = asyncio.run(run_demo(a.router, a.requests, a.concurrency, a.max_tokens))
     except grpc.aio.AioRpcError as e:

@@ -1,17 +1,19 @@
 """`prfaas up`: a local cluster as processes on loopback.
 
 Default shape: one cache pool, two prefill nodes in the "prfaas" cluster, one prefill and one
-decode node in the "local" cluster, one router. Every process binds port 0 and prints a JSON
-`listening` line that this launcher reads. Ctrl-C (or the end of `--demo`) stops everything.
+decode node in the "local" cluster, one router, and the OpenAI-compatible front door in front of
+it. Every process binds port 0 and prints a JSON `listening` line that this launcher reads; each
+one also opens a Prometheus endpoint (the front door serves its own at /metrics). Ctrl-C (or the
+end of `--demo`) stops everything.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +35,12 @@ class ClusterSpec:
     kv_connections: int = 4
     convertible_local: bool = True  # local nodes serve both roles, so the router may convert them
     link_gbps: float = 10.0  # the PrfaaS -> local link capacity the router's controller assumes
-    router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = none
-    extra_env: dict[str, str] = field(default_factory=dict)
+    router_metrics_port: int = 0  # the router's Prometheus endpoint; 0 = a free port (with `metrics`)
+    metrics: bool = True  # a Prometheus endpoint per process
+    frontdoor: bool = True  # the OpenAI-compatible HTTP front door
+    served_model_name: str = ""  # the model name the front door answers to; empty = the directory's
+    extra_env: dict[str, str] = field(default_factory=dict)  # PRFAAS_* for every process
+    router_env: dict[str, str] = field(default_factory=dict)  # and for the router alone
 
     @classmethod
     def from_toml(cls, path: str) -> ClusterSpec:
@@ -51,6 +57,9 @@ class Proc:
     name: str
     popen: subprocess.Popen[str]
     address: str = ""
+    module: str = ""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalCluster:
@@ -66,24 +75,54 @@ class LocalCluster:
         self.procs: list[Proc] = []
         self.router_address = ""
         self.cachepool_address = ""
+        self.frontdoor_url = ""  # http://HOST:PORT/v1 when the front door runs
+        self.metrics_urls: dict[str, str] = {}  # process name -> its /metrics URL
 
-    def _start(self, name: str, module: str, args: list[str]) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+    def _metrics_args(self, name: str, port: int = 0) -> list[str]:
+        """`--metrics-port` for a gRPC service (a free loopback port unless given)."""
+        if not self.spec.metrics and not port:
+            return []
+        port = port or _free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return ["--metrics-port", str(port)]
+
+    def _start(self, name: str, module: str, args: list[str], env_extra: dict[str, str] | None = None) -> Proc:
+        if module in ("services.cachepool", "services.prefill", "services.decode") and "--metrics-port" not in args:
+            args = [*args, *self._metrics_args(name)]
+        launch, pythonpath = service_module(module)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **pythonpath, **self.spec.extra_env, **(env_extra or {})}
         stderr: IO[str] | int = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stderr = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [sys.executable, "-m", launch, *args],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
             env=env,
             start_new_session=True,
         )
-        proc = Proc(name, popen)
+        proc = Proc(name, popen, module=module, args=args, env=dict(env_extra or {}))
         self.procs.append(proc)
         return proc
+
+    def restart(self, name: str) -> Proc:
+        """Starts a process again (after a test killed it) with the same arguments; waits until it
+        listens. Its port may change: a node registers its new address with the cache pool."""
+        old = next(p for p in self.procs if p.name == name)
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self.procs.remove(old)
+        args = old.args
+        if name == "cachepool":  # the others know the pool by its address: keep the port
+            args = [a if a != "127.0.0.1:0" else old.address for a in args]
+        proc = self._start(name, old.module, args, old.env)
+        self._wait_listening(proc)
+        return proc
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
 
     def _wait_listening(self, proc: Proc) -> str:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -154,12 +193,19 @@ class LocalCluster:
                 str(s.threshold_tokens),
                 "--link-gbps",
                 str(s.link_gbps),
-                "--metrics-port",
-                str(s.router_metrics_port),
+                *self._metrics_args("router", s.router_metrics_port),
             ],
+            s.router_env,
         )
         self.router_address = self._wait_listening(router)
         asyncio.run(self._wait_registered(len(nodes)))
+        if s.frontdoor:
+            args = ["--listen", "127.0.0.1:0", "--router", self.router_address, "--model", self.model]
+            door = self._start("frontdoor", "services.frontdoor",
+                               [*args, *(["--served-model-name", s.served_model_name] if s.served_model_name else [])])
+            address = self._wait_listening(door)
+            self.frontdoor_url = f"http://{address}/v1"
+            self.metrics_urls["frontdoor"] = f"http://{address}/metrics"
         return self.router_address
 
     async def _wait_registered(self, n: int) -> None:
@@ -207,14 +253,20 @@ class LocalCluster:
 
 
 def up_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prfaas up", description=__doc__)
-    p.add_argument("--model", default="builtin:qwen3_next-tiny", help="a model directory or builtin:FAMILY-PRESET")
-    p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections")
+    from prfaas.settings import command_parser, positive_int
+
+    p = command_parser("prfaas up", __doc__)
+    p.flag("--model", "MODEL", "builtin:qwen3_next-tiny", str, "a model directory or builtin:FAMILY-PRESET")
+    p.add_argument("--config", help="cluster.toml: node counts, policy, threshold_tokens, kv_connections, "
+                   "frontdoor, metrics, served_model_name (see ClusterSpec)")
     p.add_argument("--demo", action="store_true", help="serve a demo workload, print the results and stop")
-    p.add_argument("--demo-requests", type=int, default=12)
-    p.add_argument("--log-dir", default=".prfaas/logs")
+    p.add_argument("--demo-requests", type=positive_int, default=12, help="requests of the demo workload")
+    p.add_argument("--log-dir", default=".prfaas/logs", help="one log file per process")
     a = p.parse_args(argv)
-    spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
+    try:
+        spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
+    except (OSError, ValueError, TypeError) as e:
+        p.error(f"--config {a.config}: {e}")
     print(
         f"[prfaas up] model {a.model}; starting cache pool, {spec.prfaas_prefill} PrfaaS prefill, "
         f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...",
@@ -223,13 +275,13 @@ def up_command(argv: list[str]) -> int:
     cluster = LocalCluster(a.model, spec, log_dir=a.log_dir)
     try:
         with cluster:
-            print(
-                json.dumps(
-                    {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address}
-                ),
-                flush=True,
-            )
-            print(f"[prfaas up] router listening on {cluster.router_address}; logs in {a.log_dir}/", flush=True)
+            ready = {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address,
+                     "openai": cluster.frontdoor_url, "metrics": cluster.metrics_urls}
+            print(json.dumps(ready), flush=True)
+            print(f"[prfaas up] router (gRPC) on {cluster.router_address}; OpenAI API at "
+                  f"{cluster.frontdoor_url or '(front door off)'}; logs in {a.log_dir}/", flush=True)
+            for name, url in cluster.metrics_urls.items():
+                print(f"[prfaas up]   metrics of {name}: {url}", flush=True)
             if a.demo:
                 from prfaas.cluster.demo import print_table, run_demo
 
@@ -246,3 +298,24 @@ def up_command(argv: list[str]) -> int:
     finally:
         print("[prfaas up] stopped", flush=True)
     return 0
+
+
+def _free_port() -> int:
+    """A free loopback port for a process that cannot report the one it bound (the metrics
+    endpoints): taken from the kernel and released, then bound by the process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when running from one
+
+
+def service_module(module: str) -> tuple[str, dict[str, str]]:
+    """The module to run a service as, and the PYTHONPATH it needs: in a checkout, the top-level
+    `services.X` (with the repository on the path, whatever the working directory); in an
+    installed wheel, `prfaas.services.X` (the wheel installs the services folders there)."""
+    if (CHECKOUT / "services" / "__init__.py").is_file() and (CHECKOUT / "pyproject.toml").is_file():
+        path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
+        return module, {"PYTHONPATH": path}
+    return f"prfaas.{module}", {}

@@ -36,6 +36,7 @@ class MembershipAgent:
         self._registered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.registrations = 0
+        self.draining = False  # reported with every heartbeat: routers stop sending new work
 
     @property
     def node(self) -> NodeInfo:
@@ -53,6 +54,14 @@ class MembershipAgent:
         """Starts the background loop and returns at once, even while the pool is unreachable."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"membership-{self._node.node_id}")
+
+    async def heartbeat_now(self) -> None:
+        """One heartbeat at once (a role or draining change the routers should see now)."""
+        if self._registered.is_set():
+            try:
+                await self._client.heartbeat(self._node.node_id, self._load_fn(), self._node.role, self.draining)
+            except CachePoolError as e:
+                log.warning("cachepool_call_failed", node_id=self._node.node_id, error=str(e))
 
     async def wait_registered(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._registered.wait(), timeout_s)
@@ -78,7 +87,8 @@ class MembershipAgent:
                     log.info("registered", node_id=self._node.node_id, heartbeat_interval_s=interval)
                     if self._on_register is not None:
                         await self._on_register()
-                elif not await self._client.heartbeat(self._node.node_id, self._load_fn(), self._node.role):
+                elif not await self._client.heartbeat(self._node.node_id, self._load_fn(), self._node.role,
+                                                      self.draining):
                     log.warning("unknown_to_pool", node_id=self._node.node_id)
                     self._registered.clear()
                     continue

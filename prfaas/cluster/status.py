@@ -7,7 +7,6 @@ transfers and requests in flight).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from prfaas.cluster import Role
 from prfaas.cluster.client import CachePoolClient
 from prfaas.rpc import insecure_channel
+from prfaas.settings import command_parser, host_port_or_empty
 from prfaas.v1 import common_pb2, common_pb2_grpc
 
 
@@ -46,10 +46,12 @@ async def cluster_status(cachepool: str) -> list[dict[str, Any]]:
 
 
 def status_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="prfaas status", description=__doc__.splitlines()[0])
-    p.add_argument("--cachepool", required=True, help="host:port of the cache pool")
+    p = command_parser("prfaas status", __doc__.splitlines()[0])
+    p.flag("--cachepool", "CACHEPOOL", "", host_port_or_empty, "host:port of the cache pool (required)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     a = p.parse_args(argv)
+    if not a.cachepool:
+        p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
     rows = asyncio.run(cluster_status(a.cachepool))
     if a.json:
         print(json.dumps(rows, default=str))

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prfaas.engine.sampling import make_generator, sample
-from prfaas.errors import InvalidRequest, OutOfCapacity
+from prfaas.engine.sampling import make_generator, sample, token_logprob
+from prfaas.errors import InvalidRequest, ModelFault, OutOfCapacity
 from prfaas.kv.allocator import BlockAllocator, SlotAllocator
 from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
 from prfaas.kv.pool import LayerKv
-from prfaas.messages import SamplingParams
+from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.model.base import ForwardMeta
 from prfaas.model.fast_decode import FastDecoder, Unsupported
 from prfaas.model.hybrid import HybridForCausalLM
@@ -44,9 +44,12 @@ class SeqState:
     block_table: list[int]
     slot: int
     num_cached: int = 0  # tokens whose KV is in the pool
+    promised: int = 0  # blocks promised for the rest of its generation, not allocated yet
+    error: str = ""  # why it finished with "error"
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token computed here, when asked
 
     @property
     def num_tokens(self) -> int:
@@ -116,27 +119,37 @@ class Executor:
         if bad is not None:
             raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
 
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> SeqState:
-        """Validates and reserves blocks for the prompt and a state slot (zeroed)."""
+    def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Blocks a request holds at most: its prompt and every token it may generate."""
+        return self.layout.blocks_for(min(prompt_tokens + max_tokens, self.max_context))
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, whole: bool = False) -> SeqState:
+        """Validates and reserves blocks for the prompt and a state slot (zeroed). With `whole`,
+        the blocks the whole generation may need are promised as well (decode nodes), so that
+        the request never runs out of blocks mid-generation."""
         self.validate(prompt, params)
         need = self.layout.blocks_for(len(prompt))
-        if not self.blocks.can_allocate(need) or self.slots.num_free == 0:
+        total = self.blocks_needed(len(prompt), params.max_tokens) if whole else need
+        if not self.blocks.can_allocate(total) or self.slots.num_free == 0:
             raise OutOfCapacity(
-                f"request {request_id} needs {need} blocks and a state slot; "
+                f"request {request_id} needs {total} blocks and a state slot; "
                 f"{self.blocks.num_free} blocks and {self.slots.num_free} slots free"
             )
         block_table = self.blocks.allocate(need)
+        self.blocks.promise(total - need)
         slot = self.slots.allocate()
         self.pool.zero_states(slot)
-        return SeqState(request_id, list(prompt), params, block_table, slot, generator=make_generator(params))
+        return SeqState(request_id, list(prompt), params, block_table, slot, promised=total - need,
+                        generator=make_generator(params))
 
     def free(self, seq: SeqState) -> None:
-        """Returns the sequence's blocks and slot. Safe to call once per sequence."""
+        """Returns the sequence's blocks, promise and slot. Safe to call once per sequence."""
         if seq.slot < 0:
             return
         self.blocks.free(seq.block_table)
+        self.blocks.release_promise(seq.promised)
         self.slots.free(seq.slot)
-        seq.block_table, seq.slot = [], -1
+        seq.block_table, seq.slot, seq.promised = [], -1, 0
 
     # --- prefill ------------------------------------------------------------------------------
     def _meta(self, seqs: list[SeqState], query_lens: list[int], positions: list[int]) -> ForwardMeta:
@@ -194,7 +207,10 @@ class Executor:
         if end < n:
             return
         logits = self.model.logits(x[-1:])[0]
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelFault(f"request {seq.request_id}: non-finite logits at the end of the prompt")
         token = sample(logits, seq.params, seq.generator)
+        self._record_logprob(seq, logits, token)
         self.append_token(seq, token)
         yield token
 
@@ -253,8 +269,9 @@ class Executor:
         return ExportedKv(list(seq.prompt), list(seq.output), layers)
 
     def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> SeqState:
-        """Decode side: blocks and a slot for a request whose KV will arrive from elsewhere."""
-        return self.add(request_id, prompt, params)
+        """Decode side: blocks and a slot for a request whose KV will arrive from elsewhere, and
+        the blocks of its whole generation promised."""
+        return self.add(request_id, prompt, params, whole=True)
 
     def complete_import(self, seq: SeqState, first_token: int) -> None:
         """The KV of the whole prompt is in place: the sequence continues from `first_token`."""
@@ -293,10 +310,14 @@ class Executor:
                 continue
             pos = seq.num_tokens - 1  # the position of the token this step feeds
             if pos // self.layout.block_size >= len(seq.block_table):
-                if not self.blocks.can_allocate(1):
+                if seq.promised:
+                    seq.block_table += self.blocks.allocate(1, promised=True)
+                    seq.promised -= 1
+                elif not self.blocks.can_allocate(1):
                     seq.finish_reason = "length"
                     continue
-                seq.block_table += self.blocks.allocate(1)
+                else:
+                    seq.block_table += self.blocks.allocate(1)
             ready.append(seq)
         return ready
 
@@ -318,17 +339,24 @@ class Executor:
     @torch.inference_mode()
     def run_decode(self, seqs: list[SeqState]) -> list[int]:
         """One decode step for every sequence (all prepared); returns the sampled tokens and
-        appends them to the sequences."""
+        appends them to the sequences. A sequence whose logits are not finite (its KV or state is
+        corrupt) ends alone with reason "error" and no token (-1); the others are unaffected,
+        since every row of the step is computed independently."""
         if not seqs:
             return []
         # in slot order: packed slots then form one run, which linear layers update in place
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         batch = [seqs[i] for i in order]
         logits, greedy = self.decode_logits(batch)
-        tokens = [0] * len(seqs)
-        for i, seq, row, best in zip(order, batch, logits, greedy, strict=True):
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = [-1] * len(seqs)
+        for i, seq, row, best, ok in zip(order, batch, logits, greedy, finite, strict=True):
             seq.num_cached += 1
+            if not ok:
+                self._fail(seq, f"non-finite logits at position {seq.num_tokens - 1}")
+                continue
             tok = best if seq.params.greedy else sample(row, seq.params, seq.generator)
+            self._record_logprob(seq, row, tok)
             self.append_token(seq, tok)
             tokens[i] = tok
         return tokens
@@ -341,6 +369,15 @@ class Executor:
                 log.info("fast_decode_off", reason=str(e))
                 self.fast_decode = False
         return self._fast
+
+    @staticmethod
+    def _fail(seq: SeqState, why: str) -> None:
+        seq.finish_reason, seq.error = "error", f"request {seq.request_id}: {why} (its KV or state is corrupt)"
+
+    @staticmethod
+    def _record_logprob(seq: SeqState, logits: torch.Tensor, token: int) -> None:
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, token, seq.params.logprobs))
 
     def decode_step(self, seqs: list[SeqState]) -> list[int]:
         return self.run_decode(self.prepare_decode(seqs))

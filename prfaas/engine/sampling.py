@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from prfaas.messages import SamplingParams
+from prfaas.messages import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -32,3 +32,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of `token` under logits (vocab,) and the `top` most likely tokens
+    with theirs (the raw distribution: no temperature, no top-k/top-p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(float(logp[token].item()), alternatives)

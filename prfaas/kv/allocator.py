@@ -1,7 +1,9 @@
 """Block and state-slot allocators: plain Python, no torch, deterministic.
 
 Blocks carry reference counts so that a cached prefix can be shared by several requests; a
-block returns to the free list when its last reference is dropped.
+block returns to the free list when its last reference is dropped. Free blocks can be promised to
+a request (the blocks its decoding will need later): a promise is not allocated yet but is kept
+back from everyone else, so an admitted request never runs out of blocks mid-generation.
 """
 
 from __future__ import annotations
@@ -21,21 +23,38 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self.num_promised = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Free blocks that are not promised: what a new request may take."""
+        return len(self._free) - self.num_promised
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfCapacity(f"need {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+    def allocate(self, n: int, promised: bool = False) -> list[int]:
+        """`n` free blocks; `promised=True` draws them from a promise made earlier."""
+        if promised:
+            if n > self.num_promised:
+                raise ValueError(f"drawing {n} blocks from promises of {self.num_promised}")
+            self.num_promised -= n
+        elif n > self.num_free:
+            raise OutOfCapacity(f"need {n} KV blocks, {self.num_free} of {self.num_blocks} free")
         out = [self._free.popleft() for _ in range(n)]
         for b in out:
             self._refs[b] = 1
         return out
+
+    def promise(self, n: int) -> None:
+        if n > self.num_free:
+            raise OutOfCapacity(f"need {n} more KV blocks later, {self.num_free} of {self.num_blocks} free")
+        self.num_promised += n
+
+    def release_promise(self, n: int) -> None:
+        if n > self.num_promised:
+            raise ValueError(f"releasing {n} promised blocks of {self.num_promised}")
+        self.num_promised -= n
 
     def incref(self, blocks: list[int]) -> None:
         for b in blocks:

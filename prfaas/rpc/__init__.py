@@ -49,13 +49,24 @@ def new_server() -> grpc.aio.Server:
     return grpc.aio.server(options=list(OPTIONS))
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.HealthServicer:
-    """Registers the standard health service (every name SERVING) and reflection."""
-    servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for name in (*service_names, ""):
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    return servicer
+class Health:
+    """The standard gRPC health service of one server, every name at once."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: Sequence[str], serving: bool = True) -> None:
+        self.names = (*service_names, "")
+        self.servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        self.set(serving)
+
+    def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            self.servicer.set(name, status)
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str], serving: bool = True) -> Health:
+    """Registers the standard health service (every name SERVING, or NOT_SERVING until `set`) and
+    reflection."""
+    h = Health(server, service_names, serving)
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return h

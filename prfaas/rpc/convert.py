@@ -14,7 +14,7 @@ from prfaas.cluster import (
     NodeStatus,
     Role,
 )
-from prfaas.messages import SamplingParams
+from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.v1 import cachepool_pb2 as cp_pb
 from prfaas.v1 import common_pb2
 
@@ -48,9 +48,12 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         top_p=p.top_p,
         top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
     return msg
 
 
@@ -58,36 +61,36 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=m.max_tokens,
         temperature=m.temperature,
-        top_p=m.top_p if m.top_p > 0 else 1.0,
+        top_p=1.0 if m.top_p == 0 else m.top_p,  # 0: unset; anything else is checked as given
         top_k=m.top_k,
         seed=m.seed if m.HasField("seed") else None,
         stop_token_ids=tuple(m.stop_token_ids),
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        ignore_eos=m.ignore_eos,
     )
+
+
+def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top]
+    )
+
+
+def logprob_from_pb(m: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(m.logprob, tuple(zip(m.top_token_ids, m.top_logprobs, strict=True)))
 
 
 # --- membership ----------------------------------------------------------------------------------
+_INFO_FIELDS = ("node_id", "cluster", "address", "capacity_blocks", "capacity_slots", "hardware", "block_size",
+                "max_request_blocks", "convertible", "max_context", "prefix_grid")
+
+
 def node_info_to_pb(n: NodeInfo) -> common_pb2.NodeInfo:
-    return common_pb2.NodeInfo(
-        node_id=n.node_id,
-        cluster=n.cluster,
-        role=role_to_pb(n.role),
-        address=n.address,
-        capacity_blocks=n.capacity_blocks,
-        capacity_slots=n.capacity_slots,
-        hardware=n.hardware,
-    )
+    return common_pb2.NodeInfo(role=role_to_pb(n.role), **{f: getattr(n, f) for f in _INFO_FIELDS})
 
 
 def node_info_from_pb(m: common_pb2.NodeInfo) -> NodeInfo:
-    return NodeInfo(
-        node_id=m.node_id,
-        cluster=m.cluster,
-        role=role_from_pb(m.role),
-        address=m.address,
-        capacity_blocks=m.capacity_blocks,
-        capacity_slots=m.capacity_slots,
-        hardware=m.hardware,
-    )
+    return NodeInfo(role=role_from_pb(m.role), **{f: getattr(m, f) for f in _INFO_FIELDS})
 
 
 _LOAD_FIELDS = ("free_blocks", "free_slots", "queue_depth", "running", "egress_bytes_per_s", "tokens_per_s",
@@ -107,11 +110,12 @@ def node_status_to_pb(s: NodeStatus) -> cp_pb.NodeStatus:
         node=node_info_to_pb(s.node),
         load=node_load_to_pb(s.load),
         last_heartbeat_age_s=s.last_heartbeat_age_s,
+        draining=s.draining,
     )
 
 
 def node_status_from_pb(m: cp_pb.NodeStatus) -> NodeStatus:
-    return NodeStatus(node_info_from_pb(m.node), node_load_from_pb(m.load), m.last_heartbeat_age_s)
+    return NodeStatus(node_info_from_pb(m.node), node_load_from_pb(m.load), m.last_heartbeat_age_s, m.draining)
 
 
 # --- the prefix index ----------------------------------------------------------------------------

@@ -40,10 +40,17 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
+RETRY_AFTER_KEY = "retry-after-ms"  # a refusal for load says when to come back (OpenAI's 429 Retry-After)
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the same, for gRPC clients with a retry policy
+
+
 async def abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     code, details = status_of(e)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal_error", error=repr(e), exc_info=e)
+    retry_after_ms = getattr(e, "retry_after_ms", None)
+    if retry_after_ms is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_after_ms)), (PUSHBACK_KEY, str(retry_after_ms))))
     await context.abort(code, details)
 
 

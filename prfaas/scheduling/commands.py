@@ -6,13 +6,13 @@ subcommand name and returns an exit code. Plots use matplotlib's Agg backend (no
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from prfaas.scheduling.model import Deployment, Throughput, evaluate
 from prfaas.scheduling.planner import SCENARIOS, best_threshold, threshold_grid
+from prfaas.settings import command_parser
 
 
 def _plan_dict(name: str, r: Throughput) -> dict:
@@ -27,8 +27,8 @@ def _plan_dict(name: str, r: Throughput) -> dict:
 
 
 def plan_command(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="prfaas plan", description="throughput model and planner")
-    ap.add_argument("--scenario", default="paper-case-study", choices=sorted(SCENARIOS))
+    ap = command_parser("prfaas plan", "throughput model and planner")
+    ap.add_argument("--scenario", default="paper-case-study", choices=sorted(SCENARIOS), help="the inputs")
     ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ap.add_argument("--out", default="docs/img", help="folder for the plots (without --json)")
     args = ap.parse_args(argv)
@@ -51,9 +51,9 @@ def plan_command(argv: list[str]) -> int:
 
 
 def plot_plan(sc, best: Throughput, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prfaas.sim.plots import pyplot
+
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     grid = threshold_grid(step=256)
@@ -86,14 +86,14 @@ def sim_command(argv: list[str]) -> int:
     from prfaas.sim import scenarios, trace_run
     from prfaas.sim.plots import plot_dynamic
 
-    ap = argparse.ArgumentParser(prog="prfaas sim", description="event-driven cluster simulator")
-    ap.add_argument("--scenario", default="steady", choices=["steady", *scenarios.DYNAMIC])
+    ap = command_parser("prfaas sim", "event-driven cluster simulator")
+    ap.add_argument("--scenario", default="steady", choices=["steady", *scenarios.DYNAMIC], help="what to simulate")
     ap.add_argument("--policy", default=None, choices=["prfaas", "homogeneous", "naive"],
                     help="steady: simulate one deployment (default: all three); --trace: its deployment "
                     "(default prfaas)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    ap.add_argument("--out", default="docs/img", help="folder for the plots (without --json)")
     trace_run.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.trace is not None:

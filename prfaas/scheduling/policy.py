@@ -11,7 +11,10 @@ A decision is made in the llm-d shape, in three steps:
    paper's threshold rules to the uncached length (below). A forced route ("local" or "prfaas") in
    the query overrides the choice and never falls back; an automatic choice falls back to the other
    cluster when the chosen one has no usable prefill node.
-2. **Filter** (`eligible`). Keeps the nodes of the wanted cluster and role that have free KV blocks.
+2. **Filter** (`eligible`). Keeps the nodes of the wanted cluster and role that can take the request
+   now (free KV blocks, not `busy`). When the chosen cluster has such nodes but all are busy, the
+   request waits (`NoCapacityError` with `busy`): an automatic choice falls back to the other cluster
+   only when the chosen one has no node with free blocks at all.
 3. **Scorers and picker.** Each scorer maps a node to [0, 1]. `prefix_score` is the node's hit
    as a fraction of the prompt: it makes the choice cache-affine. `load_score` is 1 / (1 + queued +
    running): it prefers idle nodes. `space_score` is the node's share of the most free blocks among
@@ -51,6 +54,7 @@ class NodeView:
     running: int = 0           # requests being served on the node
     free_blocks: int = 1 << 30 # free KV blocks; 0 means the node cannot take a request
     hit_tokens: int = 0        # usable prefix hit for this prompt on this node
+    busy: bool = False         # cannot take this request now (the live router's capacity accounting)
 
     @property
     def load(self) -> int:
@@ -76,9 +80,14 @@ class RouteDecision:
 
 
 class NoCapacityError(PrfaasError):
-    """No node of the needed cluster and role can take the request."""
+    """No node of the needed cluster and role can take the request. `busy`: there are such nodes,
+    all busy now (the request may wait); otherwise there are none."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class RoutingPolicy(Protocol):
@@ -91,8 +100,14 @@ class RoutingPolicy(Protocol):
 Scorer = Callable[[NodeView], float]
 
 
-def eligible(nodes: Sequence[NodeView], cluster: Cluster, role: Role) -> list[NodeView]:
+def present(nodes: Sequence[NodeView], cluster: Cluster, role: Role) -> list[NodeView]:
+    """Nodes of the cluster and role that could serve (free KV blocks), busy or not."""
     return [n for n in nodes if n.cluster == cluster and n.role == role and n.free_blocks > 0]
+
+
+def eligible(nodes: Sequence[NodeView], cluster: Cluster, role: Role) -> list[NodeView]:
+    """Those that can take the request now."""
+    return [n for n in present(nodes, cluster, role) if not n.busy]
 
 
 def prefix_score(prompt_tokens: int) -> Scorer:
@@ -134,16 +149,18 @@ class _Policy:
         else:
             cluster, reason, prefix_from = self.choose(query, nodes)
         candidates = eligible(nodes, cluster, "prefill")
-        if not candidates and query.forced == "auto":
+        if not candidates and query.forced == "auto" and not present(nodes, cluster, "prefill"):
             other: Cluster = "local" if cluster == "prfaas" else "prfaas"
-            if eligible(nodes, other, "prefill"):
+            if present(nodes, other, "prefill"):
                 cluster, reason, prefix_from = other, f"{reason}; fallback: no {cluster} prefill node", None
                 candidates = eligible(nodes, cluster, "prefill")
         if not candidates:
-            raise NoCapacityError(f"request {query.request_id}: no {cluster} prefill node can take it")
+            busy = bool(present(nodes, cluster, "prefill"))
+            raise NoCapacityError(f"request {query.request_id}: no {cluster} prefill node can take it", busy)
         decoders = eligible(nodes, "local", "decode")
         if not decoders:
-            raise NoCapacityError(f"request {query.request_id}: no local decode node can take it")
+            busy = bool(present(nodes, "local", "decode"))
+            raise NoCapacityError(f"request {query.request_id}: no local decode node can take it", busy)
         prefill = pick(candidates, [prefix_score(query.prompt_tokens), load_score])
         decode = pick(decoders, [load_score, space_score(decoders)])
         cached = min(prefill.hit_tokens, query.prompt_tokens)

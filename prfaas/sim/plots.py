@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+class PlotsUnavailable(RuntimeError):
+    """matplotlib (the `plots` extra) is not installed."""
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), or a clear error without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotsUnavailable("plots need matplotlib: pip install 'prfaas[plots]' (or pass --json)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_dynamic(name: str, pair: dict, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(4, 1, figsize=(7, 8), sharex=True)

@@ -145,9 +145,9 @@ def _series(run: TraceRun, window: int) -> tuple[list[float], list[float], list[
 
 
 def plot_trace(name: str, trace: Trace, runs: dict[str, TraceRun], out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prfaas.sim.plots import pyplot
+
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     window = max(1, len(trace.requests) // 50)
@@ -181,10 +181,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="only requests arriving in [START, END) seconds of the trace's clock")
     g.add_argument("--cache", default="all", choices=["all", *CACHE_MODES], help="prefix-cache mode(s) to run")
     g.add_argument("--cache-blocks", type=int, default=DEFAULT_CACHE_BLOCKS,
-                   help=f"blocks each node's simulated cache holds (default {DEFAULT_CACHE_BLOCKS})")
+                   help="blocks each node's simulated cache holds")
     g.add_argument("--checkpoint-tokens", type=int, default=0,
                    help="a hit is usable only at multiples of it (scaled tokens, a multiple of the block; "
-                   "default: every block)")
+                   "0: every block)")
 
 
 def trace_main(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ The receiver's error ends the call with the status of its code (`prfaas.rpc.stat
 again in the trailing metadata key `prfaas-transfer-code`: when a write races the server's abort,
 gRPC's client may see the call end as INTERNAL, and the trailer still says what happened.
 
-Two ways to host the server side:
-  - `add_decode_servicer(server, decode_servicer, push_kv)` registers the whole Decode service
-    with the zero-copy `PushKv` handler (payloads stay views of the received bytes);
-  - `add_push_kv_only(server, push_kv)`: a server hosting only `PushKv` (tests and benchmarks).
+Two ways to host the server side: `PushKvServicer.method_handler()` is the zero-copy `PushKv`
+handler (payloads stay views of the received bytes), which the decode node registers with the rest
+of its Decode service (`prfaas.rpc.handlers.add_service(..., overrides={"PushKv": ...})`);
+`add_push_kv_only(server, push_kv)` hosts only `PushKv` (tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -141,17 +141,4 @@ def add_push_kv_only(server: grpc.aio.Server, push_kv: PushKvServicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def add_decode_servicer(server: grpc.aio.Server, decode_servicer: Any, push_kv: PushKvServicer) -> None:
-    """The Decode service: `Admit` from `decode_servicer` (generated messages), `PushKv` from
-    `push_kv` (zero-copy). Use instead of `add_DecodeServicer_to_server`."""
-    pb = decode_pb2
-    handlers = {
-        "Admit": grpc.unary_stream_rpc_method_handler(
-            decode_servicer.Admit,
-            request_deserializer=pb.AdmitRequest.FromString,
-            response_serializer=pb.AdmitEvent.SerializeToString,
-        ),
-        "PushKv": push_kv.method_handler(),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prfaas/v1/cachepool.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"4\n\x0fRegisterRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.NodeInfo\"M\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\"e\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.prfaas.v1.NodeLoad\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"B\n\x10ListNodesRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"p\n\nNodeStatus\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.NodeInfo\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.prfaas.v1.NodeLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.prfaas.v1.NodeStatus\"\\\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.prfaas.v1.CacheEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\"\x1c\n\nPublishAck\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x03\"!\n\x0cMatchRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"?\n\x07NodeHit\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\"E\n\rMatchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.prfaas.v1.NodeHit\x12\x12\n\nblock_size\x18\x02 \x01(\x05*w\n\x0e\x43\x61\x63heEventKind\x12\x1b\n\x17\x43\x41\x43HE_EVENT_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42LOCK_STORED\x10\x01\x12\x11\n\rBLOCK_EVICTED\x10\x02\x12\x10\n\x0cSTATE_STORED\x10\x03\x12\x11\n\rSTATE_EVICTED\x10\x04\x32\xd7\x02\n\tCachePool\x12\x43\n\x08Register\x12\x1a.prfaas.v1.RegisterRequest\x1a\x1b.prfaas.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.prfaas.v1.HeartbeatRequest\x1a\x1c.prfaas.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.prfaas.v1.ListNodesRequest\x1a\x1c.prfaas.v1.ListNodesResponse\x12\x39\n\x07Publish\x12\x15.prfaas.v1.CacheEvent\x1a\x15.prfaas.v1.PublishAck(\x01\x12:\n\x05Match\x12\x17.prfaas.v1.MatchRequest\x1a\x18.prfaas.v1.MatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prfaas/v1/cachepool.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"4\n\x0fRegisterRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.NodeInfo\"M\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\"w\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.prfaas.v1.NodeLoad\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"B\n\x10ListNodesRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\x82\x01\n\nNodeStatus\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.NodeInfo\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.prfaas.v1.NodeLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.prfaas.v1.NodeStatus\"\\\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.prfaas.v1.CacheEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\"\x1c\n\nPublishAck\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x03\"!\n\x0cMatchRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"?\n\x07NodeHit\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\"E\n\rMatchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.prfaas.v1.NodeHit\x12\x12\n\nblock_size\x18\x02 \x01(\x05*w\n\x0e\x43\x61\x63heEventKind\x12\x1b\n\x17\x43\x41\x43HE_EVENT_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42LOCK_STORED\x10\x01\x12\x11\n\rBLOCK_EVICTED\x10\x02\x12\x10\n\x0cSTATE_STORED\x10\x03\x12\x11\n\rSTATE_EVICTED\x10\x04\x32\xd7\x02\n\tCachePool\x12\x43\n\x08Register\x12\x1a.prfaas.v1.RegisterRequest\x1a\x1b.prfaas.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.prfaas.v1.HeartbeatRequest\x1a\x1c.prfaas.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.prfaas.v1.ListNodesRequest\x1a\x1c.prfaas.v1.ListNodesResponse\x12\x39\n\x07Publish\x12\x15.prfaas.v1.CacheEvent\x1a\x15.prfaas.v1.PublishAck(\x01\x12:\n\x05Match\x12\x17.prfaas.v1.MatchRequest\x1a\x18.prfaas.v1.MatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.cachepool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHEEVENTKIND']._serialized_start=872
-  _globals['_CACHEEVENTKIND']._serialized_end=991
+  _globals['_CACHEEVENTKIND']._serialized_start=909
+  _globals['_CACHEEVENTKIND']._serialized_end=1028
   _globals['_REGISTERREQUEST']._serialized_start=64
   _globals['_REGISTERREQUEST']._serialized_end=116
   _globals['_REGISTERRESPONSE']._serialized_start=118
   _globals['_REGISTERRESPONSE']._serialized_end=195
   _globals['_HEARTBEATREQUEST']._serialized_start=197
-  _globals['_HEARTBEATREQUEST']._serialized_end=298
-  _globals['_HEARTBEATRESPONSE']._serialized_start=300
-  _globals['_HEARTBEATRESPONSE']._serialized_end=334
-  _globals['_LISTNODESREQUEST']._serialized_start=336
-  _globals['_LISTNODESREQUEST']._serialized_end=402
-  _globals['_NODESTATUS']._serialized_start=404
-  _globals['_NODESTATUS']._serialized_end=516
-  _globals['_LISTNODESRESPONSE']._serialized_start=518
-  _globals['_LISTNODESRESPONSE']._serialized_end=575
-  _globals['_CACHEEVENT']._serialized_start=577
-  _globals['_CACHEEVENT']._serialized_end=669
-  _globals['_PUBLISHACK']._serialized_start=671
-  _globals['_PUBLISHACK']._serialized_end=699
-  _globals['_MATCHREQUEST']._serialized_start=701
-  _globals['_MATCHREQUEST']._serialized_end=734
-  _globals['_NODEHIT']._serialized_start=736
-  _globals['_NODEHIT']._serialized_end=799
-  _globals['_MATCHRESPONSE']._serialized_start=801
-  _globals['_MATCHRESPONSE']._serialized_end=870
-  _globals['_CACHEPOOL']._serialized_start=994
-  _globals['_CACHEPOOL']._serialized_end=1337
+  _globals['_HEARTBEATREQUEST']._serialized_end=316
+  _globals['_HEARTBEATRESPONSE']._serialized_start=318
+  _globals['_HEARTBEATRESPONSE']._serialized_end=352
+  _globals['_LISTNODESREQUEST']._serialized_start=354
+  _globals['_LISTNODESREQUEST']._serialized_end=420
+  _globals['_NODESTATUS']._serialized_start=423
+  _globals['_NODESTATUS']._serialized_end=553
+  _globals['_LISTNODESRESPONSE']._serialized_start=555
+  _globals['_LISTNODESRESPONSE']._serialized_end=612
+  _globals['_CACHEEVENT']._serialized_start=614
+  _globals['_CACHEEVENT']._serialized_end=706
+  _globals['_PUBLISHACK']._serialized_start=708
+  _globals['_PUBLISHACK']._serialized_end=736
+  _globals['_MATCHREQUEST']._serialized_start=738
+  _globals['_MATCHREQUEST']._serialized_end=771
+  _globals['_NODEHIT']._serialized_start=773
+  _globals['_NODEHIT']._serialized_end=836
+  _globals['_MATCHRESPONSE']._serialized_start=838
+  _globals['_MATCHRESPONSE']._serialized_end=907
+  _globals['_CACHEPOOL']._serialized_start=1031
+  _globals['_CACHEPOOL']._serialized_end=1374
 # @@protoc_insertion_point(module_scope)

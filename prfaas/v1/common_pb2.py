@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/common.proto\x12\tprfaas.v1\"\x8b\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x42\x07\n\x05_seed\"\x9f\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_slots\x18\x06 \x01(\x03\x12\x10\n\x08hardware\x18\x07 \x01(\t\"\xa3\x01\n\x08NodeLoad\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\x03\x12\x12\n\nfree_slots\x18\x02 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x1a\n\x12\x65gress_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x16\n\x0ekv_retransmits\x18\x07 \x01(\x03\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\"S\n\x0fSetRoleResponse\x12!\n\x08previous\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\x12\n\x10NodeStatsRequest\"\x93\x02\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x13\n\x0btotal_slots\x18\x05 \x01(\x03\x12\x12\n\nfree_slots\x18\x06 \x01(\x03\x12\x15\n\rcached_blocks\x18\x07 \x01(\x03\x12\x15\n\rcached_states\x18\x08 \x01(\x03\x12\x19\n\x11pending_transfers\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x05\x12\x13\n\x0btokens_done\x18\x0c \x01(\x03*(\n\x05Route\x12\x08\n\x04\x41UTO\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\n\n\x06PRFAAS\x10\x02*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\n\n\x06ROUTER\x10\x03\x12\r\n\tCACHEPOOL\x10\x04\x32\x8b\x01\n\x0bNodeControl\x12@\n\x07SetRole\x12\x19.prfaas.v1.SetRoleRequest\x1a\x1a.prfaas.v1.SetRoleResponse\x12:\n\x05Stats\x12\x1b.prfaas.v1.NodeStatsRequest\x1a\x14.prfaas.v1.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/common.proto\x12\tprfaas.v1\"\xc3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x8e\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_slots\x18\x06 \x01(\x03\x12\x10\n\x08hardware\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x1a\n\x12max_request_blocks\x18\t \x01(\x03\x12\x13\n\x0b\x63onvertible\x18\n \x01(\x08\x12\x13\n\x0bmax_context\x18\x0b \x01(\x05\x12\x13\n\x0bprefix_grid\x18\x0c \x01(\x05\"\xa3\x01\n\x08NodeLoad\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\x03\x12\x12\n\nfree_slots\x18\x02 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x1a\n\x12\x65gress_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x16\n\x0ekv_retransmits\x18\x07 \x01(\x03\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\"S\n\x0fSetRoleResponse\x12!\n\x08previous\x18\x01 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\"\x12\n\x10NodeStatsRequest\"\x93\x02\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.prfaas.v1.Role\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x13\n\x0btotal_slots\x18\x05 \x01(\x03\x12\x12\n\nfree_slots\x18\x06 \x01(\x03\x12\x15\n\rcached_blocks\x18\x07 \x01(\x03\x12\x15\n\rcached_states\x18\x08 \x01(\x03\x12\x19\n\x11pending_transfers\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x05\x12\x13\n\x0btokens_done\x18\x0c \x01(\x03*(\n\x05Route\x12\x08\n\x04\x41UTO\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\n\n\x06PRFAAS\x10\x02*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\n\n\x06ROUTER\x10\x03\x12\r\n\tCACHEPOOL\x10\x04\x32\x8b\x01\n\x0bNodeControl\x12@\n\x07SetRole\x12\x19.prfaas.v1.SetRoleRequest\x1a\x1a.prfaas.v1.SetRoleResponse\x12:\n\x05Stats\x12\x1b.prfaas.v1.NodeStatsRequest\x1a\x14.prfaas.v1.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTE']._serialized_start=939
-  _globals['_ROUTE']._serialized_end=979
-  _globals['_ROLE']._serialized_start=981
-  _globals['_ROLE']._serialized_end=1061
+  _globals['_ROUTE']._serialized_start=1184
+  _globals['_ROUTE']._serialized_end=1224
+  _globals['_ROLE']._serialized_start=1226
+  _globals['_ROLE']._serialized_end=1306
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=177
-  _globals['_NODEINFO']._serialized_start=180
-  _globals['_NODEINFO']._serialized_end=339
-  _globals['_NODELOAD']._serialized_start=342
-  _globals['_NODELOAD']._serialized_end=505
-  _globals['_SETROLEREQUEST']._serialized_start=507
-  _globals['_SETROLEREQUEST']._serialized_end=554
-  _globals['_SETROLERESPONSE']._serialized_start=556
-  _globals['_SETROLERESPONSE']._serialized_end=639
-  _globals['_NODESTATSREQUEST']._serialized_start=641
-  _globals['_NODESTATSREQUEST']._serialized_end=659
-  _globals['_NODESTATS']._serialized_start=662
-  _globals['_NODESTATS']._serialized_end=937
-  _globals['_NODECONTROL']._serialized_start=1064
-  _globals['_NODECONTROL']._serialized_end=1203
+  _globals['_SAMPLINGPARAMS']._serialized_end=233
+  _globals['_TOKENLOGPROB']._serialized_start=235
+  _globals['_TOKENLOGPROB']._serialized_end=311
+  _globals['_NODEINFO']._serialized_start=314
+  _globals['_NODEINFO']._serialized_end=584
+  _globals['_NODELOAD']._serialized_start=587
+  _globals['_NODELOAD']._serialized_end=750
+  _globals['_SETROLEREQUEST']._serialized_start=752
+  _globals['_SETROLEREQUEST']._serialized_end=799
+  _globals['_SETROLERESPONSE']._serialized_start=801
+  _globals['_SETROLERESPONSE']._serialized_end=884
+  _globals['_NODESTATSREQUEST']._serialized_start=886
+  _globals['_NODESTATSREQUEST']._serialized_end=904
+  _globals['_NODESTATS']._serialized_start=907
+  _globals['_NODESTATS']._serialized_end=1182
+  _globals['_NODECONTROL']._serialized_start=1309
+  _globals['_NODECONTROL']._serialized_end=1448
 # @@protoc_insertion_point(module_scope)

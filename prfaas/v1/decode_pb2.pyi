@@ -26,28 +26,34 @@ LINEAR_CONV: KvKind
 FIRST_TOKEN: KvKind
 
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "sampling", "transfer_timeout_s", "accept_wire_dtypes", "token_ids")
+    __slots__ = ("request_id", "sampling", "transfer_timeout_s", "accept_wire_dtypes", "token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    prompt_tokens: int
     sampling: _common_pb2.SamplingParams
     transfer_timeout_s: float
     accept_wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_timeout_s: _Optional[float] = ..., accept_wire_dtypes: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_timeout_s: _Optional[float] = ..., accept_wire_dtypes: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdmitEvent(_message.Message):
-    __slots__ = ("reserved", "tokens")
+    __slots__ = ("reserved", "tokens", "alive")
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
     reserved: Reserved
     tokens: Tokens
-    def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ...) -> None: ...
+    alive: Alive
+    def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., alive: _Optional[_Union[Alive, _Mapping]] = ...) -> None: ...
+
+class Alive(_message.Message):
+    __slots__ = ("kv_pending",)
+    KV_PENDING_FIELD_NUMBER: _ClassVar[int]
+    kv_pending: bool
+    def __init__(self, kv_pending: _Optional[bool] = ...) -> None: ...
 
 class Reserved(_message.Message):
     __slots__ = ("transfer_id", "node_id", "wire_dtype", "expected_chunks_hint", "kv_address")
@@ -64,12 +70,14 @@ class Reserved(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., expected_chunks_hint: _Optional[int] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
 class Tokens(_message.Message):
-    __slots__ = ("token_ids", "finish_reason")
+    __slots__ = ("token_ids", "finish_reason", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("transfer_id", "seq", "total_chunks", "layer", "kind", "token_start", "token_end", "dtype", "shape", "payload", "checksum", "scales", "first_token")

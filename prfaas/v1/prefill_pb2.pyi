@@ -30,12 +30,24 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
-    __slots__ = ("started", "done")
+    __slots__ = ("started", "done", "progress")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     started: PrefillStarted
     done: PrefillDone
-    def __init__(self, started: _Optional[_Union[PrefillStarted, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+    progress: PrefillProgress
+    def __init__(self, started: _Optional[_Union[PrefillStarted, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., progress: _Optional[_Union[PrefillProgress, _Mapping]] = ...) -> None: ...
+
+class PrefillProgress(_message.Message):
+    __slots__ = ("tokens_done", "layers_done", "queued")
+    TOKENS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    tokens_done: int
+    layers_done: int
+    queued: bool
+    def __init__(self, tokens_done: _Optional[int] = ..., layers_done: _Optional[int] = ..., queued: _Optional[bool] = ...) -> None: ...
 
 class PrefillStarted(_message.Message):
     __slots__ = ("node_id", "queue_wait_ms")
@@ -46,15 +58,17 @@ class PrefillStarted(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., queue_wait_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("first_token", "kv_bytes", "prefill_s", "transfer_s", "chunks")
+    __slots__ = ("first_token", "kv_bytes", "prefill_s", "transfer_s", "chunks", "first_logprob")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     kv_bytes: int
     prefill_s: float
     transfer_s: float
     chunks: int
-    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., chunks: _Optional[int] = ...) -> None: ...
+    first_logprob: _common_pb2.TokenLogprob
+    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., chunks: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/router.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\xe4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x1f\n\x05route\x18\n \x01(\x0e\x32\x10.prfaas.v1.RouteB\x07\n\x05_seed\"\xc1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05route\x18\x04 \x01(\x0e\x32\x10.prfaas.v1.Route\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\x32O\n\x06Router\x12\x45\n\x08Generate\x12\x1a.prfaas.v1.GenerateRequest\x1a\x1b.prfaas.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/router.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\x9c\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x1f\n\x05route\x18\n \x01(\x0e\x32\x10.prfaas.v1.Route\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xec\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05route\x18\x04 \x01(\x0e\x32\x10.prfaas.v1.Route\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.prfaas.v1.TokenLogprob2O\n\x06Router\x12\x45\n\x08Generate\x12\x1a.prfaas.v1.GenerateRequest\x1a\x1b.prfaas.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.router_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=62
-  _globals['_GENERATEREQUEST']._serialized_end=290
-  _globals['_GENERATERESPONSE']._serialized_start=293
-  _globals['_GENERATERESPONSE']._serialized_end=486
-  _globals['_ROUTER']._serialized_start=488
-  _globals['_ROUTER']._serialized_end=567
+  _globals['_GENERATEREQUEST']._serialized_end=346
+  _globals['_GENERATERESPONSE']._serialized_start=349
+  _globals['_GENERATERESPONSE']._serialized_end=585
+  _globals['_ROUTER']._serialized_start=587
+  _globals['_ROUTER']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from prfaas.obs import metrics
 from prfaas.obs.log import configure
 from prfaas.rpc.serve import serve
 from prfaas.settings import CachePoolSettings, parse_cachepool_settings
-from services.cachepool.core import CachePool
-from services.cachepool.server import add_servicers
+from prfaas.startup import run_service
+
+from .core import CachePool
+from .server import add_servicers
 
 
 async def run(s: CachePoolSettings) -> None:
     configure("cachepool", s.log_level)
+    metrics.install("cachepool")
     core = CachePool(s.block_size, s.heartbeat_timeout_s, s.heartbeat_interval_s)
     await core.start()
     try:
@@ -22,7 +24,7 @@ async def run(s: CachePoolSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(run(parse_cachepool_settings(argv)))
+    run_service("cachepool", run, parse_cachepool_settings(argv))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class _Member:
     info: NodeInfo
     load: NodeLoad
     last_seen: float
+    draining: bool = False
 
 
 def _validate(node: NodeInfo) -> None:
@@ -103,9 +104,10 @@ class CachePool:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        metrics.CLUSTER_NODES.clear()
+        nodes = metrics.current().cluster_nodes
+        nodes.clear()
         for m in self._members.values():
-            metrics.CLUSTER_NODES.labels(cluster=m.info.cluster, role=m.info.role.value).inc()
+            nodes.labels(cluster=m.info.cluster, role=m.info.role.value).inc()
 
     # --- membership ------------------------------------------------------------------------------
     async def register(self, node: NodeInfo) -> RegisterResult:
@@ -117,7 +119,9 @@ class CachePool:
                  address=node.address)
         return RegisterResult(self.heartbeat_interval_s, self.heartbeat_timeout_s)
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool:
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool:
         if not node_id:
             raise InvalidArgumentError("node_id must not be empty")
         member = self._members.get(node_id)
@@ -125,6 +129,9 @@ class CachePool:
             return False
         member.load = load
         member.last_seen = self._clock()
+        if draining and not member.draining:
+            log.info("node_draining", node_id=node_id)
+        member.draining = draining
         if role is not Role.UNSPECIFIED and role is not member.info.role:
             log.info("node_role_changed", node_id=node_id, old=member.info.role.value, new=role.value)
             member.info = replace(member.info, role=role)
@@ -134,7 +141,7 @@ class CachePool:
     async def list_nodes(self, cluster: str = "", role: Role = Role.UNSPECIFIED) -> list[NodeStatus]:
         now = self._clock()
         return [
-            NodeStatus(m.info, m.load, now - m.last_seen)
+            NodeStatus(m.info, m.load, now - m.last_seen, m.draining)
             for node_id, m in sorted(self._members.items())
             if cluster in ("", m.info.cluster) and role in (Role.UNSPECIFIED, m.info.role)
         ]
@@ -149,7 +156,7 @@ class CachePool:
             if event.node_id not in self._members:
                 raise UnknownNodeError(f"node {event.node_id!r} is not registered")
             self._index.apply(event)
-            metrics.CACHE_EVENTS.labels(kind=event.kind.value).inc()
+            metrics.current().cache_events.labels(kind=event.kind.value).inc()
         return len(events)
 
     async def match(self, token_ids: Sequence[int]) -> MatchResult:

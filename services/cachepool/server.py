@@ -17,12 +17,12 @@ from prfaas.rpc.convert import (
     node_status_to_pb,
     role_from_pb,
 )
+from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
-from services.cachepool.core import CachePool
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CachePool"].full_name
+from .core import CachePool
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
@@ -42,7 +42,7 @@ class CachePoolServicer(pb_grpc.CachePoolServicer):
     @mapped
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
         load, role = node_load_from_pb(request.load), role_from_pb(request.role)
-        known = await self._core.heartbeat(request.node_id, load, role)
+        known = await self._core.heartbeat(request.node_id, load, role, request.draining)
         return pb.HeartbeatResponse(known=known)
 
     @mapped
@@ -66,7 +66,6 @@ def add_servicers(core: CachePool) -> Callable[[grpc.aio.Server], list[str]]:
     """The `add_servicers` callback of `prfaas.rpc.serve` for this service."""
 
     def add(server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_CachePoolServicer_to_server(CachePoolServicer(core), server)
-        return [SERVICE_NAME]
+        return [add_service(server, CachePoolServicer(core), pb.DESCRIPTOR.services_by_name["CachePool"])]
 
     return add

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from prfaas.cluster import Role
 from prfaas.settings import parse_node_settings
-from services.worker.run import run_node
+from prfaas.startup import run_service
+
+from ..worker.run import run_node
 
 if __name__ == "__main__":
-    asyncio.run(run_node(parse_node_settings("decode"), Role.DECODE))
+    run_service("decode", lambda s: run_node(s, Role.DECODE), parse_node_settings("decode"))

@@ -1,20 +1,27 @@
-"""The decode node: reserves blocks and state slots for an announced request, receives its KV
-from a prefill node, then decodes it in a continuous batch and streams tokens.
+"""The decode node: reserves blocks and a state slot for an announced request (and promises the
+blocks of its whole generation, so it never runs out mid-way), receives its KV from a prefill
+node, then decodes it in a continuous batch and streams tokens.
 
 No gRPC here. `admit()` is an async generator whose lifetime is the request's: when the caller
-stops iterating (client cancel, router retry, deadline), everything reserved is freed.
+stops iterating (client cancel, router retry, deadline), everything reserved is freed. While it
+has nothing else to say it yields `Alive` every `alive_interval_s`, so a caller can tell a quiet
+node from a dead one. A sequence the model fails on ends alone, with `ModelFault`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from prfaas.engine.executor import Executor, SeqState
-from prfaas.messages import Reserved, SamplingParams, TokenBatch
+from prfaas.errors import Draining, InvalidRequest, ModelFault
+from prfaas.messages import Alive, Reserved, SamplingParams, TokenBatch
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
@@ -22,6 +29,8 @@ if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a s
     from prfaas.transport.receiver import KvReceiver
 
 log = get_logger(__name__)
+
+MIN_TRANSFER_TIMEOUT_S = 0.1
 
 
 class _ExecutorSink:
@@ -47,11 +56,17 @@ class DecodeNode:
         max_batch: int = 32,
         transfer_timeout_s: float = 30.0,
         compute_lock: asyncio.Lock | None = None,
+        max_request_blocks: int = 0,
+        alive_interval_s: float = 1.0,
     ) -> None:
         self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
+        # one request may hold at most this many blocks (prompt + output): none takes the pool
+        self.max_request_blocks = max_request_blocks or executor.blocks.num_blocks
+        self.alive_interval_s = alive_interval_s
+        self.draining = False
         self._running: dict[str, tuple[SeqState, asyncio.Queue[TokenBatch]]] = {}
         self._pending = 0
         self._stepping: set[int] = set()  # id() of sequences inside the running decode step
@@ -60,6 +75,7 @@ class DecodeNode:
         self._loop_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self.tokens_out = 0
+        self._last_token_at: dict[str, float] = {}  # per running request: when its last token came
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,6 +86,27 @@ class DecodeNode:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
 
+    @property
+    def max_tokens_per_request(self) -> int:
+        """The longest prompt + output one request may have here."""
+        return min(self.executor.max_context, self.max_request_blocks * self.executor.layout.block_size)
+
+    def _check_admissible(self, prompt: list[int], params: SamplingParams) -> None:
+        if self.draining:
+            raise Draining(f"decode node {self.node_id} is draining")
+        need = self.executor.blocks_needed(len(prompt), params.max_tokens)
+        if need > self.max_request_blocks:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks; "
+                f"decode node {self.node_id} admits at most {self.max_request_blocks} per request"
+            )
+
+    def _timeout(self, asked_s: float) -> float:
+        """The transfer deadline: what the caller asked for, within (0.1 s, the node's own]."""
+        if not math.isfinite(asked_s) or asked_s <= 0:
+            return self.transfer_timeout_s
+        return min(max(asked_s, MIN_TRANSFER_TIMEOUT_S), self.transfer_timeout_s)
+
     # --- the request's life -------------------------------------------------------------------------
     async def admit(
         self,
@@ -78,32 +115,32 @@ class DecodeNode:
         params: SamplingParams,
         transfer_timeout_s: float = 0.0,
         wire_dtypes: tuple[str, ...] = (),
-    ) -> AsyncGenerator[Reserved | TokenBatch, None]:
+    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
         ex = self.executor
+        self._check_admissible(prompt, params)
         seq = ex.reserve(request_id, prompt, params)  # raises InvalidRequest / OutOfCapacity
         transfer_id = f"{self.node_id}/{request_id}/{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         wire = "int8" if "int8" in wire_dtypes else ""
-        timeout = transfer_timeout_s or self.transfer_timeout_s
         queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
         try:
-            transfer = self.receiver.expect(
-                transfer_id,
-                ex.layout,
-                prompt_tokens=len(prompt),
-                skip_tokens=0,
-                sink=_ExecutorSink(ex, seq),
-                deadline_s=timeout,
-                wire_dtype=wire,
-            )
+            transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,
+                                            sink=_ExecutorSink(ex, seq), deadline_s=self._timeout(transfer_timeout_s),
+                                            wire_dtype=wire)
             self._pending += 1
             try:
                 yield Reserved(transfer_id, self.node_id, wire, self.kv_address)
-                first = await transfer.wait()
+                waiting = asyncio.ensure_future(transfer.wait())
+                async for alive in self._until(waiting):
+                    yield alive
+                first = waiting.result()
             finally:
                 self._pending -= 1
                 self.receiver.cancel(transfer_id)
             ex.complete_import(seq, first)
             log.info("kv_received", prompt_tokens=len(prompt), blocks=len(seq.block_table), slot=seq.slot)
+            m = metrics.current()
+            m.kv_received_bytes.inc(transfer.bytes)
+            m.generation_tokens.inc()
             self.tokens_out += 1
             yield TokenBatch([first], seq.finish_reason)
             if seq.finished:
@@ -111,7 +148,14 @@ class DecodeNode:
             self._running[transfer_id] = (seq, queue)
             self._wake.set()
             while True:
-                batch = await queue.get()
+                try:
+                    batch = await asyncio.wait_for(queue.get(), self.alive_interval_s)
+                except TimeoutError:
+                    yield Alive(kv_pending=False)
+                    continue
+                if batch.finish_reason == "error":
+                    log.error("sequence_failed", error=seq.error, output_tokens=len(seq.output))
+                    raise ModelFault(seq.error or f"request {request_id}: the decode step failed")
                 yield batch
                 if batch.finish_reason is not None:
                     return
@@ -123,6 +167,18 @@ class DecodeNode:
                 self._deferred_free.append(seq)  # its blocks are in use by the worker thread
             else:
                 ex.free(seq)
+
+    async def _until(self, waiting: asyncio.Future[int]) -> AsyncGenerator[Alive, None]:
+        """`Alive` every interval until `waiting` is done (cancelled with the caller)."""
+        try:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting}, timeout=self.alive_interval_s)
+                if not done:
+                    yield Alive(kv_pending=True)
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     # --- continuous batching ----------------------------------------------------------------------
     async def _batch_loop(self) -> None:
@@ -141,21 +197,29 @@ class DecodeNode:
                 else:
                     async with self._compute:
                         await asyncio.to_thread(ex.run_decode, ready)
-            except Exception as e:  # a failed step finishes its requests rather than hanging them
-                log.error("decode_step_failed", error=repr(e))
+            except Exception as e:  # a failed step ends its requests, each with the error, rather than hanging them
+                log.error("decode_step_failed", error=repr(e), batch=len(ready))
                 for s in ready:
-                    s.finish_reason = "error"
+                    s.finish_reason, s.error = "error", f"request {s.request_id}: the decode step failed: {e!r}"
             finally:
                 self._stepping = set()
                 for s in self._deferred_free:
                     ex.free(s)
                 self._deferred_free.clear()
-            ready_ids = {id(s) for s in ready}
+            ready_ids, now, m = {id(s) for s in ready}, time.monotonic(), metrics.current()
             for key, (seq, queue) in entries:
                 if id(seq) in ready_ids or seq.finished:
-                    tok = [seq.output[-1]] if id(seq) in ready_ids else []
+                    tok = [seq.output[-1]] if id(seq) in ready_ids and seq.finish_reason != "error" else []
                     self.tokens_out += len(tok)
-                    queue.put_nowait(TokenBatch(tok, seq.finish_reason))
+                    if tok:
+                        m.generation_tokens.inc()
+                        last = self._last_token_at.get(key)
+                        if last is not None:
+                            m.itl.observe(now - last)
+                        self._last_token_at[key] = now
+                    if seq.finished:
+                        self._last_token_at.pop(key, None)
+                    queue.put_nowait(TokenBatch(tok, seq.finish_reason, seq.logprobs[-1:] if tok else []))
                     if seq.finished:
                         self._running.pop(key, None)
 

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Reserved
-from prfaas.rpc.convert import sampling_from_pb
+from prfaas.messages import Alive, Reserved, TokenBatch
+from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.transport.grpc_push import PushKvServicer
 from prfaas.v1 import decode_pb2, decode_pb2_grpc
-from services.decode.core import DecodeNode
+
+from .core import DecodeNode
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -46,7 +47,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                 kv_address=ev.kv_address,
                             )
                         )
-                    else:
-                        yield decode_pb2.AdmitEvent(
-                            tokens=decode_pb2.Tokens(token_ids=ev.token_ids, finish_reason=ev.finish_reason or "")
+                    elif isinstance(ev, TokenBatch):
+                        tokens = decode_pb2.Tokens(
+                            token_ids=ev.token_ids,
+                            finish_reason=ev.finish_reason or "",
+                            logprobs=[logprob_to_pb(lp) for lp in ev.logprobs],
                         )
+                        yield decode_pb2.AdmitEvent(tokens=tokens)
+                    elif isinstance(ev, Alive):
+                        yield decode_pb2.AdmitEvent(alive=decode_pb2.Alive(kv_pending=ev.kv_pending))

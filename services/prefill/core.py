@@ -16,12 +16,13 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Protocol
 
 from prfaas.engine.executor import Executor, LayerKv, SeqState
-from prfaas.errors import InvalidRequest, OutOfCapacity
+from prfaas.errors import Draining, InvalidRequest, OutOfCapacity
 from prfaas.kv.prefill_plan import PrefillPlan, PrefillPlanner, Segment
 from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
-from prfaas.messages import Done, PrefillJob, Started
+from prfaas.messages import Done, PrefillJob, Progress, Started
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 
 log = get_logger(__name__)
@@ -48,6 +49,7 @@ class KvPush(Protocol):
 SenderFactory = Callable[[PrefillJob], KvPush]
 
 
+
 class PrefillNode:
     def __init__(
         self,
@@ -59,7 +61,10 @@ class PrefillNode:
         prefix_cache: PrefixCache | None = None,
         on_cache_events: Callable[[list[CacheEvent]], None] | None = None,
         yield_between_chunks: bool = False,
+        alive_interval_s: float = 1.0,
+        cluster: str = "",
     ) -> None:
+        self.cluster = cluster  # "prfaas" or "local": the route label of its metrics
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         self.planner = planner or PrefillPlanner(executor.layout.block_size)
         if prefix_cache is not None and not self.planner.grid:
@@ -71,13 +76,19 @@ class PrefillNode:
         # FIFO, so a waiting decode step goes first) and a long prefill no longer stalls decoding
         self._compute = compute_lock or asyncio.Lock()
         self.yield_between_chunks = yield_between_chunks
+        self.alive_interval_s = alive_interval_s
+        self.draining = False
         self.cached_tokens = 0  # prompt tokens served from the prefix cache so far
         self.tokens_computed = 0  # prompt tokens computed so far
         self.queue_depth = 0
         self.running = 0
         self.bytes_sent = 0
 
-    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Done, None]:
+    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
+        """The request's events: `Started`, `Progress` at least every `alive_interval_s` (also while
+        it waits for the compute lock or for its KV to drain), then `Done`."""
+        if self.draining:
+            raise Draining(f"prefill node {self.node_id} is draining")
         self.executor.validate(job.prompt, job.params)
         if not 0 <= job.num_connections <= MAX_KV_CONNECTIONS:
             raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
@@ -85,67 +96,92 @@ class PrefillNode:
         hold = _Hold(self._compute)
         self.queue_depth += 1
         try:
-            await hold.acquire()
+            async for ev in self._alive(asyncio.ensure_future(hold.acquire()), lambda: Progress(0, 0, True)):
+                yield ev
         finally:
             self.queue_depth -= 1
         self.running += 1
-        seq: SeqState | None = None
-        sender: KvPush | None = None
+        run: _Run | None = None
         try:
-            seq = self._reserve(job)
-            plan, hashes = self._plan(seq)
+            run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
+            plan, hashes = self._plan(run.seq)
+            run.tokens_done = plan.hit
+            m = metrics.current()
+            m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
-            sender = self.sender_factory(job)
+            run.sender = self.sender_factory(job)
             t0 = time.monotonic()
-            first = None
             for i, segment in enumerate(plan.segments):
                 # the decode side lacks the cached prefix too: the first part sends it as well
-                first = await self._run_part(seq, segment, sender, read_start=0 if i == 0 and plan.hit else None)
+                async for ev in self._run_part(run, segment, read_start=0 if i == 0 and plan.hit else None):
+                    yield ev
                 if segment.checkpoint:
-                    self._checkpoint(seq, hashes[: segment.end // self.executor.layout.block_size])
-                if first is None and self.yield_between_chunks:
+                    self._checkpoint(run.seq, hashes[: segment.end // self.executor.layout.block_size])
+                if run.first is None and self.yield_between_chunks:
                     hold.release()
-                    await hold.acquire()
-            assert first is not None, "the last part yields the first token"
+                    async for ev in self._alive(asyncio.ensure_future(hold.acquire()), run.progress):
+                        yield ev
+            assert run.first is not None, "the last part yields the first token"
             prefill_s = time.monotonic() - t0
             hold.release()  # the next prompt may compute while this KV drains
-            stats = await sender.finish(first)
-            sender = None
+            finish = asyncio.ensure_future(run.sender.finish(run.first))
+            async for ev in self._alive(finish, run.progress):
+                yield ev
+            stats, run.sender = finish.result(), None
             self.bytes_sent += stats.bytes
+            m.kv_bytes.labels(link=job.decode_address).inc(stats.bytes)
+            m.kv_transfer_seconds.labels(link=job.decode_address).observe(stats.seconds)
             log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
                      prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
                      chunks=stats.chunks)
-            yield Done(first, stats.bytes, prefill_s, stats.seconds, stats.chunks)
+            first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
+            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob)
         finally:
-            if sender is not None:
-                await asyncio.shield(sender.abort())
-            if seq is not None:
-                self.executor.free(seq)
+            if run is not None:
+                await run.close(self.executor)
             self.running -= 1
             hold.release()
 
-    async def _run_part(self, seq: SeqState, segment: Segment, sender: KvPush, read_start: int | None) -> int | None:
+    async def _run_part(self, run: _Run, segment: Segment, read_start: int | None) -> AsyncGenerator[Progress, None]:
         """Computes one part layer by layer off the event loop, pushing each layer as it finishes
-        (the sender streams while the next layer runs); the first token when the part ends the
+        (the sender streams while the next layer runs); sets `run.first` when the part ends the
         prompt."""
-        steps = self.executor.prefill_layerwise(seq, segment.end, read_start=read_start)
-        first = None
+        assert run.sender is not None
+        steps = self.executor.prefill_layerwise(run.seq, segment.end, read_start=read_start)
+        layers = 0
         while True:
-            # shielded, and awaited even when cancelled, so that a cancel never frees blocks under it
-            step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
-            try:
-                item = await asyncio.shield(step)
-            except asyncio.CancelledError:
-                await asyncio.gather(step, return_exceptions=True)
-                raise
+            run.step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
+            async for ev in self._alive(run.step, run.progress, cancel=False):
+                yield ev
+            item, run.step = run.step.result(), None
             if item is None:
                 break
             if isinstance(item, int):
-                first = item
+                run.first = item
             else:
-                await sender.push_layer(item)
+                await run.sender.push_layer(item)
+                layers += 1
+                run.layers_done = layers
+                yield run.progress()
         self.tokens_computed += segment.end - segment.start
-        return first
+        metrics.current().prompt_computed.inc(segment.end - segment.start)
+        run.tokens_done, run.layers_done = segment.end, 0
+
+    async def _alive(
+        self, waiting: asyncio.Future[object], event: Callable[[], Progress], cancel: bool = True
+    ) -> AsyncGenerator[Progress, None]:
+        """`event()` every `alive_interval_s` until `waiting` is done. Closed early, it cancels
+        `waiting` (or, with `cancel=False`, a compute step that must finish, leaves it to the run)."""
+        try:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting}, timeout=self.alive_interval_s)
+                if not done:
+                    yield event()
+            waiting.result()  # raises what it raised
+        finally:
+            if cancel and not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     # --- prefix reuse ---------------------------------------------------------------------------
     def _reserve(self, job: PrefillJob) -> SeqState:
@@ -165,12 +201,14 @@ class PrefillNode:
         n, hit = len(seq.prompt), 0
         if self.prefix_cache is None:
             return self.planner.plan(n), []
+        metrics.current().prefix_queries.inc(n)
         hashes = block_hashes(seq.prompt, self.executor.layout.block_size)
         ids, slot = self.prefix_cache.lookup(hashes, self.planner.max_hit_blocks(n))
         if ids and slot is not None:
             self.executor.attach_prefix(seq, ids, slot)
             hit = len(ids) * self.executor.layout.block_size
             self.cached_tokens += hit
+            metrics.current().prefix_hits.labels(route=self.cluster).inc(hit)
         return self.planner.plan(n, hit), hashes
 
     def _checkpoint(self, seq: SeqState, hashes: list[int]) -> None:
@@ -187,6 +225,28 @@ class PrefillNode:
 
     def stats(self) -> dict[str, int]:
         return {"queue_depth": self.queue_depth, "running": self.running}
+
+
+class _Run:
+    """One request on the node: its sequence, its sender, the compute step in flight (a worker
+    thread that must finish before the blocks are freed) and how far it got."""
+
+    def __init__(self, seq: SeqState) -> None:
+        self.seq = seq
+        self.sender: KvPush | None = None
+        self.step: asyncio.Future[LayerKv | int | None] | None = None
+        self.first: int | None = None
+        self.tokens_done = self.layers_done = 0
+
+    def progress(self) -> Progress:
+        return Progress(self.tokens_done, self.layers_done)
+
+    async def close(self, executor: Executor) -> None:
+        if self.step is not None:  # shielded from cancellation: the thread still uses the blocks
+            await asyncio.shield(asyncio.gather(self.step, return_exceptions=True))
+        if self.sender is not None:
+            await asyncio.shield(self.sender.abort())
+        executor.free(self.seq)
 
 
 class _Hold:

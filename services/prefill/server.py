@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Done, PrefillJob
-from prfaas.rpc.convert import sampling_from_pb
+from prfaas.messages import Done, PrefillJob, Progress
+from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
-from services.prefill.core import PrefillNode
+
+from .core import PrefillNode
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -36,10 +37,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
-                    if isinstance(ev, Done):
+                    if isinstance(ev, Progress):
+                        progress = prefill_pb2.PrefillProgress(tokens_done=ev.tokens_done, layers_done=ev.layers_done,
+                                                               queued=ev.queued)
+                        yield prefill_pb2.PrefillEvent(progress=progress)
+                    elif isinstance(ev, Done):
                         done = prefill_pb2.PrefillDone(first_token=ev.first_token, kv_bytes=ev.kv_bytes,
                                                        prefill_s=ev.prefill_s, transfer_s=ev.transfer_s,
                                                        chunks=ev.chunks)
+                        if ev.first_logprob is not None:
+                            done.first_logprob.CopyFrom(logprob_to_pb(ev.first_logprob))
                         yield prefill_pb2.PrefillEvent(done=done)
                     else:
                         started = prefill_pb2.PrefillStarted(node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms)

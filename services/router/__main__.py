@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from prfaas.cluster import Role
@@ -16,15 +14,18 @@ from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc import insecure_channel
 from prfaas.rpc.convert import role_to_pb
+from prfaas.rpc.handlers import add_service
 from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
 from prfaas.settings import RouterSettings, parse_router_settings
-from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
-from services.router.clients import GrpcNodeClients
-from services.router.control import ControlLoop
-from services.router.core import Node, Router
-from services.router.directory import CachePoolDirectory
-from services.router.server import RouterServicer
+from prfaas.startup import run_service
+from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2
+
+from .clients import GrpcNodeClients
+from .control import ControlLoop
+from .core import Node, Router, RouterLimits
+from .directory import CachePoolDirectory
+from .server import RouterServicer
 
 log = get_logger(__name__)
 
@@ -38,8 +39,35 @@ async def set_role(node: Node, role: str) -> None:
         await common_pb2_grpc.NodeControlStub(ch).SetRole(request, timeout=5)
 
 
+def limits(s: RouterSettings, config: ModelConfig) -> RouterLimits:
+    return RouterLimits(
+        vocab_size=config.vocab_size, max_context=config.max_position_embeddings,
+        transfer_timeout_s=s.transfer_timeout_s, stall_timeout_s=s.stall_timeout_s, num_connections=s.kv_connections,
+        prefill_inflight=s.prefill_inflight, max_queue=s.max_queue, max_queue_tokens=s.max_queue_tokens,
+        max_head_wait_s=s.max_head_wait_s, max_queue_wait_s=s.max_queue_wait_s, stale_after_s=s.stale_after_s,
+    )
+
+
+def export_metrics(router: Router, policy: object) -> None:
+    m = metrics.current()
+
+    def observe(decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
+        m.routing_decisions.labels(decision.route).inc()
+        m.ttft.labels(decision.route).observe(ttft_s)
+        m.prefix_hits.labels(decision.route).inc(decision.cached_tokens)
+        m.prefix_queries.inc(prompt_tokens)
+        m.threshold.set(getattr(policy, "threshold", 0.0))
+
+    router.observers.append(observe)
+    router.queue_observers.append(m.queue_time.observe)
+    m.bind("waiting", lambda: float(len(router.queue)))
+    m.bind("running", lambda: float(router.active - len(router.queue)))
+    m.threshold.set(getattr(policy, "threshold", 0.0))
+
+
 async def main(s: RouterSettings) -> None:
     configure("router", s.log_level)
+    metrics.install("router")
     model_dir = resolve_model(s.model)
     config = ModelConfig.from_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, config.vocab_size)
@@ -47,13 +75,11 @@ async def main(s: RouterSettings) -> None:
     clients = GrpcNodeClients()
     directory = CachePoolDirectory(pool, s.refresh_s)
     policy = make_policy(s.policy, s.threshold_tokens, s.bandwidth_mode)
-    router = Router(
-        directory, clients, policy, tokenizer, transfer_timeout_s=s.transfer_timeout_s, num_connections=s.kv_connections
-    )
+    router = Router(directory, clients, policy, tokenizer, limits(s, config))
     control = None
     if s.control_interval_s > 0:
         control = ControlLoop(
-            directory,
+            router,
             policy,
             KvLayout(config).kv_bytes,
             s.link_gbps * GBPS,
@@ -64,15 +90,7 @@ async def main(s: RouterSettings) -> None:
         router.observers.append(control.on_decision)
         router.prefill_observers.append(control.on_prefill)
 
-    def observe(decision: RouteDecision, prompt_tokens: int, ttft_s: float) -> None:
-        metrics.ROUTING_DECISIONS.labels(decision.route).inc()
-        metrics.TTFT_SECONDS.labels(decision.route).observe(ttft_s)
-        metrics.PREFIX_HIT_TOKENS.labels(decision.route).inc(decision.cached_tokens)
-        metrics.PREFIX_QUERY_TOKENS.inc(prompt_tokens)
-        metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
-
-    router.observers.append(observe)
-    metrics.THRESHOLD_TOKENS.set(getattr(policy, "threshold", 0.0))
+    export_metrics(router, policy)
     log.info(
         "policy",
         policy=s.policy,
@@ -83,8 +101,7 @@ async def main(s: RouterSettings) -> None:
     )
 
     def add(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(router), server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
+        return [add_service(server, RouterServicer(router), router_pb2.DESCRIPTOR.services_by_name["Router"])]
 
     async def started(address: str) -> None:
         if control is not None:
@@ -93,11 +110,12 @@ async def main(s: RouterSettings) -> None:
     async def stopping() -> None:
         if control is not None:
             await control.stop()
+        await router.stop()
         await clients.close()
         await pool.close()
 
-    await serve(s.listen, add, started, stopping, s.metrics_port)
+    await serve(s.listen, add, started, stopping, s.metrics_port, drain=lambda: router.drain(s.drain_timeout_s))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_router_settings()))
+    run_service("router", main, parse_router_settings())

@@ -7,9 +7,11 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
-from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
+from prfaas.errors import RemoteError
+from prfaas.messages import Alive, Done, PrefillJob, Progress, Reserved, SamplingParams, Started, TokenBatch
 from prfaas.rpc import insecure_channel
-from prfaas.rpc.convert import sampling_to_pb
+from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
+from prfaas.rpc.status import code_of
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 
@@ -30,12 +32,11 @@ class GrpcNodeClients:
 
     async def admit(
         self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
-    ) -> AsyncGenerator[Reserved | TokenBatch, None]:
+    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
         stub = decode_pb2_grpc.DecodeStub(self._channel(address))
         call = stub.Admit(
             decode_pb2.AdmitRequest(
                 request_id=request_id,
-                prompt_tokens=len(prompt),
                 sampling=sampling_to_pb(params),
                 transfer_timeout_s=timeout_s,
                 token_ids=prompt,
@@ -47,12 +48,18 @@ class GrpcNodeClients:
                 if which == "reserved":
                     r = ev.reserved
                     yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
+                elif which == "tokens":
+                    t = ev.tokens
+                    logprobs = [logprob_from_pb(x) for x in t.logprobs]
+                    yield TokenBatch(list(t.token_ids), t.finish_reason or None, logprobs)
                 else:
-                    yield TokenBatch(list(ev.tokens.token_ids), ev.tokens.finish_reason or None)
+                    yield Alive(ev.alive.kv_pending)
+        except grpc.aio.AioRpcError as e:
+            raise RemoteError(code_of(e.code()), e.details() or "") from e
         finally:
             call.cancel()
 
-    async def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Done, None]:
+    async def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
         stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
         call = stub.Prefill(
             prefill_pb2.PrefillRequest(
@@ -68,10 +75,17 @@ class GrpcNodeClients:
         )
         try:
             async for ev in call:
-                if ev.WhichOneof("event") == "started":
+                which = ev.WhichOneof("event")
+                if which == "started":
                     yield Started(ev.started.node_id, ev.started.queue_wait_ms)
+                elif which == "progress":
+                    p = ev.progress
+                    yield Progress(p.tokens_done, p.layers_done, p.queued)
                 else:
                     d = ev.done
-                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks)
+                    first_lp = logprob_from_pb(d.first_logprob) if d.HasField("first_logprob") else None
+                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks, first_lp)
+        except grpc.aio.AioRpcError as e:
+            raise RemoteError(code_of(e.code()), e.details() or "") from e
         finally:
             call.cancel()

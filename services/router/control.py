@@ -6,6 +6,10 @@ threshold `t`. Every `long_interval_s` the long-term controller sees the local p
 stages and may convert a local node between prefill and decode (through `RoleSetter`). Both use the
 same controller objects as the simulator. Profiles come from the live system: `S_kv(l)` from the KV
 layout, `T_prefill(l)` learned from the prefill nodes' reported prefill times.
+
+Beside the long-term controller, every tick: when no live local decode node is left (one died or
+stalled), a convertible local prefill node becomes a decode node at once, and goes back to prefill
+once another decode node is live again.
 No gRPC here.
 """
 
@@ -27,7 +31,8 @@ from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.online import OnlinePrefillProfile
 from prfaas.scheduling.policy import NodeView, RouteDecision
 from prfaas.scheduling.profiles import Profile
-from services.router.core import Directory, Node
+
+from .core import Directory, Node
 
 log = get_logger(__name__)
 
@@ -67,6 +72,7 @@ class ControlLoop:
         self._retransmits: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_long = float("-inf")
+        self.stand_ins: set[str] = set()  # prefill nodes converted to decode because none was left
 
     def _system(self) -> SystemProfile:
         return SystemProfile(
@@ -114,21 +120,54 @@ class ControlLoop:
                 max(sum(n.role == "decode" for n in local), 1),
             )
             retransmits = self._new_retransmits(prfaas)
+            egress = sum(n.egress_bytes_per_s for n in prfaas)
+            metrics.current().link_utilisation.labels(link="prfaas->local").set(egress / self.link_bytes_per_s)
             change = self.short.observe(
                 LinkObservation(
                     now,
-                    sum(n.egress_bytes_per_s for n in prfaas) * self.interval_s,
+                    egress * self.interval_s,
                     self.link_bytes_per_s,
                     sum(n.queue_depth for n in prfaas),
                     congested=retransmits >= self.congestion_retransmits,
                 )
             )
             if change is not None:
-                metrics.THRESHOLD_TOKENS.set(change.new)
+                metrics.current().threshold.set(change.new)
                 log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
+        if await self._stand_in(local):
+            return
         if now - self._last_long >= self.long_interval_s:
             self._last_long = now
             await self._long_term(now, local)
+
+    async def _stand_in(self, local: Sequence[Node]) -> bool:
+        """No decode capacity left: a convertible prefill node stands in; back when a decode node is."""
+        decode = [n for n in local if n.role == "decode"]
+        if not decode:
+            spare = [n for n in local if n.role == "prefill" and n.convertible]
+            if not spare or self.set_role is None:
+                return False
+            node = min(spare, key=lambda n: (n.queue_depth + n.running, n.node_id))
+            log.warning("role_change", node=node.node_id, old="prefill", new="decode", reason="no live decode node")
+            if await self._convert(node, "decode"):
+                self.stand_ins.add(node.node_id)
+            return True
+        back = [n for n in decode if n.node_id in self.stand_ins] if len(decode) > len(self.stand_ins) else []
+        for node in back:
+            log.info("role_change", node=node.node_id, old="decode", new="prefill", reason="a decode node is back")
+            if await self._convert(node, "prefill"):
+                self.stand_ins.discard(node.node_id)
+        return bool(back)
+
+    async def _convert(self, node: Node, role: str) -> bool:
+        if self.set_role is None:
+            return False
+        try:
+            await self.set_role(node, role)
+            return True
+        except Exception as e:
+            log.warning("role_change_failed", node=node.node_id, error=repr(e))
+            return False
 
     def _new_retransmits(self, nodes: Sequence[Node]) -> int:
         """Retransmits since the previous tick, summed over the nodes (counters are cumulative)."""

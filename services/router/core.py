@@ -1,11 +1,14 @@
-"""The router: validates a request, asks the cache pool who holds its prefix, lets the routing
-policy pick a prefill node (local PD-P or PrfaaS) and a decode node, wires the two together and
-streams the tokens back.
+"""The router: validates a request, asks the cache pool who holds its prefix, queues it until a
+prefill node (local PD-P or PrfaaS, the routing policy's choice) and a decode node can take it,
+wires the two together and streams the tokens back.
 
-Failure handling: if the prefill or the KV transfer fails before the first token, the decode
-reservation is dropped (closing its Admit stream frees everything) and the request is retried on
-another prefill node, falling back to the other cluster; a request is never lost silently.
-Client cancellation closes both streams, so both nodes free what they reserved.
+    generate -> validate -> queue (admission.py) -> dispatcher places it (placement.py + policy)
+             -> attempt (attempt.py): Admit on the decode node, Prefill on the prefill node, tokens
+
+Failure handling: a failed or stalled attempt before the first token marks the node it blames out
+of routing (until it heartbeats again) and the request goes back to the front of the queue, to be
+placed elsewhere; after the first token the client gets UNAVAILABLE with what happened. Client
+cancellation closes both streams, so both nodes free what they reserved.
 
 No gRPC here: the node clients and the directory are handed in.
 """
@@ -14,57 +17,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import dataclasses
+import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from structlog.contextvars import bind_contextvars
 
-from prfaas.engine.tokenizer import Tokenizer
-from prfaas.errors import Code, InvalidRequest, PrfaasError
-from prfaas.messages import Done, PrefillJob, Reserved, SamplingParams, Started, TokenBatch
+from prfaas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from prfaas.errors import Code, Draining, InvalidRequest, PrfaasError
+from prfaas.messages import Done, SamplingParams, TokenLogprob
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
-from prfaas.scheduling.policy import NodeView, RouteDecision, RouteQuery, RoutingPolicy
+from prfaas.scheduling.policy import NoCapacityError, RouteDecision, RouteQuery, RoutingPolicy
+
+from .admission import AdmissionQueue, Waiting
+from .attempt import Attempt, AttemptFailed, NodeClients
+from .placement import Ask, Capacity, Liveness, Node, Placement, decode_blocks
 
 log = get_logger(__name__)
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
 
-@dataclass(frozen=True)
-class Node:
-    node_id: str
-    cluster: str
-    role: str
-    address: str
-    queue_depth: int = 0
-    running: int = 0
-    free_blocks: int = 1 << 30
-    egress_bytes_per_s: float = 0.0
-    capacity_slots: int = 0
-    kv_retransmits: int = 0  # cumulative TCP retransmits on the node's KV connections
+__all__ = ["Directory", "GenerateInput", "GenerateOutput", "Node", "NodeClients", "Router", "RouterLimits",
+           "RouteFailed"]
 
 
 class Directory(Protocol):
     """Who is in the cluster, and who holds which prefix (the cache pool)."""
+
+    degraded: bool
 
     async def nodes(self) -> Sequence[Node]: ...
 
     async def hits(self, token_ids: list[int]) -> dict[str, int]: ...
 
 
-class NodeClients(Protocol):
-    def admit(
-        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
-    ) -> AsyncGenerator[Reserved | TokenBatch, None]: ...
-
-    def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Done, None]: ...
-
-
 class RouteFailed(PrfaasError):
-    """Every attempt to prefill the request failed."""
+    """Every attempt to serve the request failed, or none could be made in time."""
 
     code = Code.UNAVAILABLE
 
@@ -88,6 +81,24 @@ class GenerateOutput:
     decode_node: str = ""
     request_id: str = ""
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    vocab_size: int = 0  # 0: unchecked here (the nodes check)
+    max_context: int = 0  # the model's context length; 0: unchecked here
+    max_attempts: int = 3
+    transfer_timeout_s: float = 30.0
+    stall_timeout_s: float = 5.0  # a node stream quiet this long has stalled
+    num_connections: int = 0
+    prefill_inflight: int = 4  # requests a prefill node holds at once (computing or queued there)
+    max_queue: int = 1024
+    max_queue_tokens: int = 1 << 22
+    max_head_wait_s: float = 5.0
+    max_queue_wait_s: float = 120.0  # a request nobody could take for this long fails UNAVAILABLE
+    stale_after_s: float = 10.0  # a node whose last heartbeat is older is out of routing
+    max_prompt_chars: int = 1 << 24
 
 
 @dataclass
@@ -95,6 +106,7 @@ class RouterStats:
     decisions: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     failures: int = 0
+    requeued: int = 0
 
 
 class Router:
@@ -104,227 +116,261 @@ class Router:
         clients: NodeClients,
         policy: RoutingPolicy,
         tokenizer: Tokenizer | None = None,
-        max_attempts: int = 3,
-        transfer_timeout_s: float = 30.0,
-        num_connections: int = 0,
+        limits: RouterLimits | None = None,
+        **overrides: float,
     ) -> None:
         self.directory, self.clients, self.policy, self.tokenizer = directory, clients, policy, tokenizer
-        self.max_attempts, self.transfer_timeout_s, self.num_connections = (
-            max_attempts,
-            transfer_timeout_s,
-            num_connections,
-        )
+        base = limits or RouterLimits()
+        self.limits = RouterLimits(**{**base.__dict__, **overrides})
+        lim = self.limits
         self.stats = RouterStats()
-        self._inflight: Counter[str] = Counter()  # requests this router has on each node now
-        self._ids = itertools.count()
-        self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # controllers, metrics
+        self.queue: AdmissionQueue[Placement] = AdmissionQueue(lim.max_queue, lim.max_queue_tokens, lim.max_head_wait_s)
+        self.capacity = Capacity(lim.prefill_inflight)
+        self.liveness = Liveness(lim.stale_after_s)
+        self.draining = False
+        self.active = 0  # generate calls in progress, queued or serving
+        self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # (decision, prompt, ttft)
         self.prefill_observers: list[Callable[[str, int, float], None]] = []  # (cluster, tokens, prefill_s)
+        self.queue_observers: list[Callable[[float], None]] = []  # seconds each request waited
+        self._wake = asyncio.Event()
+        self._nodes: list[Node] = []
+        self._dispatcher: asyncio.Task[None] | None = None
 
+    # --- validation -------------------------------------------------------------------------------
     def _prompt_ids(self, req: GenerateInput) -> list[int]:
         if req.prompt and req.token_ids:
             raise InvalidRequest("give either prompt or token_ids, not both")
         if req.prompt:
             if self.tokenizer is None:
                 raise InvalidRequest("this router has no tokenizer: send token_ids")
+            if len(req.prompt) > self.limits.max_prompt_chars:
+                raise InvalidRequest(f"prompt has {len(req.prompt)} characters; at most {self.limits.max_prompt_chars}")
             return self.tokenizer.encode(req.prompt)
         if not req.token_ids:
             raise InvalidRequest("the prompt is empty: give prompt or token_ids")
         return list(req.token_ids)
 
-    async def _views(self, prompt: list[int], exclude: set[str]) -> tuple[list[NodeView], dict[str, Node]]:
-        nodes = [n for n in await self.directory.nodes() if n.node_id not in exclude]
-        hits = await self.directory.hits(prompt) if nodes else {}
-        views = [
-            NodeView(
-                n.node_id,
-                n.cluster,  # type: ignore[arg-type]  # filtered to "prfaas" / "local" below
-                n.role,  # type: ignore[arg-type]  # filtered to "prefill" / "decode" below
-                n.queue_depth,
-                # heartbeats lag by seconds: this router's own in-flight count is current
-                max(n.running, self._inflight[n.node_id]),
-                n.free_blocks,
-                hits.get(n.node_id, 0),
-            )
-            for n in nodes
-            if n.role in ("prefill", "decode") and n.cluster in ("prfaas", "local")
-        ]
-        return views, {n.node_id: n for n in nodes}
-
-    async def generate(self, req: GenerateInput) -> AsyncGenerator[GenerateOutput, None]:
-        request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
-        bind_contextvars(request_id=request_id)  # each RPC runs in its own task: no leak across calls
-        prompt = self._prompt_ids(req)
-        req.params.validate()
+    def validate(self, req: GenerateInput) -> tuple[str, list[int]]:
+        """The request id and prompt ids, or InvalidRequest naming the field."""
+        if req.request_id and not REQUEST_ID.fullmatch(req.request_id):
+            raise InvalidRequest("request_id must be 1-128 characters of [A-Za-z0-9._:/@+=-]")
         if req.route not in ("auto", "local", "prfaas"):
             raise InvalidRequest(f"unknown route {req.route!r}")
-        t0 = time.monotonic()
-        exclude: set[str] = set()
-        last_error: BaseException | None = None
-        for attempt in range(self.max_attempts):
-            views, by_id = await self._views(prompt, exclude)
-            forced = req.route
-            if attempt > 0 and forced != "auto":
-                forced = "auto" if req.route == "prfaas" else forced  # a forced PrfaaS route may fall back
-            decision = self.policy.route(RouteQuery(request_id, len(prompt), forced), views)  # type: ignore[arg-type]
-            log.info(
-                "route",
-                request_id=request_id,
-                attempt=attempt,
-                route=decision.route,
-                prefill=decision.prefill_node,
-                decode=decision.decode_node,
-                uncached=decision.uncached_tokens,
-                reason=decision.reason,
+        req.params.validate()
+        prompt = self._prompt_ids(req)
+        lim = self.limits
+        if lim.vocab_size:
+            bad = next((t for t in prompt if not 0 <= t < lim.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {lim.vocab_size})")
+            bad = next((t for t in req.params.stop_token_ids if t >= lim.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {lim.vocab_size})")
+        if lim.max_context and len(prompt) + req.params.max_tokens > lim.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the model's "
+                f"context of {lim.max_context} tokens"
             )
-            self.stats.decisions[decision.route] = self.stats.decisions.get(decision.route, 0) + 1
-            stream = self._serve(request_id, prompt, req.params, decision, by_id, t0)
-            try:
-                async with contextlib.aclosing(stream):
-                    first = await anext(stream)
-                    yield first
-                    async for out in stream:
-                        yield out
-                return
-            except _PrefillFailed as e:
-                last_error = e.__cause__ or e
-                exclude.add(decision.prefill_node)
-                self.stats.retries += 1
-                log.warning(
-                    "prefill_failed_retrying", request_id=request_id, node=decision.prefill_node, error=repr(last_error)
-                )
-        self.stats.failures += 1
-        raise RouteFailed(f"request {request_id}: {self.max_attempts} prefill attempts failed: {last_error!r}")
+        return req.request_id or f"req-{uuid.uuid4().hex[:12]}", prompt
+
+    # --- a request's life -------------------------------------------------------------------------
+    async def generate(self, req: GenerateInput) -> AsyncGenerator[GenerateOutput, None]:
+        if self.draining:
+            raise Draining("the router is draining: send new requests to another router")
+        request_id, prompt = self.validate(req)
+        bind_contextvars(request_id=request_id)  # each RPC runs in its own task: no leak across calls
+        t0 = time.monotonic()
+        nodes = await self.directory.nodes()
+        grids = [n.prefix_grid for n in nodes if n.prefix_grid > 0]
+        # a hit leaves a token to compute and falls on a node's grid: shorter prompts cannot hit anywhere
+        hits = await self.directory.hits(prompt) if grids and len(prompt) > min(grids) else {}
+        ask = Ask(request_id, len(prompt), req.params.max_tokens, req.route, tuple(hits.items()))  # type: ignore[arg-type]
+        why = self.capacity.never_fits(nodes, ask)
+        if why is not None:
+            raise InvalidRequest(f"request {request_id} can never be served here: {why}")
+        m = metrics.current()
+        m.prompt_tokens.inc(len(prompt))
+        self.active += 1
+        finish = "error"
+        try:
+            async for out in self._serve(request_id, prompt, req.params, ask, t0):
+                m.generation_tokens.inc(len(out.token_ids))
+                finish = out.finish_reason or finish
+                yield out
+        finally:
+            self.active -= 1
+            m.request_success.labels(finished_reason=finish if finish != "error" else "abort").inc()
+            m.e2e.observe(time.monotonic() - t0)
 
     async def _serve(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        d: RouteDecision,
-        by_id: dict[str, Node],
-        t0: float,
+        self, request_id: str, prompt: list[int], params: SamplingParams, ask: Ask, t0: float
     ) -> AsyncGenerator[GenerateOutput, None]:
-        # counted from the decision on (no await in between), so that concurrent requests see it
-        self._inflight[d.decode_node] += 1
-        self._inflight[d.prefill_node] += 1
+        last: AttemptFailed | None = None
+        attempt = 0
+        while attempt < self.limits.max_attempts:
+            placement = await self._placed(ask, front=last is not None)
+            attempt_t0 = time.monotonic()
+            try:
+                async for out in self._run(request_id, prompt, params, placement, t0, attempt_t0):
+                    yield out
+                return
+            except AttemptFailed as f:
+                last = f
+                log.warning("attempt_failed", request_id=request_id, attempt=attempt, side=f.side, node=f.node_id,
+                            code=f.code.value, error=f.message, tokens_sent=f.tokens_sent)
+                if f.requeue:
+                    self.stats.requeued += 1
+                    self.capacity.mark_full(f.node_id)
+                    continue  # the node was full (others' requests): wait for capacity again, no attempt spent
+                if f.code == Code.UNAVAILABLE:
+                    self.liveness.fail(f.node_id)  # out of routing until it heartbeats again
+                if not f.retryable:
+                    self.stats.failures += 1
+                    raise f.error() from None
+                if f.side == "prefill":
+                    ask = dataclasses.replace(ask, exclude=ask.exclude | {f.node_id})
+                self.stats.retries += 1
+                attempt += 1
+        self.stats.failures += 1
+        assert last is not None
+        raise RouteFailed(f"request {request_id}: {self.limits.max_attempts} attempts failed; the last: "
+                          f"{last.error()}")
+
+    async def _placed(self, ask: Ask, front: bool) -> Placement:
+        """Waits in the queue until the dispatcher places the request."""
+        self._ensure_dispatcher()
+        w: Waiting[Placement] = self.queue.push(ask.request_id, ask.prompt_tokens, ask, front=front)
+        self._wake.set()
+        try:
+            return await w.placed
+        finally:
+            self.queue.remove(w)
+            waited = time.monotonic() - w.enqueued_at
+            for obs in self.queue_observers:
+                obs(waited)
+
+    async def _run(
+        self, request_id: str, prompt: list[int], params: SamplingParams, p: Placement, t0: float, attempt_t0: float
+    ) -> AsyncGenerator[GenerateOutput, None]:
+        d = p.decision
+        log.info("route", route=d.route, prefill=d.prefill_node, decode=d.decode_node, uncached=d.uncached_tokens,
+                 reason=d.reason, queue_ms=round((attempt_t0 - t0) * 1000, 1))
+        self.stats.decisions[d.route] = self.stats.decisions.get(d.route, 0) + 1
         prefill_counted = [True]
 
-        def prefill_over() -> None:
+        def prefill_over(done: Done | None = None) -> None:
             if prefill_counted[0]:
                 prefill_counted[0] = False
-                self._inflight[d.prefill_node] -= 1
+                self.capacity.prefill_done(p)
+                self._wake.set()
+            if done is not None:
+                for obs in self.prefill_observers:
+                    obs(d.route, d.uncached_tokens, done.prefill_s)
 
-        try:  # closing the inner stream at once releases the decode reservation with us
-            inner = self._serve_on(request_id, prompt, params, d, by_id, t0, prefill_over)
-            async with contextlib.aclosing(inner):
-                async for out in inner:
+        lim = self.limits
+        attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
+                          stall_timeout_s=lim.stall_timeout_s, num_connections=lim.num_connections,
+                          deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over)
+        first, text = True, _Text(self.tokenizer)
+        try:
+            async with contextlib.aclosing(attempt.tokens()) as batches:
+                async for batch in batches:
+                    out = GenerateOutput(batch.token_ids, text.push(batch.token_ids, batch.finish_reason),
+                                         batch.finish_reason or "", logprobs=list(batch.logprobs))
+                    if first:
+                        first = False
+                        ttft = time.monotonic() - t0
+                        marks = {f"{k}_ms": round((v - t0) * 1000, 2) for k, v in attempt.marks.items()}
+                        log.info("first_token", ttft_ms=round(ttft * 1000, 2),
+                                 queue_ms=round((attempt_t0 - t0) * 1000, 2), **marks)
+                        for obs in self.observers:
+                            obs(d, len(prompt), ttft)
+                        out.route, out.prefill_node, out.decode_node = d.route, d.prefill_node, d.decode_node
+                        out.request_id, out.cached_tokens = request_id, d.cached_tokens
                     yield out
         finally:
             prefill_over()
-            self._inflight[d.decode_node] -= 1
+            self.capacity.decode_done(p)
+            self._wake.set()
 
-    async def _serve_on(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        d: RouteDecision,
-        by_id: dict[str, Node],
-        t0: float,
-        prefill_over: Callable[[], None],
-    ) -> AsyncGenerator[GenerateOutput, None]:
-        prefill_node, decode_node = by_id[d.prefill_node], by_id[d.decode_node]
-        admit = self.clients.admit(decode_node.address, request_id, prompt, params, self.transfer_timeout_s)
-        prefill_task: asyncio.Task[Done] | None = None
-        async with contextlib.aclosing(admit):
-            try:
-                reserved = await anext(admit)
-            except (StopAsyncIteration, ConnectionError) as e:
-                raise _PrefillFailed("the decode node did not reserve") from e
-            assert isinstance(reserved, Reserved)
-            job = PrefillJob(
-                request_id,
-                reserved.transfer_id,
-                prompt,
-                params,
-                reserved.kv_address or decode_node.address,  # the raw-TCP data port when it has one
-                self.num_connections,
-                reserved.wire_dtype,
-                time.time() + self.transfer_timeout_s,
-            )
-            prefill_task = asyncio.ensure_future(self._run_prefill(prefill_node.address, job, d, prefill_over))
-            try:
-                first = await self._first_tokens(admit, prefill_task)
-            except BaseException:
-                prefill_task.cancel()
-                await asyncio.gather(prefill_task, return_exceptions=True)
-                raise
-            ttft = time.monotonic() - t0
-            for obs in self.observers:
-                obs(d, len(prompt), ttft)
-            yield GenerateOutput(
-                first.token_ids,
-                self._text(first.token_ids),
-                first.finish_reason or "",
-                d.route,
-                d.prefill_node,
-                d.decode_node,
-                request_id,
-                d.cached_tokens,
-            )
-            if first.finish_reason:
-                await asyncio.gather(prefill_task, return_exceptions=True)
-                return
-            async for batch in admit:
-                assert isinstance(batch, TokenBatch)
-                yield GenerateOutput(batch.token_ids, self._text(batch.token_ids), batch.finish_reason or "")
-                if batch.finish_reason:
-                    break
-            await asyncio.gather(prefill_task, return_exceptions=True)
 
-    async def _run_prefill(
-        self, address: str, job: PrefillJob, d: RouteDecision, prefill_over: Callable[[], None]
-    ) -> Done:
-        done: Done | None = None
+    # --- the dispatcher ---------------------------------------------------------------------------
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        self.queue.fail_all(Draining("the router stopped"))
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.25)  # new work, freed capacity, or a tick
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.dispatch_once()
+            except Exception as e:  # the dispatcher must outlive any one bad pass
+                log.error("dispatch_failed", error=repr(e))
+
+    async def dispatch_once(self) -> int:
+        if not len(self.queue):
+            return 0
+        self._nodes = await self.nodes()
+        self._expire_waiting()
+        return self.queue.dispatch(self._try_place)
+
+    async def nodes(self) -> list[Node]:
+        """The members the router would route to now: usable (not failed, stale or draining)."""
+        nodes = await self.directory.nodes()
+        return [n for n in nodes if self.liveness.usable(n, self.directory.degraded)]
+
+    def _try_place(self, w: Waiting[Placement]) -> Placement | None:
+        ask: Ask = w.ask
+        by_id = {n.node_id: n for n in self._nodes}
+        query = RouteQuery(ask.request_id, ask.prompt_tokens, ask.route)
         try:
-            async for ev in self.clients.prefill(address, job):
-                if isinstance(ev, Done):
-                    done = ev
-        finally:
-            prefill_over()
-        if done is None:
-            raise ConnectionError("the prefill stream ended without a result")
-        for obs in self.prefill_observers:
-            obs(d.route, d.uncached_tokens, done.prefill_s)
-        return done
+            d = self.policy.route(query, self.capacity.views(self._nodes, ask))
+        except NoCapacityError as e:
+            if e.busy or not ask.exclude:
+                return None
+            try:  # only excluded prefill nodes are left: try them again (they heartbeated since)
+                everyone = dataclasses.replace(ask, exclude=frozenset())
+                d = self.policy.route(query, self.capacity.views(self._nodes, everyone))
+            except NoCapacityError:
+                return None
+        decode = by_id[d.decode_node]
+        p = Placement(d, by_id[d.prefill_node], decode, decode_blocks(decode, ask))
+        self.capacity.take(p)
+        return p
 
-    async def _first_tokens(
-        self, admit: AsyncGenerator[Reserved | TokenBatch, None], prefill: asyncio.Task[Done]
-    ) -> TokenBatch:
-        """Waits for the decode node's first tokens, watching the prefill: if the prefill fails
-        first, the attempt fails (and is retried) instead of waiting for the transfer deadline."""
-        first = asyncio.ensure_future(anext(admit))
-        try:
-            done, _ = await asyncio.wait({first, prefill}, return_when=asyncio.FIRST_COMPLETED)
-            if first not in done:
-                exc = prefill.exception()
-                if exc is not None:
-                    raise _PrefillFailed("prefill failed") from exc
-                await asyncio.wait({first})
-            try:
-                out = first.result()
-            except Exception as e:
-                raise _PrefillFailed("the KV transfer failed") from e
-            assert isinstance(out, TokenBatch)
-            return out
-        finally:
-            if not first.done():
-                first.cancel()
-                await asyncio.gather(first, return_exceptions=True)
+    def _expire_waiting(self) -> None:
+        limit = self.limits.max_queue_wait_s
+        self.queue.expire(limit, lambda w: RouteFailed(
+            f"request {w.request_id}: no prefill and decode node could take it within {limit:g} s"))
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
+    # --- drain ------------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float) -> None:
+        """Takes no new request; waits up to `timeout_s` for those in flight to finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
 
-class _PrefillFailed(Exception):
-    pass
+class _Text:
+    """A request's streamed text, decoded incrementally: a character whose bytes span two
+    messages comes out whole, in the later one."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer) if tokenizer else None
+
+    def push(self, ids: list[int], finish_reason: str | None) -> str:
+        if self._detok is None:
+            return ""
+        text = self._detok.push(ids)
+        return text + self._detok.finish() if finish_reason else text

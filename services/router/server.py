@@ -9,9 +9,11 @@ import grpc
 
 from prfaas.errors import InvalidRequest
 from prfaas.messages import SamplingParams
+from prfaas.rpc.convert import logprob_to_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.router.core import GenerateInput, Router
+
+from .core import GenerateInput, Router
 
 _ROUTE_IN = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
 _ROUTE_OUT = {"local": common_pb2.LOCAL, "prfaas": common_pb2.PRFAAS, "": common_pb2.AUTO}
@@ -30,10 +32,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             params = SamplingParams(
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
-                top_p=request.top_p if request.top_p > 0 else 1.0,
+                top_p=1.0 if request.top_p == 0 else request.top_p,  # 0: unset; the rest is checked
                 top_k=request.top_k,
                 seed=request.seed if request.HasField("seed") else None,
                 stop_token_ids=tuple(request.stop_token_ids),
+                logprobs=request.logprobs if request.HasField("logprobs") else None,
+                ignore_eos=request.ignore_eos,
             )
             req = GenerateInput(
                 request.request_id, request.prompt, list(request.token_ids), params, _ROUTE_IN[request.route]
@@ -49,4 +53,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         decode_node=out.decode_node,
                         request_id=out.request_id,
                         cached_tokens=out.cached_tokens,
+                        logprobs=[logprob_to_pb(lp) for lp in out.logprobs],
                     )

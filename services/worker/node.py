@@ -10,7 +10,7 @@ import asyncio
 import math
 import time
 
-from prfaas.cluster import CachePoolApi, NodeLoad, Role
+from prfaas.cluster import CachePoolApi, NodeInfo, NodeLoad, Role
 from prfaas.cluster.membership import MembershipAgent
 from prfaas.dtypes import torch_dtype
 from prfaas.engine.backends import make_backend
@@ -24,6 +24,7 @@ from prfaas.messages import PrefillJob
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 from prfaas.model.presets import resolve_model
+from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.settings import NodeSettings
 from prfaas.transport.chunks import chunk_grid
@@ -31,8 +32,9 @@ from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvSender
 from prfaas.transport.stats import GLOBAL as LINK_STATS
-from services.decode.core import DecodeNode
-from services.prefill.core import PrefillNode
+
+from ..decode.core import DecodeNode
+from ..prefill.core import PrefillNode
 
 log = get_logger(__name__)
 
@@ -79,10 +81,13 @@ class WorkerNode:
                 self.prefix_cache,
                 self.publish,
                 yield_between_chunks=self.convertible,
+                cluster=s.cluster,
             )
         self.receiver = KvReceiver()
         if role == Role.DECODE or self.convertible:
-            self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock)
+            cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
+            self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
+                                     max_request_blocks=cap)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
@@ -124,6 +129,30 @@ class WorkerNode:
         log.info("role_changed", old=previous.value, new=role.value)
         return previous
 
+    def info(self, address: str) -> NodeInfo:
+        """What the node registers with the cache pool."""
+        s = self.settings
+        cap = self.decode.max_request_blocks if self.decode else 0
+        grid = self.prefill.planner.grid if self.prefill and self.prefix_cache else 0
+        return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
+                        block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
+                        max_context=self.executor.max_context, prefix_grid=grid)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight (queued, computing, receiving KV or decoding)."""
+        st = self.stats()
+        return bool(st["running"] or st["pending_transfers"] or st["queue_depth"])
+
+    def drain(self) -> None:
+        """Takes no new request from now on (those in flight go on)."""
+        if self.prefill:
+            self.prefill.draining = True
+        if self.decode:
+            self.decode.draining = True
+        if self.agent is not None:
+            self.agent.draining = True
+
     def tokens_done(self) -> int:
         """Prompt tokens computed plus tokens decoded, since start."""
         return (self.prefill.tokens_computed if self.prefill else 0) + (self.decode.tokens_out if self.decode else 0)
@@ -152,6 +181,14 @@ class WorkerNode:
             egress_bytes_per_s=egress,
             tokens_per_s=tokens_per_s,
         )
+
+    def bind_metrics(self) -> None:
+        """The node's live gauges, read at scrape time."""
+        m, ex = metrics.current(), self.executor
+        m.bind("kv_usage", lambda: 1.0 - ex.blocks.num_free / max(ex.blocks.num_blocks, 1))
+        m.bind("state_usage", lambda: 1.0 - ex.slots.num_free / max(ex.slots.num_slots, 1))
+        m.bind("running", lambda: self.stats()["running"])
+        m.bind("waiting", lambda: self.stats()["queue_depth"] + self.stats()["pending_transfers"])
 
     def stats(self) -> dict[str, int]:
         """Accounting for `NodeControl.Stats`: the pool, what the prefix cache holds, the work."""

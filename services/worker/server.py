@@ -6,12 +6,13 @@ from __future__ import annotations
 import grpc
 
 from prfaas.rpc.convert import role_from_pb, role_to_pb
+from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
-from prfaas.transport.grpc_push import add_decode_servicer
-from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2, prefill_pb2_grpc
-from services.decode.server import DecodeServicer
-from services.prefill.server import PrefillServicer
-from services.worker.node import WorkerNode
+from prfaas.v1 import common_pb2, common_pb2_grpc, decode_pb2, prefill_pb2
+
+from ..decode.server import DecodeServicer
+from ..prefill.server import PrefillServicer
+from .node import WorkerNode
 
 Ctx = grpc.aio.ServicerContext
 
@@ -23,6 +24,8 @@ class NodeControlServicer(common_pb2_grpc.NodeControlServicer):
     @mapped
     async def SetRole(self, request: common_pb2.SetRoleRequest, context: Ctx) -> common_pb2.SetRoleResponse:  # noqa: N802
         previous = self.node.set_role(role_from_pb(request.role))
+        if self.node.agent is not None and previous != self.node.role:
+            await self.node.agent.heartbeat_now()  # routers see the new role now, not at the next beat
         return common_pb2.SetRoleResponse(previous=role_to_pb(previous), role=role_to_pb(self.node.role))
 
     @mapped
@@ -31,14 +34,16 @@ class NodeControlServicer(common_pb2_grpc.NodeControlServicer):
                                     **self.node.stats())
 
 
+CONTROL = common_pb2.DESCRIPTOR.services_by_name["NodeControl"]
+PREFILL = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"]
+DECODE = decode_pb2.DESCRIPTOR.services_by_name["Decode"]
+
+
 def add_servicers(node: WorkerNode, server: grpc.aio.Server) -> list[str]:
-    names = [common_pb2.DESCRIPTOR.services_by_name["NodeControl"].full_name]
-    common_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(node), server)
+    names = [add_service(server, NodeControlServicer(node), CONTROL)]
     if node.prefill:
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(node.prefill), server)
-        names.append(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name)
+        names.append(add_service(server, PrefillServicer(node.prefill), PREFILL))
     if node.decode:
-        servicer = DecodeServicer(node.decode)
-        add_decode_servicer(server, servicer, servicer.push)  # PushKv without a protobuf copy
-        names.append(decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name)
+        servicer = DecodeServicer(node.decode)  # PushKv without a protobuf copy of the payload
+        names.append(add_service(server, servicer, DECODE, overrides={"PushKv": servicer.push.method_handler()}))
     return names

@@ -30,9 +30,11 @@ class FlakyPool:
         self._check()
         return await self.core.register(node)
 
-    async def heartbeat(self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED) -> bool:
+    async def heartbeat(
+        self, node_id: str, load: NodeLoad, role: Role = Role.UNSPECIFIED, draining: bool = False
+    ) -> bool:
         self._check()
-        return await self.core.heartbeat(node_id, load, role)
+        return await self.core.heartbeat(node_id, load, role, draining)
 
     async def list_nodes(self, cluster: str = "", role: Role = Role.UNSPECIFIED) -> list[NodeStatus]:
         self._check()

@@ -1,0 +1,119 @@
+"""The router's own cost: TTFT of a short LOCAL request on an idle cluster against the same prefill
+in one process, measured alternately in one run, with where the difference goes.
+
+    .venv/bin/python bench/overhead.py [--reps 30] [--lengths 16,200] [--model builtin:qwen3_next-tiny]
+
+The in-process figure is the executor's add + prefill to the first token (what a single-process
+engine pays). The service figure is a client's Router.Generate call (one channel, kept open, as
+clients do) to its first message. The breakdown comes from the router's `first_token` log line of
+each request (times from its arrival): when it was placed, reserved on the decode node, started
+on the prefill node, done there, and when the first token came back. Results: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from prfaas.cluster.local import ClusterSpec, LocalCluster  # noqa: E402
+from prfaas.engine.llm import build_executor  # noqa: E402
+from prfaas.messages import SamplingParams  # noqa: E402
+from prfaas.rpc import insecure_channel  # noqa: E402
+from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
+
+MARKS = ("queue_ms", "reserved_ms", "prefill_started_ms", "prefill_done_ms", "first_ms", "ttft_ms")
+
+
+def in_process_ms(ex, prompt: list[int]) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    seq = ex.add("bench", prompt, SamplingParams(max_tokens=1))
+    ex.prefill(seq)
+    dt = (time.perf_counter() - t0) * 1000
+    ex.free(seq)
+    return dt
+
+
+async def service_ms(stub: router_pb2_grpc.RouterStub, prompt: list[int], rid: str) -> float:
+    t0 = time.perf_counter()
+    call = stub.Generate(router_pb2.GenerateRequest(request_id=rid, token_ids=prompt, max_tokens=1,
+                                                    route=common_pb2.LOCAL))
+    async for _ in call:
+        break
+    dt = (time.perf_counter() - t0) * 1000
+    call.cancel()
+    return dt
+
+
+def breakdown(log: Path, prefix: str) -> dict[str, float]:
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if msg.get("event") == "first_token" and str(msg.get("request_id", "")).startswith(prefix):
+            rows.append(msg)
+    return {m: statistics.median(r[m] for r in rows if m in r) for m in MARKS if any(m in r for r in rows)}
+
+
+async def measure(c: LocalCluster, ex, lengths: list[int], reps: int) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    out = []
+    async with insecure_channel(c.router_address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        for n in lengths:
+            prompt = torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for _ in range(3):  # warm both paths (connections, kernels)
+                await service_ms(stub, prompt, f"warm-{n}")
+                in_process_ms(ex, prompt)
+            svc, local = [], []
+            for i in range(reps):  # alternated, so that load drifts hit both the same
+                svc.append(await service_ms(stub, prompt, f"b{n}-{i}"))
+                local.append(in_process_ms(ex, prompt))
+                print(f"  {n} tokens: {i + 1}/{reps}", end="\r", flush=True)
+            print()
+            out.append({"tokens": n, "service_ms": statistics.median(svc), "in_process_ms": statistics.median(local)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--lengths", default="16,200")
+    ap.add_argument("--model", default="builtin:qwen3_next-tiny")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    ex, _ = build_executor(a.model)
+    with tempfile.TemporaryDirectory() as logs:
+        spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1,
+                           router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
+        print("[overhead] starting the cluster ...", flush=True)
+        with LocalCluster(a.model, spec, log_dir=logs) as c:
+            rows = asyncio.run(measure(c, ex, lengths, a.reps))
+            time.sleep(0.5)
+            parts = {n: breakdown(Path(logs) / "router.log", f"b{n}-") for n in lengths}
+    print("\n| prompt | through the services (ms) | in one process (ms) | ratio | difference (ms) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} tokens, LOCAL | {r['service_ms']:.1f} | {r['in_process_ms']:.1f} | "
+              f"{r['service_ms'] / r['in_process_ms']:.2f}x | {r['service_ms'] - r['in_process_ms']:.1f} |")
+    print("\nwhere a request's time goes, at the router (median ms from its arrival):")
+    print("| prompt | " + " | ".join(MARKS) + " |")
+    print("|---|" + "---|" * len(MARKS))
+    for n, b in parts.items():
+        print(f"| {n} | " + " | ".join(f"{b.get(m, float('nan')):.1f}" for m in MARKS) + " |")
+
+
+if __name__ == "__main__":
+    main()

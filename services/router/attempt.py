@@ -1,0 +1,219 @@
+"""One attempt at serving a placed request: reserve on the decode node, prefill on the prefill node,
+stream the tokens back, and tell the router what went wrong if anything did.
+
+Both node streams speak at least every second (`Progress`, `Alive`); a stream quiet for
+`stall_timeout_s` is a stalled node. A failure is an `AttemptFailed` naming the node to blame and
+whether the request may be retried: before its first token reached the client, a failure of the
+network or of a node is retried elsewhere; a refusal of the request itself (invalid, the model's
+fault) is not; after the first token nothing is retried and the client gets a clear status.
+
+No gRPC here: the node clients are handed in; their calls fail with `RemoteError` (a code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from prfaas.errors import Code, PrfaasError, RemoteError
+from prfaas.messages import (
+    Alive,
+    Done,
+    PrefillJob,
+    Progress,
+    Reserved,
+    SamplingParams,
+    Started,
+    TokenBatch,
+    TokenLogprob,
+)
+
+from .placement import Placement
+
+T = TypeVar("T")
+
+# what a failed call's code says about retrying: a refusal of the request itself is final
+FINAL = frozenset({Code.INVALID_ARGUMENT, Code.INTERNAL, Code.PERMISSION_DENIED, Code.UNAUTHENTICATED,
+                   Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE, Code.UNIMPLEMENTED})
+
+
+class NodeClients(Protocol):
+    def admit(
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]: ...
+
+    def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]: ...
+
+
+@dataclass
+class AttemptFailed(Exception):
+    node_id: str  # the node to blame
+    side: str  # "prefill" or "decode"
+    code: Code
+    message: str
+    tokens_sent: int = 0
+    requeue: bool = False  # the node was full, nobody failed: wait for capacity again
+
+    @property
+    def retryable(self) -> bool:
+        return self.tokens_sent == 0 and self.code not in FINAL
+
+    def error(self) -> RemoteError:
+        """What the client is told: the node's own code for a refusal, UNAVAILABLE for a failure."""
+        if self.tokens_sent:
+            code = self.code if self.code in FINAL else Code.UNAVAILABLE
+            return RemoteError(code, f"{self.side} node {self.node_id} failed after {self.tokens_sent} tokens: "
+                                     f"{self.message}")
+        return RemoteError(self.code, f"{self.side} node {self.node_id}: {self.message}")
+
+
+def code_of_error(e: BaseException) -> tuple[Code, str]:
+    if isinstance(e, PrfaasError):
+        return e.code, str(e)
+    return Code.UNAVAILABLE, repr(e)  # a broken connection, or anything the client did not classify
+
+
+class Attempt:
+    """Drives one placement; `tokens` yields the token batches (the first one first)."""
+
+    def __init__(
+        self,
+        clients: NodeClients,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        placement: Placement,
+        *,
+        transfer_timeout_s: float,
+        stall_timeout_s: float,
+        num_connections: int,
+        deadline_unix_s: float,
+        on_prefill_done: Callable[[Done], None],
+    ) -> None:
+        self.clients, self.request_id, self.prompt, self.params = clients, request_id, prompt, params
+        self.p, self.transfer_timeout_s, self.stall_timeout_s = placement, transfer_timeout_s, stall_timeout_s
+        self.num_connections, self.deadline_unix_s = num_connections, deadline_unix_s
+        self.on_prefill_done = on_prefill_done
+        self.sent = 0
+        self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, prefill_done, first
+
+    def _mark(self, what: str) -> None:
+        self.marks.setdefault(what, time.monotonic())
+
+    async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
+        d = self.p.decision
+        admit = self.clients.admit(self.p.decode.address, self.request_id, self.prompt, self.params,
+                                   self.transfer_timeout_s)
+        async with contextlib.aclosing(admit):
+            reserved = await self._decode_event(admit)
+            self._mark("reserved")
+            if not isinstance(reserved, Reserved):
+                raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "tokens before a reservation")
+            job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
+                             reserved.kv_address or self.p.decode.address, self.num_connections,
+                             reserved.wire_dtype, self.deadline_unix_s)
+            prefill = asyncio.ensure_future(self._prefill(job))
+            try:
+                first = await self._first(admit, prefill)
+                self._mark("first")
+                if self.params.logprobs is not None:  # the first token's is the prefill node's (it sampled it)
+                    first = TokenBatch(first.token_ids, first.finish_reason, await self._first_logprob(prefill))
+                yield first
+                while first.finish_reason is None:
+                    batch = await self._decode_event(admit)
+                    if not isinstance(batch, TokenBatch):
+                        raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "a second reservation")
+                    yield batch
+                    if batch.finish_reason is not None:
+                        break
+            finally:
+                if not prefill.done():
+                    prefill.cancel()
+                await asyncio.gather(prefill, return_exceptions=True)
+
+    # --- the two streams ----------------------------------------------------------------------------
+    async def _decode_event(self, admit: AsyncIterator[Reserved | TokenBatch | Alive]) -> Reserved | TokenBatch:
+        """The decode node's next event, skipping `Alive`; a quiet or broken stream fails."""
+        node = self.p.decision.decode_node
+        while True:
+            try:
+                ev = await asyncio.wait_for(anext(admit), self.stall_timeout_s)
+            except TimeoutError:
+                raise AttemptFailed(node, "decode", Code.UNAVAILABLE, f"silent for {self.stall_timeout_s:g} s",
+                                    self.sent) from None
+            except StopAsyncIteration:
+                raise AttemptFailed(node, "decode", Code.UNAVAILABLE, "the stream ended early", self.sent) from None
+            except Exception as e:
+                code, message = code_of_error(e)
+                raise AttemptFailed(node, "decode", code, message, self.sent,
+                                    requeue=code == Code.RESOURCE_EXHAUSTED and not self.sent) from e
+            if isinstance(ev, TokenBatch):
+                self.sent += len(ev.token_ids)
+                return ev
+            if isinstance(ev, Reserved):
+                return ev
+
+    async def _prefill(self, job: PrefillJob) -> Done:
+        node, done = self.p.decision.prefill_node, None
+        stream = self.clients.prefill(self.p.prefill.address, job)
+        async with contextlib.aclosing(stream):
+            while True:
+                try:
+                    ev = await asyncio.wait_for(anext(stream), self.stall_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise AttemptFailed(node, "prefill", Code.UNAVAILABLE,
+                                        f"no progress for {self.stall_timeout_s:g} s") from None
+                except Exception as e:
+                    code, message = code_of_error(e)
+                    raise AttemptFailed(node, "prefill", code, message,
+                                        requeue=code == Code.RESOURCE_EXHAUSTED) from e
+                if isinstance(ev, Started):
+                    self._mark("prefill_started")
+                elif isinstance(ev, Done):
+                    self._mark("prefill_done")
+                    done = ev
+        if done is None:
+            raise AttemptFailed(node, "prefill", Code.UNAVAILABLE, "the stream ended without a result")
+        self.on_prefill_done(done)
+        return done
+
+    async def _first_logprob(self, prefill: asyncio.Future[Done]) -> list[TokenLogprob]:
+        """From the prefill node's Done, which follows the first token by about a round trip."""
+        done = await prefill
+        if done.first_logprob is None:
+            raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.INTERNAL, "no logprob in its result")
+        return [done.first_logprob]
+
+    async def _first(self, admit: AsyncIterator[Reserved | TokenBatch | Alive],
+                     prefill: asyncio.Future[Done]) -> TokenBatch:
+        """The decode node's first tokens, watching the prefill: if the prefill fails first, the
+        attempt fails at once instead of at the transfer deadline."""
+        first = asyncio.ensure_future(self._decode_event(admit))
+        try:
+            await asyncio.wait({first, prefill}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done():
+                prefill.result()  # raises the prefill's failure
+                await asyncio.wait({first})
+            out = first.result()
+        except AttemptFailed as f:
+            if f.side == "decode" and prefill.done() and prefill.exception() is not None:
+                raise prefill.exception() from None  # type: ignore[misc]  # the KV never came: the prefill's fault
+            if f.side == "decode" and f.code != Code.UNAVAILABLE:
+                # the decode node is up and says the transfer failed (deadline, bad or missing chunks):
+                # the sender is to blame, and another prefill node may well succeed
+                raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.UNAVAILABLE,
+                                    f"the KV transfer failed ({f.code.value}): {f.message}") from None
+            raise
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+        if not isinstance(out, TokenBatch):
+            raise AttemptFailed(self.p.decision.decode_node, "decode", Code.INTERNAL, "a second reservation")
+        return out

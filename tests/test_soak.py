@@ -1,0 +1,27 @@
+"""The soak's short form (bench/soak.py --quick): at 3x capacity, with cancellations and one fault
+of each kind in turn, nothing is lost and every error is explained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_soak_loses_nothing(tmp_path):
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=880)
+    assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["lost"] == 0 and result["unexplained"] == 0, result
+    assert result["outcomes"].get("OK", 0) > 0 and len(result["faults"]) == 4
+    for name, (start, end) in result["rss_mib"].items():
+        assert end < 2 * start + 200, f"{name}: RSS {start} -> {end} MiB"
