@@ -96,20 +96,34 @@ static inline void rotary_table(int64_t pos, int rot, float theta, int rnd, floa
 
 /* The short conv for one token, channels [c0, c1): window = (state, x), y = silu(sum window * w);
  * the state shifts in place (cache dtype). The window is in the weight dtype, as the reference
- * casts it. */
-static void conv_step(const float *x, const float *w, int W, void *state, int cache_bf16, float *y,
-                      int c0, int c1, int rnd)
+ * casts it. Compiled per cache dtype, rounding and kernel width 4 (both families' conv), so that
+ * the channel loop has no branch. */
+static inline __attribute__((always_inline)) void conv_channels(
+    const float *x, const float *w, const int W, void *state, const int cache_bf16, float *y, int c0, int c1,
+    const int rnd)
 {
-    float win[16];
     for (int c = c0; c < c1; c++) {
         const size_t base = (size_t)c * (W - 1);
+        float win[16], s = 0.0f;
         for (int j = 0; j < W - 1; j++) win[j] = RND(rnd, load_any(state, base + j, cache_bf16));
         win[W - 1] = x[c];
-        float s = 0.0f;
         for (int j = 0; j < W; j++) s += RND(rnd, win[j] * w[(size_t)c * W + j]);
         y[c] = RND(rnd, s);
         for (int j = 0; j < W - 1; j++) store_any(state, base + j, cache_bf16, win[j + 1]);
     }
+}
+
+static void conv_step(const float *x, const float *w, int W, void *state, int cache_bf16, float *y,
+                      int c0, int c1, int rnd)
+{
+#define CONV(W_, CB_, R_) conv_channels(x, w, W_, state, CB_, y, c0, c1, R_)
+    if (W == 4) {
+        if (cache_bf16) rnd ? CONV(4, 1, 1) : CONV(4, 1, 0);
+        else rnd ? CONV(4, 0, 1) : CONV(4, 0, 0);
+    } else {
+        CONV(W, cache_bf16, rnd);
+    }
+#undef CONV
     silu_row(y + c0, c1 - c0);
     if (rnd)
         for (int c = c0; c < c1; c++) y[c] = round_bf16(y[c]);
@@ -122,12 +136,17 @@ static inline const void *token_at(const void *cache, int64_t blk, int off, int 
     return bf16 ? (const void *)((const uint16_t *)cache + flat) : (const void *)((const float *)cache + flat);
 }
 
-/* for t in [0, n): the token's pointer plus `shift` values, block by block (no division per token) */
-#define FOR_TOKENS(cache, table, n, bs, elems, shift, bf16, t, ptr, BODY)                                     \
+/* for t in [0, n): the token's pointer (`ptr`), block by block (no division per token). The
+ * blocks are anywhere in the pool and cold (the weights stream through the caches between two
+ * visits): while a block is read, the same token of the next block is fetched ahead. */
+#define FOR_TOKENS(cache, table, n, bs, elems, bf16, t, ptr, BODY)                                               \
     for (int64_t blk_ = 0, t = 0; t < (n); blk_++)                                                               \
         for (int off_ = 0; off_ < (bs) && t < (n); off_++, t++) {                                               \
             const void *ptr = token_at(cache, (table)[blk_], off_, bs, elems, bf16);                           \
-            ptr = (bf16) ? (const void *)((const uint16_t *)ptr + (shift)) : (const void *)((const float *)ptr + (shift)); \
+            if (t + (bs) < (n)) {                                                                               \
+                const char *next_ = (const char *)token_at(cache, (table)[blk_ + 1], off_, bs, elems, bf16);    \
+                for (size_t b_ = 0; b_ < (elems) * ((bf16) ? 2 : 4); b_ += 64) __builtin_prefetch(next_ + b_, 0, 3); \
+            }                                                                                                   \
             BODY;                                                                                               \
         }
 
@@ -146,22 +165,25 @@ static inline void softmax_rows(float *s, int rows, long ld, int n, int rnd_prob
     }
 }
 
-/* GQA, one sequence, query heads [h0, h1) (all within kv head g's group): q (nh, hd) float32,
- * out (nh, hd); scores scratch (h1 - h0, n). */
-static void gqa_attend(const float *q, float *out, int h0, int h1, int g, int hd, int nkv, float scale,
+/* GQA, one sequence, query heads [h0, h1) (any groups) in one pass over its keys and one over its
+ * values: q (nh, hd) float32, out (nh, hd); scores scratch (h1 - h0, n). */
+static void gqa_attend(const float *q, float *out, int h0, int h1, int group, int hd, int nkv, float scale,
                        const void *kc, const void *vc, const int32_t *table, int64_t n, int bs, int bf16,
                        float *scores, int rnd)
 {
     const int nq = h1 - h0;
-    const size_t tok = (size_t)nkv * hd, shift = (size_t)g * hd;
-    FOR_TOKENS(kc, table, n, bs, tok, shift, bf16, t, k, {
-        for (int i = 0; i < nq; i++) scores[i * n + t] = dot_any(q + (size_t)(h0 + i) * hd, k, bf16, hd) * scale;
+    const size_t tok = (size_t)nkv * hd;
+#define HEAD(p, h) ((bf16) ? (const void *)((const uint16_t *)(p) + (size_t)((h) / group) * hd) \
+                           : (const void *)((const float *)(p) + (size_t)((h) / group) * hd))
+    FOR_TOKENS(kc, table, n, bs, tok, bf16, t, k, {
+        for (int i = 0; i < nq; i++) scores[i * n + t] = dot_any(q + (size_t)(h0 + i) * hd, HEAD(k, h0 + i), bf16, hd) * scale;
     })
     softmax_rows(scores, nq, n, (int)n, 0);
     for (int i = 0; i < nq; i++) memset(out + (size_t)(h0 + i) * hd, 0, sizeof(float) * hd);
-    FOR_TOKENS(vc, table, n, bs, tok, shift, bf16, t, v, {
-        for (int i = 0; i < nq; i++) axpy_any(out + (size_t)(h0 + i) * hd, scores[i * n + t], v, bf16, hd);
+    FOR_TOKENS(vc, table, n, bs, tok, bf16, t, v, {
+        for (int i = 0; i < nq; i++) axpy_any(out + (size_t)(h0 + i) * hd, scores[i * n + t], HEAD(v, h0 + i), bf16, hd);
     })
+#undef HEAD
     if (rnd)
         for (int i = 0; i < nq; i++)
             for (int d = 0; d < hd; d++) out[(size_t)(h0 + i) * hd + d] = round_bf16(out[(size_t)(h0 + i) * hd + d]);
@@ -173,13 +195,13 @@ static void mla_attend(const float *qf, float *o_lat, int h0, int h1, int R, int
                        const void *cache, const int32_t *table, int64_t n, int bs, int bf16, float *scores, int rnd)
 {
     const int nq = h1 - h0, C = R + P;
-    FOR_TOKENS(cache, table, n, bs, (size_t)C, 0, bf16, t, c, {
+    FOR_TOKENS(cache, table, n, bs, (size_t)C, bf16, t, c, {
         for (int i = 0; i < nq; i++)
             scores[i * n + t] = RND(rnd, RND(rnd, dot_any(qf + (size_t)(h0 + i) * C, c, bf16, C)) * scale);
     })
     softmax_rows(scores, nq, n, (int)n, rnd);
     for (int i = 0; i < nq; i++) memset(o_lat + (size_t)(h0 + i) * R, 0, sizeof(float) * R);
-    FOR_TOKENS(cache, table, n, bs, (size_t)C, 0, bf16, t, c, {
+    FOR_TOKENS(cache, table, n, bs, (size_t)C, bf16, t, c, {
         for (int i = 0; i < nq; i++) axpy_any(o_lat + (size_t)(h0 + i) * R, scores[i * n + t], c, bf16, R);
     })
     if (rnd)

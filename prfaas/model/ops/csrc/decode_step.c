@@ -183,19 +183,14 @@ static void gqa_mixer(const model_t *m, const layer_t *L, const step_t *s, const
     PROF(P_ATTN_PREP);
     float *scores = w->scores + (size_t)thread_id() * s->max_ctx * m->max_heads;
     FOR_PAIRS(B, nh, b, h0, h1, {
-        const float *gate_row = w->p + (size_t)b * ld;
-        for (int a = h0; a < h1;) {
-            const int g = a / group, e = (g + 1) * group < h1 ? (g + 1) * group : h1;
-            gqa_attend(w->t1 + (size_t)b * nh * hd, w->t4 + (size_t)b * nh * hd, a, e, g, hd, nkv, L->scale,
-                       L->k_cache, L->v_cache, s->block_tables + (size_t)b * s->max_blocks, ctx_len(s, b), bs, cb,
-                       scores, rnd);
-            for (int h = a; h < e; h++) {
-                float *o = w->t4 + ((size_t)b * nh + h) * hd, act[1024];
-                memcpy(act, gate_row + (size_t)h * 2 * hd + hd, sizeof(float) * hd);
-                sigmoid_row(act, hd);
-                for (int d = 0; d < hd; d++) o[d] = RND(rnd, o[d] * RND(rnd, act[d]));
-            }
-            a = e;
+        gqa_attend(w->t1 + (size_t)b * nh * hd, w->t4 + (size_t)b * nh * hd, h0, h1, group, hd, nkv, L->scale,
+                   L->k_cache, L->v_cache, s->block_tables + (size_t)b * s->max_blocks, ctx_len(s, b), bs, cb, scores,
+                   rnd);
+        for (int h = h0; h < h1; h++) { /* the output gate */
+            float *o = w->t4 + ((size_t)b * nh + h) * hd, act[1024];
+            memcpy(act, w->p + (size_t)b * ld + (size_t)h * 2 * hd + hd, sizeof(float) * hd);
+            sigmoid_row(act, hd);
+            for (int d = 0; d < hd; d++) o[d] = RND(rnd, o[d] * RND(rnd, act[d]));
         }
     });
     BARRIER();
