@@ -26,6 +26,7 @@ from prfaas.kv.pool import LayerKv
 from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.model.base import ForwardMeta
 from prfaas.model.fast_decode import FastDecoder, Unsupported
+from prfaas.model.fast_decode import available as fast_decode_available
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.ops.attention import AttentionBackend, TorchAttention
 from prfaas.obs.log import get_logger
@@ -91,11 +92,17 @@ class Executor:
         self.caches = self.pool.layer_caches
         self.stop_ids = frozenset(self.config.eos_token_ids)
         # the fused C decode step (prfaas/model/fast_decode): on unless turned off here or by
-        # PRFAAS_FAST_DECODE=0 (read here only); built on the first decode step, and where the model,
-        # pool or machine is one it does not cover, the torch step runs (the reason logged once)
+        # PRFAAS_FAST_DECODE=0 (read here only). Its library is compiled (once per machine) and
+        # loaded here, so that no request waits for the compiler; its plan (the packed weights) is
+        # built on the first decode step, so that an executor that never decodes holds no copy.
+        # Where the model, pool or machine is one it does not cover (no C compiler, another
+        # device or dtype), the torch step runs, the reason logged once.
         if fast_decode is None:
             fast_decode = os.environ.get("PRFAAS_FAST_DECODE", "1") != "0"
-        self.fast_decode = fast_decode and isinstance(self.attn, TorchAttention)
+        self.fast_decode = fast_decode and isinstance(self.attn, TorchAttention) and self.device.type == "cpu"
+        if self.fast_decode and not fast_decode_available():
+            log.info("fast_decode_off", reason="the C decode step did not build (no C compiler, or kernels off)")
+            self.fast_decode = False
         self._fast: FastDecoder | None = None
 
     # --- admission ----------------------------------------------------------------------------
@@ -365,6 +372,7 @@ class Executor:
         if self.fast_decode and self._fast is None:
             try:
                 self._fast = FastDecoder(self.model, self.caches, self.layout.block_size)
+                log.info("fast_decode_on", layers=self.config.num_layers, dtype=str(self._fast.plan.dtype))
             except Unsupported as e:
                 log.info("fast_decode_off", reason=str(e))
                 self.fast_decode = False
