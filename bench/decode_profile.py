@@ -8,7 +8,9 @@ build, and what is left for Python).
                                                         [--fast-decode off,on]
 
 Timings are the best of three runs of `--steps` steps (prompts as bench/engine.py's decode: 128
-tokens at batch 1, 64..499 at batch 16). The machine is shared: read them as proportions.
+tokens at batch 1, 64..499 at batch 16); the fused step's parts and "outside" are from one more
+run of `--steps` steps. The machine is shared: read them as proportions. At two threads on a
+loaded machine every OpenMP barrier can wait a scheduler slice: use --threads 1 there.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ def torch_profile(ex: Executor, seqs: list[SeqState], steps: int, top: int) -> s
     return f"  torch ops per step: {calls / steps:.0f}\n" + events.table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def c_profile(ex: Executor, seqs: list[SeqState], steps: int, dt: float) -> str:
+def c_profile(ex: Executor, seqs: list[SeqState], steps: int) -> str:
+    """The C parts and the rest (Python around the call), over the same timed steps."""
     assert ex._fast is not None
     ex._fast.take_profile()
+    t0 = time.perf_counter()
     for _ in range(steps):
         ex.decode_step(seqs)
+    dt = (time.perf_counter() - t0) / steps
     parts = {k: v / steps for k, v in ex._fast.take_profile().items()}
     inside = sum(parts.values())
     lines = [f"  torch ops per step: 0 (one C call); in C {inside * 1e3:.3f} ms/step, outside (Python) "
@@ -106,7 +111,7 @@ def main() -> None:
                         print(f"{family} {dname} fast_decode={mode} {name}: {dt * 1e3:.2f} ms/step, "
                               f"{len(lens) / dt:,.0f} tok/s", flush=True)
                         if not args.no_profile:
-                            report = (c_profile(ex, seqs, args.steps, dt) if mode == "on"
+                            report = (c_profile(ex, seqs, args.steps) if mode == "on"
                                       else torch_profile(ex, seqs, args.steps, args.top))
                             print(report, flush=True)
                         for s in seqs:

@@ -284,11 +284,18 @@ def test_switches_and_fallbacks(model_dir, monkeypatch):
     assert wide._fast is None and len(seq.output) == 2
 
 
-def test_without_c_kernels_the_step_is_unavailable():
-    code = "from prfaas.model import fast_decode; print(fast_decode.available())"
+def test_without_c_kernels_the_step_is_unavailable(model_dir):
+    """As on a machine without a C compiler: the executor runs the torch step from the start."""
+    code = (
+        "import sys; from prfaas.model import fast_decode; from prfaas.model.loader import load_model\n"
+        "from prfaas.engine.executor import Executor; from prfaas.kv.layout import KvLayout\n"
+        "m = load_model(sys.argv[1]); ex = Executor(m, KvLayout(m.config, block_size=16), 64, 4)\n"
+        "print(fast_decode.available(), ex.fast_decode)"
+    )
     env = {**os.environ, "PRFAAS_CPU_KERNELS": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
 
 
 def test_bad_step_inputs_are_refused(model_dir):
