@@ -91,11 +91,13 @@ def main() -> None:
     ap.add_argument("--lengths", default="16,200")
     ap.add_argument("--model", default="builtin:qwen3_next-tiny")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine")
+    ap.add_argument("--keep-logs", default="", help="write the cluster's logs here (default: a temporary directory)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lengths = [int(x) for x in a.lengths.split(",")]
     ex, _ = build_executor(a.model)
-    with tempfile.TemporaryDirectory() as logs:
+    with tempfile.TemporaryDirectory() as logs_tmp:
+        logs = a.keep_logs or logs_tmp
         spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1,
                            router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
         print("[overhead] starting the cluster ...", flush=True)

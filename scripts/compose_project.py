@@ -39,7 +39,10 @@ class Compose:
         r = subprocess.run(self._cmd("config"), env=self.env, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise SmokeError(f"podman-compose config failed:\n{r.stderr[-2000:]}")
-        self.services = dict(yaml.safe_load(r.stdout)["services"])
+        # services in a profile (Prometheus: `monitoring`) start only when it is asked for; the smoke
+        # brings up the default set
+        services = dict(yaml.safe_load(r.stdout)["services"])
+        self.services = {n: s for n, s in services.items() if not s.get("profiles")}
 
     def builds(self) -> dict[str, dict[str, Any]]:
         """image -> build section, once per image built by some service."""

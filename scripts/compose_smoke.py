@@ -77,19 +77,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _generate(address: str, ids: list[int], max_tokens: int) -> tuple[list[int], Any]:
+async def _generate(address: str, ids: list[int], max_tokens: int) -> tuple[list[int], Any, str]:
     import grpc
 
     from prfaas.v1 import router_pb2, router_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as ch:
         out: list[int] = []
-        head = None
+        head, text = None, ""
         request = router_pb2.GenerateRequest(token_ids=ids, max_tokens=max_tokens, temperature=0.0)
         async for msg in router_pb2_grpc.RouterStub(ch).Generate(request, timeout=180):
             head = head or msg
             out += list(msg.token_ids)
-        return out, head
+            text += msg.text
+        return out, head, text
+
+
+def _openai_completion(listen: str, model: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """POST /v1/completions with a token-id prompt, greedy, through the standard library."""
+    import urllib.request
+
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://{listen}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=180) as r:
+        return dict(json.loads(r.read()))
+
+
+def check_openai(compose: Compose, max_tokens: int) -> None:
+    """The front door's /v1/completions on a prompt as token ids: the same text as the router's
+    stream for the same greedy request, and usage counting the tokens."""
+    doors = compose.by_module("frontdoor")
+    if not doors:
+        say("no front door service in the compose file: OpenAI check skipped")
+        return
+    fenv, renv = compose.env_of(doors[0]), compose.env_of(compose.by_module("router")[0])
+    models = json.loads(_get(f"http://{fenv['PRFAAS_LISTEN']}/v1/models"))["data"]
+    ids = [random.Random(1).randrange(3, 200) for _ in range(20)]
+    tokens, _, text = asyncio.run(_generate(renv["PRFAAS_LISTEN"], ids, max_tokens))
+    got = _openai_completion(fenv["PRFAAS_LISTEN"], models[0]["id"], ids, max_tokens)
+    say(f"OpenAI /v1/completions: {got['choices'][0]['text']!r}, usage {got['usage']}")
+    if got["choices"][0]["text"] != text:
+        raise SmokeError(f"the front door gave {got['choices'][0]['text']!r}, the router {text!r}")
+    if got["usage"]["prompt_tokens"] != len(ids) or got["usage"]["completion_tokens"] != len(tokens):
+        raise SmokeError(f"usage {got['usage']} for a {len(ids)}-token prompt and {len(tokens)} tokens")
+    say("the front door's text equals the router's")
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return str(r.read().decode())
 
 
 async def _wait_registered(pool: str, n: int, timeout_s: float) -> None:
@@ -151,7 +189,7 @@ def check_generate(compose: Compose, max_tokens: int) -> None:
     for n, want_route in ((24, "LOCAL"), (threshold + 64, "PRFAAS")):
         ids = [rng.randrange(3, vocab) for _ in range(n)]
         t = time.monotonic()
-        got, head = asyncio.run(_generate(renv["PRFAAS_LISTEN"], ids, max_tokens))
+        got, head, _ = asyncio.run(_generate(renv["PRFAAS_LISTEN"], ids, max_tokens))
         took = time.monotonic() - t
         route = common_pb2.Route.Name(head.route)
         say(f"{n}-token prompt: route {route} via {head.prefill_node} -> {head.decode_node}, {took:.2f} s: {got}")
@@ -197,6 +235,7 @@ def run(a: argparse.Namespace, ph: Phases) -> None:
             compose.wait_all_healthy(a.health_timeout_s)
         with ph("requests"):
             check_generate(compose, a.max_tokens)
+            check_openai(compose, a.max_tokens)
     except BaseException:
         failed = True
         try:

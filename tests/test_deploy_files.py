@@ -146,6 +146,10 @@ def test_dockerfile_builds_one_cpu_image() -> None:
     assert "--extra-index-url" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
     assert any(line.startswith("COPY") and ".whl*" in line for line in lines)
     assert ".whl" not in (ROOT / ".dockerignore").read_text().split(), "the wheel folder must reach the build"
+    # every file the build backend reads (setup.py maps services/ to prfaas.services) is in the
+    # dependency layer's COPY, or pip cannot even collect the dependencies there
+    dep_copy = next(line for line in lines if line.startswith("COPY") and "pyproject.toml" in line and "README" in line)
+    assert all(f in dep_copy.split() for f in ("pyproject.toml", "setup.py", "README.md")), dep_copy
 
 
 def _manifests() -> list[dict[str, Any]]:
@@ -192,6 +196,12 @@ def test_prometheus_config_validates_and_scrapes_every_service() -> None:
     config = ROOT / "deploy" / "prometheus.yml"
     r = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    targets = {t.split(":")[0] for job in yaml.safe_load(config.read_text())["scrape_configs"]
+    scraped = {group["labels"]["service"]: t for job in yaml.safe_load(config.read_text())["scrape_configs"]
                for group in job["static_configs"] for t in group["targets"]}
-    assert targets == set(SERVING) | {"frontdoor"}
+    services = _compose()["services"]
+    want = {name: "127.0.0.1:" + _env(services[name])["PRFAAS_METRICS_PORT"] for name in SERVING}
+    want["frontdoor"] = _env(services["frontdoor"])["PRFAAS_LISTEN"]
+    assert scraped == want, "every compose service's metrics endpoint, on loopback"
+    prom = services["prometheus"]
+    assert prom["network_mode"] == "host" and "monitoring" in prom["profiles"]
+    assert any(v.startswith("./deploy/prometheus.yml:") for v in prom["volumes"])

@@ -94,15 +94,17 @@ class PrefillNode:
             raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
         t_arrive = time.monotonic()
         hold = _Hold(self._compute)
-        self.queue_depth += 1
-        try:
-            async for ev in self._alive(asyncio.ensure_future(hold.acquire()), lambda: Progress(0, 0, True)):
-                yield ev
-        finally:
-            self.queue_depth -= 1
-        self.running += 1
         run: _Run | None = None
+        running = False
         try:
+            self.queue_depth += 1
+            try:  # closed here, the lock may already be ours: the finally below gives it back
+                async for ev in self._alive(asyncio.ensure_future(hold.acquire()), lambda: Progress(0, 0, True)):
+                    yield ev
+            finally:
+                self.queue_depth -= 1
+            self.running += 1
+            running = True
             run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
             plan, hashes = self._plan(run.seq)
             run.tokens_done = plan.hit
@@ -137,9 +139,15 @@ class PrefillNode:
             first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
             yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob)
         finally:
+            self.running -= running
+            # in a task of its own: a second cancellation must not skip the lock's release
+            await asyncio.shield(asyncio.ensure_future(self._release(run, hold)))
+
+    async def _release(self, run: _Run | None, hold: _Hold) -> None:
+        try:
             if run is not None:
                 await run.close(self.executor)
-            self.running -= 1
+        finally:
             hold.release()
 
     async def _run_part(self, run: _Run, segment: Segment, read_start: int | None) -> AsyncGenerator[Progress, None]:

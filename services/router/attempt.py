@@ -35,6 +35,7 @@ from prfaas.messages import (
 from .placement import Placement
 
 T = TypeVar("T")
+PREFILL_VERDICT_GRACE_S = 1.0  # how long a failed transfer waits for the prefill node's own verdict
 
 # what a failed call's code says about retrying: a refusal of the request itself is final
 FINAL = frozenset({Code.INVALID_ARGUMENT, Code.INTERNAL, Code.PERMISSION_DENIED, Code.UNAUTHENTICATED,
@@ -202,6 +203,10 @@ class Attempt:
                 await asyncio.wait({first})
             out = first.result()
         except AttemptFailed as f:
+            if f.side == "decode" and not prefill.done():
+                # the decode side often hears of a failed prefill first (its KV connection breaks): the
+                # prefill node's own verdict follows within a round trip and says more (a final INTERNAL)
+                await asyncio.wait({prefill}, timeout=PREFILL_VERDICT_GRACE_S)
             if f.side == "decode" and prefill.done() and prefill.exception() is not None:
                 raise prefill.exception() from None  # type: ignore[misc]  # the KV never came: the prefill's fault
             if f.side == "decode" and f.code != Code.UNAVAILABLE:
