@@ -8,15 +8,20 @@ Each family's checkpoint is written by transformers' own class (8 layers, hidden
 every repeat, median of the repeats after a warmup:
   prefill   one forward of the whole prompt (use_cache on, logits of the last token only)
   decode    tokens/s of steady decode steps: ours at batch 1 and as one continuous batch of 16
-            requests of different prompt lengths; transformers at batch 1 (a manual loop over
-            its own cache) and at batch 16 of equal-length prompts (for reference)
+            requests of different prompt lengths, by the fused C step (prfaas/model/fast_decode,
+            the default where a C compiler exists) and by the torch reference step (column
+            "ours, torch step"; --no-torch-step leaves it out); transformers at batch 1 (a manual
+            loop over its own cache) and at batch 16 of equal-length prompts (for reference)
   peak      torch matmul 2048^3 GFLOP/s, and the fraction of it our prefill reaches (model FLOPs:
             2 * active non-embedding params * tokens, plus attention)
   llama.cpp a third side, interleaved with the two where llama-cpp-python is installed
             (scripts/bench_setup.sh; bench/llamacpp.py): the same checkpoint converted to GGUF by
             llama.cpp's own converter, at the same thread count; decode at batch 1 and as one batch
             of the same 16 prompts as ours. Without it (or with --no-llamacpp) the column is empty
-            and the reason is logged.
+            and the reason is logged. Run with the venv that has it (/work/venvs/llama here).
+  targets   against transformers (PREFILL_TARGET, DECODE_B16_TARGET) and against llama.cpp
+            (LLAMACPP_TARGET: prefill 4096 >= 1.5x, decode batch 1 >= 1x its batch 1, our batch 16
+            >= 8x its batch 1 in aggregate)
 The machine is shared: compare the ratios of one run, not absolute numbers across runs.
 """
 
@@ -39,6 +44,7 @@ import transformers
 from prfaas.engine.executor import Executor, SeqState
 from prfaas.kv.layout import KvLayout
 from prfaas.messages import SamplingParams
+from prfaas.model import fast_decode
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 
@@ -52,6 +58,8 @@ CHUNK = 64  # chunk of the chunked delta rule, for the FLOP estimate
 # Targets from the issue: prefill speedup at 4096 tokens, and batch-16 decode over transformers' batch 1.
 PREFILL_TARGET = {"qwen3_next": 2.0, "kimi_linear": 4.0}
 DECODE_B16_TARGET = 8.0
+# Targets against llama.cpp (issue 15), by metric: its prefill, its batch 1 for both decode rows.
+LLAMACPP_TARGET = {"prefill 4096": 1.5, "decode b1": 1.0, "decode b16 vs their b1": 8.0}
 
 
 @dataclass(frozen=True)
@@ -151,10 +159,12 @@ def prompt_of(n: int, seed: int) -> list[int]:
 
 
 class Ours:
-    def __init__(self, path: Path, dtype: torch.dtype) -> None:
-        self.model = load_model(path, dtype=dtype)
+    """Our executor; `fast`: the fused C decode step (the default), else the torch step."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, fast: bool = True) -> None:
+        self.model = model
         layout = KvLayout(self.model.config, block_size=16, dtype=dtype)
-        self.ex = Executor(self.model, layout, num_blocks=1024, num_slots=32)
+        self.ex = Executor(self.model, layout, num_blocks=1024, num_slots=32, fast_decode=fast)
         self._n = 0
 
     def _add(self, prompt: list[int], max_tokens: int) -> SeqState:
@@ -240,23 +250,30 @@ class Row:
     target: float | None = None
     peak_fraction: float | None = None
     llamacpp: float | None = None  # llama.cpp's tok/s on the same checkpoint, where it ran
+    torch_step: float | None = None  # ours with the torch reference decode step (decode rows)
 
     @property
     def ratio(self) -> float:
         return self.ours / self.theirs
 
+    @property
+    def llamacpp_target(self) -> float | None:
+        return LLAMACPP_TARGET.get(self.metric)
+
 
 def bench_family(family: str, path: Path, dname: str, sizes: Sizes, peaks: dict[str, float],
-                 llamacpp: bool = True) -> list[Row]:
+                 llamacpp: bool = True, torch_step: bool = True) -> list[Row]:
     """`peaks` holds the best matmul GFLOP/s seen so far per dtype; measured again here, since
     the machine's load changes (the fraction of peak is taken against the best)."""
     dtype = DTYPES[dname]
     peaks[dname] = max(peaks[dname], matmul_gflops(dtype))
     peak = peaks[dname]
-    ours, theirs = Ours(path, dtype), Theirs(family, path, dtype)
+    model = load_model(path, dtype=dtype)
+    ours, theirs = Ours(model, dtype), Theirs(family, path, dtype)
+    ref = Ours(model, dtype, fast=False) if torch_step else None  # the same weights, the torch step
     llama = open_llamacpp(path, dname, torch.get_num_threads(), log) if llamacpp else None
     try:
-        return _bench_sides(family, dname, sizes, peak, ours, theirs, llama)
+        return _bench_sides(family, dname, sizes, peak, (ours, ref), theirs, llama)
     finally:
         if llama is not None:
             llama.close()
@@ -266,8 +283,9 @@ def _lc(r: float | None) -> str:
     return f", llama.cpp {r:.0f} tok/s" if r is not None else ""
 
 
-def _bench_sides(family: str, dname: str, sizes: Sizes, peak: float, ours: Ours, theirs: Theirs,
-                 llama: LlamaCpp | None) -> list[Row]:
+def _bench_sides(family: str, dname: str, sizes: Sizes, peak: float, sides: tuple[Ours, Ours | None],
+                 theirs: Theirs, llama: LlamaCpp | None) -> list[Row]:
+    ours, ref = sides
     cfg = theirs.model.config
     params = active_params(theirs.model, cfg)
     log(f"{family} {dname}: {params / 1e6:.2f} M active non-embedding params")
@@ -285,36 +303,54 @@ def _bench_sides(family: str, dname: str, sizes: Sizes, peak: float, ours: Ours,
             f"x{t_theirs / t_ours:.2f}, {frac:.1%} of matmul peak{_lc(lc)}")
     steps = sizes.decode_steps
     one = [prompt_of(sizes.decode_prompt, 1)]
-    o1, t1, l1 = interleaved(ours.decode(one, steps), theirs.decode(one, steps),
-                             llama.decode(one, steps) if llama else None, repeats=sizes.repeats)
+    o1, r1, t1, l1 = interleaved(ours.decode(one, steps), ref.decode(one, steps) if ref else None,
+                                 theirs.decode(one, steps), llama.decode(one, steps) if llama else None,
+                                 repeats=sizes.repeats)
     assert o1 is not None and t1 is not None
-    rows.append(Row(family, dname, "decode b1", o1, t1, "tok/s", llamacpp=l1))
-    log(f"{family} {dname} decode b1: ours {o1:.0f} tok/s, transformers {t1:.0f} tok/s{_lc(l1)}")
+    rows.append(Row(family, dname, "decode b1", o1, t1, "tok/s", llamacpp=l1, torch_step=r1))
+    log(f"{family} {dname} decode b1: ours {o1:.0f} tok/s{_ref(r1)}, transformers {t1:.0f} tok/s{_lc(l1)}")
     mixed = [prompt_of(n, 100 + i) for i, n in enumerate(sizes.batch_prompts)]
     equal = [prompt_of(sizes.decode_prompt, 200 + i) for i in range(len(sizes.batch_prompts))]
-    o16, t16, l16 = interleaved(ours.decode(mixed, steps), theirs.decode(equal, steps),
-                                llama.decode(mixed, steps) if llama else None, repeats=sizes.repeats)
+    o16, r16, t16, l16 = interleaved(ours.decode(mixed, steps), ref.decode(mixed, steps) if ref else None,
+                                     theirs.decode(equal, steps), llama.decode(mixed, steps) if llama else None,
+                                     repeats=sizes.repeats)
     assert o16 is not None and t16 is not None
-    rows.append(Row(family, dname, "decode b16 vs their b16", o16, t16, "tok/s", llamacpp=l16))
-    rows.append(Row(family, dname, "decode b16 vs their b1", o16, t1, "tok/s", DECODE_B16_TARGET, llamacpp=l1))
-    log(f"{family} {dname} decode b16: ours {o16:.0f} tok/s, transformers b16 {t16:.0f} tok/s, "
+    rows.append(Row(family, dname, "decode b16 vs their b16", o16, t16, "tok/s", llamacpp=l16, torch_step=r16))
+    rows.append(Row(family, dname, "decode b16 vs their b1", o16, t1, "tok/s", DECODE_B16_TARGET, llamacpp=l1,
+                    torch_step=r16))
+    log(f"{family} {dname} decode b16: ours {o16:.0f} tok/s{_ref(r16)}, transformers b16 {t16:.0f} tok/s, "
         f"x{o16 / t1:.1f} over their b1{_lc(l16)}")
     return rows
 
 
+def _ref(r: float | None) -> str:
+    return f" (torch step {r:.0f})" if r is not None else ""
+
+
+def _target(ratio: float | None, target: float | None) -> tuple[str, str]:
+    if not target:
+        return "", ""
+    return f">= {target:g}x", ("" if ratio is None else "yes" if ratio >= target else "no")
+
+
 def table(rows: list[Row], peaks: dict[str, float]) -> str:
-    """The llama.cpp columns hold llama.cpp's figure for the same metric ("their b16" rows: its
-    batch of the same 16 mixed prompts as ours; "their b1" rows: its batch 1)."""
-    out = ["| family | dtype | metric | ours tok/s | transformers tok/s | ours / transformers | target | met | "
-           "ours % of matmul peak | llama.cpp tok/s | ours / llama.cpp |",
-           "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
+    """"ours" is the default decode step (the fused C step where it builds), "ours, torch step"
+    the torch reference step on the same weights (decode rows). The llama.cpp columns hold
+    llama.cpp's figure for the same metric ("their b16" rows: its batch of the same 16 mixed
+    prompts as ours; "their b1" rows: its batch 1)."""
+    out = ["| family | dtype | metric | ours tok/s | ours, torch step tok/s | transformers tok/s | "
+           "ours / transformers | target | met | ours % of matmul peak | llama.cpp tok/s | ours / llama.cpp | "
+           "target | met |",
+           "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        target = f">= {r.target:g}x" if r.target else ""
-        met = ("yes" if r.ratio >= r.target else "no") if r.target else ""
+        target, met = _target(r.ratio, r.target)
         frac = f"{r.peak_fraction:.1%}" if r.peak_fraction is not None else ""
-        lc, lr = (f"{r.llamacpp:,.0f}", f"{r.ours / r.llamacpp:.2f}x") if r.llamacpp else ("", "")
-        out.append(f"| {r.family} | {r.dtype} | {r.metric} | {r.ours:,.0f} | {r.theirs:,.0f} | {r.ratio:.2f}x | "
-                   f"{target} | {met} | {frac} | {lc} | {lr} |")
+        ref = f"{r.torch_step:,.0f}" if r.torch_step else ""
+        lratio = r.ours / r.llamacpp if r.llamacpp else None
+        lc, lr = (f"{r.llamacpp:,.0f}", f"{lratio:.2f}x") if r.llamacpp and lratio else ("", "")
+        ltarget, lmet = _target(lratio, r.llamacpp_target)
+        out.append(f"| {r.family} | {r.dtype} | {r.metric} | {r.ours:,.0f} | {ref} | {r.theirs:,.0f} | "
+                   f"{r.ratio:.2f}x | {target} | {met} | {frac} | {lc} | {lr} | {ltarget} | {lmet} |")
     out.append("")
     best = ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items())
     out.append(f"torch matmul 2048^3 peak (best of the run): {best} ({torch.get_num_threads()} threads)")
@@ -358,13 +394,24 @@ def rows_from_table(text: str) -> list[Row]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) not in (9, 11) or cells[0] not in FAMILIES:  # 9: tables from before the llama.cpp columns
+        if len(cells) not in (9, 11, 14) or cells[0] not in FAMILIES:  # 9, 11: tables of earlier versions
             continue
+        if len(cells) == 14:  # the torch-step column after ours, the llama.cpp targets at the end
+            ref = float(cells[4].replace(",", "")) if cells[4] else None
+            cells = cells[:4] + cells[5:12]
+        else:
+            ref = None
         target = float(cells[6].removeprefix(">= ").removesuffix("x")) if cells[6] else None
         ours, theirs = (float(c.replace(",", "")) for c in cells[3:5])
         lc = float(cells[9].replace(",", "")) if len(cells) == 11 and cells[9] else None
-        rows.append(Row(cells[0], cells[1], cells[2], ours, theirs, "tok/s", target, llamacpp=lc))
+        rows.append(Row(cells[0], cells[1], cells[2], ours, theirs, "tok/s", target, llamacpp=lc, torch_step=ref))
     return rows
+
+
+def decode_step_name() -> str:
+    if os.environ.get("PRFAAS_FAST_DECODE", "1") == "0" or not fast_decode.available():
+        return "the torch step (no C compiler, or turned off)"
+    return "the fused C step (prfaas/model/fast_decode)"
 
 
 def main() -> None:
@@ -381,6 +428,8 @@ def main() -> None:
     parser.add_argument("--delta-rule", choices=["kernel", "torch"], default="kernel",
                         help="our linear-attention path on the CPU: the C kernel (default where a C compiler "
                              "exists) or the chunked torch form")
+    parser.add_argument("--no-torch-step", action="store_true",
+                        help="leave out our torch reference decode step (the column next to ours)")
     parser.add_argument("--no-llamacpp", action="store_true",
                         help="leave out the llama.cpp side (bench/llamacpp.py) even where llama_cpp is installed")
     args = parser.parse_args()
@@ -408,7 +457,7 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     start = time.perf_counter()
     path_name = "C kernel (prfaas/model/ops/csrc)" if cpu_kernel.available() else "chunked torch form"
-    log(f"our delta rule: {path_name}")
+    log(f"our delta rule: {path_name}; our decode step: {decode_step_name()}")
     peaks = {d: matmul_gflops(DTYPES[d]) for d in dnames}
     log("matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))
     rows: list[Row] = []
@@ -417,10 +466,11 @@ def main() -> None:
             path = Path(tmp) / family
             make_checkpoint(family, path)
             for d in dnames:
-                rows += bench_family(family, path, d, sizes, peaks, llamacpp=not args.no_llamacpp)
+                rows += bench_family(family, path, d, sizes, peaks, llamacpp=not args.no_llamacpp,
+                                     torch_step=not args.no_torch_step)
     log(f"done in {time.perf_counter() - start:.0f} s")
     print(table(rows, peaks))
-    print(f"our delta rule: {path_name}")
+    print(f"our delta rule: {path_name}; our decode step: {decode_step_name()}")
     if args.plot:
         plot(rows, args.plot, f"bench/engine.py, {torch.get_num_threads()} threads, delta rule: {args.delta_rule}")
         log(f"plot: {args.plot}")

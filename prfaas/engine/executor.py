@@ -11,6 +11,7 @@ thread, since it only touches the blocks and slots of the sequences it was hande
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,10 +25,14 @@ from prfaas.kv.layout import KvLayout
 from prfaas.kv.pool import LayerKv
 from prfaas.messages import SamplingParams, TokenLogprob
 from prfaas.model.base import ForwardMeta
+from prfaas.model.fast_decode import FastDecoder, Unsupported
+from prfaas.model.fast_decode import available as fast_decode_available
 from prfaas.model.hybrid import HybridForCausalLM
 from prfaas.model.ops.attention import AttentionBackend, TorchAttention
+from prfaas.obs.log import get_logger
 
 __all__ = ["Executor", "SeqState", "LayerKv", "ExportedKv"]
+log = get_logger(__name__)
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Executor:
         num_slots: int,
         attn: AttentionBackend | None = None,
         device: str | torch.device = "cpu",
+        fast_decode: bool | None = None,
     ) -> None:
         if layout.config != model.config:
             raise ValueError("the layout was built for another model config")
@@ -85,6 +91,19 @@ class Executor:
         self.pool = layout.allocate(num_blocks, num_slots, self.device)
         self.caches = self.pool.layer_caches
         self.stop_ids = frozenset(self.config.eos_token_ids)
+        # the fused C decode step (prfaas/model/fast_decode): on unless turned off here or by
+        # PRFAAS_FAST_DECODE=0 (read here only). Its library is compiled (once per machine) and
+        # loaded here, so that no request waits for the compiler; its plan (the packed weights) is
+        # built on the first decode step, so that an executor that never decodes holds no copy.
+        # Where the model, pool or machine is one it does not cover (no C compiler, another
+        # device or dtype), the torch step runs, the reason logged once.
+        if fast_decode is None:
+            fast_decode = os.environ.get("PRFAAS_FAST_DECODE", "1") != "0"
+        self.fast_decode = fast_decode and isinstance(self.attn, TorchAttention) and self.device.type == "cpu"
+        if self.fast_decode and not fast_decode_available():
+            log.info("fast_decode_off", reason="the C decode step did not build (no C compiler, or kernels off)")
+            self.fast_decode = False
+        self._fast: FastDecoder | None = None
 
     # --- admission ----------------------------------------------------------------------------
     @property
@@ -310,6 +329,21 @@ class Executor:
         return ready
 
     @torch.inference_mode()
+    def decode_logits(self, batch: list[SeqState]) -> tuple[torch.Tensor, list[int]]:
+        """The logits (B, vocab) float32 of one decode step over prepared sequences, and each row's
+        greedy token; writes the step's KV and states, changes nothing else. The fused C step where
+        it runs (see the constructor), else the torch layers."""
+        positions = [s.num_tokens - 1 for s in batch]
+        fast = self._fast_decoder()
+        if fast is not None:
+            tables = [s.block_table for s in batch]
+            return fast.step([s.output[-1] for s in batch], positions, [s.slot for s in batch], tables)
+        ids = torch.tensor([s.output[-1] for s in batch], dtype=torch.long, device=self.device)
+        meta = self._meta(batch, [1] * len(batch), positions)
+        logits = self.model(ids, meta, self.caches)  # (B, vocab)
+        return logits, logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
+
+    @torch.inference_mode()
     def run_decode(self, seqs: list[SeqState]) -> list[int]:
         """One decode step for every sequence (all prepared); returns the sampled tokens and
         appends them to the sequences. A sequence whose logits are not finite (its KV or state is
@@ -320,11 +354,7 @@ class Executor:
         # in slot order: packed slots then form one run, which linear layers update in place
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         batch = [seqs[i] for i in order]
-        ids = torch.tensor([s.output[-1] for s in batch], dtype=torch.long, device=self.device)
-        positions = [s.num_tokens - 1 for s in batch]
-        meta = self._meta(batch, [1] * len(batch), positions)
-        logits = self.model(ids, meta, self.caches)  # (B, vocab)
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence
+        logits, greedy = self.decode_logits(batch)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens = [-1] * len(seqs)
         for i, seq, row, best, ok in zip(order, batch, logits, greedy, finite, strict=True):
@@ -337,6 +367,16 @@ class Executor:
             self.append_token(seq, tok)
             tokens[i] = tok
         return tokens
+
+    def _fast_decoder(self) -> FastDecoder | None:
+        if self.fast_decode and self._fast is None:
+            try:
+                self._fast = FastDecoder(self.model, self.caches, self.layout.block_size)
+                log.info("fast_decode_on", layers=self.config.num_layers, dtype=str(self._fast.plan.dtype))
+            except Unsupported as e:
+                log.info("fast_decode_off", reason=str(e))
+                self.fast_decode = False
+        return self._fast
 
     @staticmethod
     def _fail(seq: SeqState, why: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from prfaas.engine.executor import Executor
 from prfaas.kv.layout import KvLayout, StateCache
 from prfaas.messages import SamplingParams
-from prfaas.model import kimi_linear
+from prfaas.model import fast_decode, kimi_linear
 from prfaas.model.base import ForwardMeta
 from prfaas.model.config import ModelConfig
 from prfaas.model.hybrid import HybridForCausalLM
@@ -242,15 +242,25 @@ def test_prefill_matches_transformers_layer_by_layer(pair, monkeypatch, kernel):
     assert_close(logits, hf_out.logits[0], f"{name}: prefill logits")
 
 
-def test_prefill_then_decode_matches_transformers(pair):
+@pytest.mark.parametrize("fast", [True, False], ids=["fused_step", "torch_step"])
+def test_prefill_then_decode_matches_transformers(pair, fast):
+    """Decode by the torch layers and by the fused C step (prfaas/model/fast_decode) on the same
+    pool: each step's logits against transformers'."""
     name, hf, ours = pair
+    if fast and not fast_decode.available():
+        pytest.skip("no C compiler for the fused decode step")
     tokens = prompt_of(40, seed=2)
     ref = hf_logits(hf, tokens)
     run = Runner(ours)
     seq = run.new_seq(tokens, 0)
     assert_close(run.step([seq], [30]), ref[:30], f"{name}: prefill(30) logits")
+    fused = fast_decode.FastDecoder(ours, run.caches, BLOCK) if fast else None
     for t in range(30, 40):
-        assert_close(run.step([seq], [1])[0], ref[t], f"{name}: decode logits at position {t}")
+        if fused is None:
+            got = run.step([seq], [1])[0]
+        else:
+            got = fused.step([tokens[t]], [t], [seq.slot], [seq.block_table])[0][0]
+        assert_close(got, ref[t], f"{name}: decode logits at position {t} ({'fused' if fast else 'torch'} step)")
 
 
 def test_long_prompt_across_chunks_and_blocks(pair):
@@ -300,9 +310,13 @@ def assert_greedy(hf: torch.nn.Module, prompt: list[int], output: list[int], wha
         )
 
 
-def test_executor_greedy_matches_transformers(pair):
+@pytest.mark.parametrize("fast", [True, False], ids=["fused_step", "torch_step"])
+def test_executor_greedy_matches_transformers(pair, fast):
+    """Both decode steps: the fused C step (the CPU default) and the torch layers."""
+    if fast and not fast_decode.available():
+        pytest.skip("no C compiler for the fused decode step")
     name, hf, ours = pair
-    ex = Executor(ours, KvLayout(ours.config, block_size=BLOCK), num_blocks=24, num_slots=4)
+    ex = Executor(ours, KvLayout(ours.config, block_size=BLOCK), num_blocks=24, num_slots=4, fast_decode=fast)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompts = [prompt_of(n, seed=20 + n) for n in (7, 33, 18)]
     seqs = [ex.add(f"r{j}", p, params) for j, p in enumerate(prompts)]
@@ -315,6 +329,7 @@ def test_executor_greedy_matches_transformers(pair):
         assert_greedy(hf, prompts[j], s.output, f"{name}: executor sequence {j}")
         ex.free(s)
     assert ex.blocks.num_free == ex.blocks.num_blocks
+    assert (ex._fast is not None) == fast
 
 
 def test_loader_reads_transformers_checkpoint(tmp_path):

@@ -9,6 +9,7 @@ from prfaas.engine.executor import Executor
 from prfaas.engine.llm import LLM
 from prfaas.kv.layout import KvLayout
 from prfaas.messages import SamplingParams
+from prfaas.model import fast_decode
 from prfaas.model.loader import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -103,17 +104,22 @@ def test_prefill_logits_match_transformers(tmp_path, monkeypatch, name, kernel):
     assert rel_err(ours, theirs) < 1e-4, f"logits rel err {rel_err(ours, theirs):.2e}"
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fused_step", "torch_step"])
 @pytest.mark.parametrize("name", ["dense-gqa", "moe"])
-def test_greedy_generation_matches_transformers(tmp_path, name):
+def test_greedy_generation_matches_transformers(tmp_path, name, fast):
+    """Both decode steps: the fused C step (the CPU default) and the torch layers."""
+    if fast and not fast_decode.available():
+        pytest.skip("no C compiler for the fused decode step")
     ref = make_checkpoint(tmp_path, name, seed=3)
     ex_model = load_model(tmp_path)
-    ex = Executor(ex_model, KvLayout(ex_model.config, block_size=16), num_blocks=64, num_slots=8)
+    ex = Executor(ex_model, KvLayout(ex_model.config, block_size=16), num_blocks=64, num_slots=8, fast_decode=fast)
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 40)]
     ours = LLM(ex).generate(prompts, SamplingParams(max_tokens=32))
     for prompt, out in zip(prompts, ours, strict=True):
         with torch.inference_mode():
             gen = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
         assert out == gen[0, len(prompt) :].tolist()
+    assert (ex._fast is not None) == fast
 
 
 def test_grouped_projections_round_trip(tmp_path):

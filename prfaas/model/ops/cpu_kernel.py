@@ -7,32 +7,23 @@ in L1 and makes one pass over it per token, about 3x faster at prefill lengths (
 docs/engine.md). The chunked torch form (`delta_rule.chunk_delta_rule`) stays the reference and
 the path for other devices, and for machines without a C compiler.
 
-The shared object is cached under `$PRFAAS_KERNEL_CACHE` (default `~/.cache/prfaas/kernels`),
-keyed by the source, the compiler and the CPU's feature flags (it is built with -march=native),
-and written aside then renamed, so processes starting together never load a half-written file.
-`PRFAAS_CPU_KERNELS=0` turns the kernel off. Value heads are split across threads: ctypes
-releases the GIL for the duration of the call.
+Built on first use by `cbuild` (cached per source, compiler and CPU; `PRFAAS_CPU_KERNELS=0`
+turns the kernel off). Value heads are split across threads: ctypes releases the GIL for the
+duration of the call.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from prfaas.obs.log import get_logger
+from prfaas.model.ops import cbuild
 
-SOURCE = Path(__file__).parent / "csrc" / "delta_rule.c"
-log = get_logger(__name__)
+SOURCE = cbuild.CSRC / "delta_rule.c"
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -40,37 +31,6 @@ _tried = False
 _pools: dict[int, ThreadPoolExecutor] = {}
 # a forked child inherits the pools but not their threads: it starts its own
 os.register_at_fork(after_in_child=_pools.clear)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _build(cc: str, out: Path) -> None:
-    """Compiles SOURCE into `out` (aside, then renamed into place)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        base = [cc, "-O3", "-shared", "-fPIC", "-std=c99", "-o", tmp, str(SOURCE), "-lm"]
-        try:
-            subprocess.run([*base[:2], "-march=native", *base[2:]], check=True, capture_output=True, timeout=120)
-        except subprocess.CalledProcessError:  # a compiler without -march=native
-            subprocess.run(base, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load() -> ctypes.CDLL | None:
@@ -82,25 +42,8 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("PRFAAS_CPU_KERNELS", "1") == "0":
-            return None
-        cc = _compiler()
-        if cc is None:
-            log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc or clang) on PATH")
-            return None
-        try:
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-            key = hashlib.sha256(
-                SOURCE.read_bytes() + version.encode() + _cpu_flags().encode() + platform.machine().encode()
-            ).hexdigest()[:16]
-            cache = Path(os.environ.get("PRFAAS_KERNEL_CACHE") or Path.home() / ".cache" / "prfaas" / "kernels")
-            so = cache / f"delta_rule-{key}.so"
-            if not so.is_file():
-                _build(cc, so)
-            lib = ctypes.CDLL(str(so))
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-2000:]
-            log.warning("cpu_kernel_unavailable", reason=str(e), compiler_output=detail)
+        lib = cbuild.build("delta_rule", SOURCE, [], [["-march=native"], []])
+        if lib is None:
             return None
         f = lib.prfaas_delta_rule
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
