@@ -141,6 +141,7 @@ class NodeSettings:
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
+    emulate: str = ""  # an emulated accelerator profile (JSON, prfaas.eval.emulate); empty = real time
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -181,6 +182,9 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--emulate", "EMULATE", "", str,
+           "an emulated accelerator profile (JSON; docs/evaluation.md): compute for real, hold results until "
+           "the profile's time; empty = real time")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")
