@@ -85,6 +85,10 @@ def _dispatch(argv: list[str]) -> int:
         from prfaas.cluster.demo import demo_command
 
         return demo_command(argv[1:])
+    if argv and argv[0] == "eval":
+        from prfaas.eval.cli import eval_command
+
+        return eval_command(argv[1:])
     if argv and argv[0] == "status":
         from prfaas.cluster.status import status_command
 
@@ -101,6 +105,7 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("status", help="members of a cluster and their accounting (see `prfaas status --help`)")
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
+    sub.add_parser("eval", help="the three deployments on the real services (see `prfaas eval --help`)")
 
     model = sub.add_parser("model", help="model checkpoints").add_subparsers(dest="model_cmd", required=True)
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}

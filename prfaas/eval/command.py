@@ -47,7 +47,7 @@ class EvalConfig:
 
     def slo(self) -> Slo:
         sc = self.scaling
-        return Slo(self.slo_ttft_paper_s * sc.time_factor, sc.time_factor * sc.output_scale / self.slo_decode_tok_s)
+        return Slo(self.slo_ttft_paper_s * sc.time_factor, sc.decode_step_factor / self.slo_decode_tok_s)
 
 
 def real_model(model: str) -> tuple[RealModel, TokenSpace]:
@@ -135,7 +135,7 @@ def summarise_steady(cfg: EvalConfig, setup: Setup, results: dict[str, list[Poin
             "real_share": real_share(emu),
         }
     return {"topology": topology, "scaling": asdict(cfg.scaling), "shape": asdict(cfg.shape),
-            "slo": cfg.slo().describe(cfg.scaling.time_factor, cfg.scaling.output_scale),
+            "slo": cfg.slo().describe(cfg.scaling.time_factor, cfg.scaling.decode_step_factor),
             "link_mbit": setup.system.link_bytes_per_s * 8 / 1e6, "wall_s": wall_s, "deployments": rows,
             "statement": [dict(r, paper=str(r["paper"]), emulated=str(r["emulated"])) for r in _statement(setup)]}
 

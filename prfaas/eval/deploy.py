@@ -60,7 +60,7 @@ def emulated_profile(setup: Setup, hardware: str, stats_path: str) -> EmulatedPr
     prefill = p.prfaas_prefill_s if hardware == "H200" else p.local_prefill_s
     decode = Profile.from_points([1, p.decode_batch], [p.decode_step_s, p.decode_step_s])
     return EmulatedProfile(f"{hardware} (case study)", prefill, decode if hardware == "H20" else None,
-                           sc.time_factor, sc.length_scale, sc.output_scale, stats_path)
+                           sc.time_factor, sc.length_scale, sc.output_scale / sc.decode_scale, stats_path)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class EvalCluster:
                 "--control-interval-s", str(interval), "--role-interval-s", str(self.role_interval_s),
                 "--prefill-inflight", "1", "--stall-timeout-s", "120", "--transfer-timeout-s", "600",
                 "--max-queue", "100000", "--max-queue-tokens", str(1 << 30), "--max-queue-wait-s", "3600",
-                "--max-head-wait-s", "0", "--metrics-port", metrics_port, "--log-level", "WARNING"]
+                "--max-head-wait-s", "3600", "--metrics-port", metrics_port, "--log-level", "WARNING"]
         router = self._start("router", "local", "services.router", args)
         address = self._wait(router)
         self.router_address = ep.advertise or address

@@ -20,9 +20,9 @@ class Slo:
     ttft_p90_s: float  # real seconds (the paper-time bound x time factor)
     tpot_s: float  # real seconds per token: the decode-speed floor as a step bound (P90)
 
-    def describe(self, time_factor: float, output_scale: float) -> str:
+    def describe(self, time_factor: float, step_factor: float) -> str:
         paper_ttft = self.ttft_p90_s / time_factor
-        paper_speed = time_factor * output_scale / self.tpot_s
+        paper_speed = step_factor / self.tpot_s
         return (f"P90 TTFT <= {self.ttft_p90_s:.2f} s ({paper_ttft:.1f} s paper time) and P90 TPOT <= "
                 f"{self.tpot_s:.3f} s (decode >= {paper_speed:.0f} tokens/s paper-equivalent)")
 

@@ -9,6 +9,9 @@ times. Three factors, stated in every report:
   time is T_prefill(real x ls).
 - `output_scale` (os): a request generates L_out / os real tokens, each decode step taking
   os x T_decode, so a request's decode time (and the decode stage's capacity) is the paper's.
+- `decode_scale` (ks): a decode instance batches BS_max / ks requests, each step taking 1 / ks of
+  the time: the decode stage's capacity N_d x BS / (T_step x L_out) is unchanged, a request's decode
+  takes 1 / ks of the paper's (runs reach a steady state sooner).
 
 KV bytes are the real model's (`state_bytes + bytes_per_token x real tokens`), so the link is scaled
 to carry them in the paper's time: B = B_paper x S_real(l_ref / ls) / S_paper(l_ref) / tf, with
@@ -35,9 +38,10 @@ class Scaling:
     time_factor: float = 1.0
     length_scale: float = 64.0
     output_scale: float = 64.0
+    decode_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("time_factor", "length_scale", "output_scale"):
+        for name in ("time_factor", "length_scale", "output_scale", "decode_scale"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
@@ -47,6 +51,17 @@ class Scaling:
 
     def real_output(self, profile_tokens: int) -> int:
         return max(2, round(profile_tokens / self.output_scale))
+
+    @property
+    def decode_step_factor(self) -> float:
+        """Emulated decode step / the profile's step."""
+        return self.time_factor * self.output_scale / self.decode_scale
+
+    def decode_batch(self, paper_batch: int) -> int:
+        batch = paper_batch / self.decode_scale
+        if batch != int(batch) or batch < 1:
+            raise ValueError(f"decode_scale {self.decode_scale} must divide BS_max {paper_batch}")
+        return int(batch)
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,8 @@ def emulated_system(paper: SystemProfile, sc: Scaling, model: RealModel, link_by
         kv_bytes=kv,
         prfaas_prefill_s=paper.prfaas_prefill_s.scaled(tf),
         local_prefill_s=paper.local_prefill_s.scaled(tf),
-        decode_step_s=paper.decode_step_s * tf * sc.output_scale,
-        decode_batch=paper.decode_batch,
+        decode_step_s=paper.decode_step_s * sc.decode_step_factor,
+        decode_batch=sc.decode_batch(paper.decode_batch),
         output_tokens=sc.real_output(paper.output_tokens),
         link_bytes_per_s=link_bytes_per_s,
     )
