@@ -90,7 +90,8 @@ def plot_over_time(data: dict, path: Path) -> None:
         axes[1].plot([x["t"] for x in sim], [x["n_p"] for x in sim], "--", label=f"{label} simulated")
         ts, us = _link_util(p["link"], cap)
         axes[2].plot(ts, us, label=f"{label} measured")
-        axes[2].plot([x["t"] for x in sim], [x["link_util"] for x in sim], "--", label=f"{label} simulated")
+        axes[2].plot([x["t"] for x in sim], [x["link_util"] * x["capacity_gbps"] * 1e9 / 8 / cap for x in sim], "--",
+                     label=f"{label} simulated")
     lo, hi = s["window"]
     for ax in axes:
         ax.axvspan(lo, hi, color="grey", alpha=0.15)
