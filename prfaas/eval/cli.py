@@ -1,4 +1,6 @@
-"""`prfaas eval steady|link-cut|quick`: flags to an `EvalConfig`, then the library does the work."""
+"""`prfaas eval steady|link-cut|quick|profile`: flags to an `EvalConfig`, then the library does the work.
+`profile` measures this machine's node (prefill by length, decode step by batch) into
+`--out`/node_profile.json, which `--profiles FILE` then puts on every node instead of the case study's."""
 
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ def _shape(text: str) -> Shape:
 
 def eval_command(argv: list[str]) -> int:
     p = command_parser("prfaas eval", __doc__)
-    p.add_argument("case", choices=["steady", "link-cut", "quick"],
+    p.add_argument("case", choices=["steady", "link-cut", "quick", "profile"],
                    help="steady: rate sweep of every deployment; link-cut: PrfaaS static vs controlled under a "
-                        "link cut; quick: the reduced steady form (a few requests, small shape)")
+                        "link cut; quick: the reduced steady form (a few requests, small shape); profile: measure "
+                        "this machine's node")
     p.flag("--model", "EVAL_MODEL", "builtin:qwen3_next-tiny", str, "the served model")
     p.flag("--topology", "EVAL_TOPOLOGY", "auto", str, "two network namespaces, loopback, or auto",
            choices=["auto", "netns", "loopback"])
@@ -56,6 +59,8 @@ def eval_command(argv: list[str]) -> int:
     p.flag("--slo-ttft-s", "EVAL_SLO_TTFT_S", 30.0, positive_float, "P90 TTFT bound, paper seconds")
     p.flag("--slo-decode-tok-s", "EVAL_SLO_DECODE", 32.0, positive_float, "decode-speed floor, paper tokens/s")
     p.flag("--seed", "EVAL_SEED", 1, int, "workload seed")
+    p.flag("--profiles", "EVAL_PROFILES", "", str, "a measured node profile (JSON, from `prfaas eval profile`) "
+           "for every node; empty = the case study's H200 / H20")
     p.add_argument("--out", default=".prfaas/eval", help="results, logs and plots go here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
@@ -66,8 +71,10 @@ def eval_command(argv: list[str]) -> int:
     cfg = EvalConfig(a.model, a.topology, scaling, a.shape,
                      deployments, a.rates, a.duration_s, a.warmup_s, a.seed, a.delay_ms, output_spread=a.output_spread,
                      trace=a.trace, trace_requests=a.trace_requests, slo_ttft_paper_s=a.slo_ttft_s,
-                     slo_decode_tok_s=a.slo_decode_tok_s, out=a.out)
+                     slo_decode_tok_s=a.slo_decode_tok_s, out=a.out, profile=a.profiles)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if a.case == "profile":
+        return _profile(a.model, a.out, log)
     if a.case == "quick":
         cfg = EvalConfig(**{**cfg.__dict__, **QUICK})
     if a.case == "link-cut":
@@ -82,6 +89,18 @@ def eval_command(argv: list[str]) -> int:
 
     plot_all(cfg.out, log)
     print(json.dumps(summary, indent=1, default=str) if a.json else _text(summary))
+    return 0
+
+
+def _profile(model: str, out: str, log: object) -> int:
+    from pathlib import Path
+
+    from prfaas.eval.measure import measure_profile
+
+    path = Path(out) / "node_profile.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    measure_profile(model, log=log).save(path)  # type: ignore[arg-type]
+    print(path)
     return 0
 
 

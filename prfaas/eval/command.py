@@ -44,6 +44,7 @@ class EvalConfig:
     slo_ttft_paper_s: float = 30.0
     slo_decode_tok_s: float = 32.0  # paper-equivalent decode floor: 0.8 x the profile's 40 tokens/s
     out: str = ".prfaas/eval"
+    profile: str = ""  # a measured node profile (prfaas eval profile); empty = the case study's
 
     def slo(self) -> Slo:
         sc = self.scaling
@@ -61,6 +62,13 @@ def real_model(model: str) -> tuple[RealModel, TokenSpace]:
     return RealModel(layout.state_bytes, layout.bytes_per_token), TokenSpace.from_model_config(config)
 
 
+def setup_of(cfg: EvalConfig, model: RealModel) -> Setup:
+    from prfaas.eval.emulate import EmulatedProfile
+
+    measured = EmulatedProfile.load(cfg.profile) if cfg.profile else None
+    return build_setup(cfg.scaling, cfg.shape, model, link_gbps=cfg.link_gbps, measured=measured)
+
+
 def workload(cfg: EvalConfig, setup: Setup, tokens: TokenSpace, rate: float, seed: int) -> list[EvalRequest]:
     if cfg.trace:
         return mooncake(cfg.trace, cfg.scaling, tokens, cfg.trace_requests, cfg.trace_stretch)
@@ -71,7 +79,7 @@ def workload(cfg: EvalConfig, setup: Setup, tokens: TokenSpace, rate: float, see
 def steady(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     """Every deployment in turn: start it, sweep the offered rates, stop it."""
     model, tokens = real_model(cfg.model)
-    setup = build_setup(cfg.scaling, cfg.shape, model, link_gbps=cfg.link_gbps)
+    setup = setup_of(cfg, model)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     link_mbit = setup.system.link_bytes_per_s * 8 / 1e6
@@ -134,7 +142,8 @@ def summarise_steady(cfg: EvalConfig, setup: Setup, results: dict[str, list[Poin
             "points": [{"measured": p.measured.as_dict(), "predicted": p.predicted} for p in points],
             "real_share": real_share(emu),
         }
-    return {"topology": topology, "scaling": asdict(cfg.scaling), "shape": asdict(cfg.shape),
+    return {"topology": topology, "profiles": setup.profile_name, "scaling": asdict(cfg.scaling),
+            "shape": asdict(cfg.shape),
             "slo": cfg.slo().describe(cfg.scaling.time_factor, cfg.scaling.decode_step_factor),
             "link_mbit": setup.system.link_bytes_per_s * 8 / 1e6, "wall_s": wall_s, "deployments": rows,
             "statement": [dict(r, paper=str(r["paper"]), emulated=str(r["emulated"])) for r in _statement(setup)]}

@@ -58,8 +58,9 @@ def node_plans(kind: str, dep: Deployment) -> list[NodePlan]:
 def emulated_profile(setup: Setup, hardware: str, stats_path: str) -> EmulatedProfile:
     sc, p = setup.scaling, setup.paper
     prefill = p.prfaas_prefill_s if hardware == "H200" else p.local_prefill_s
-    decode = Profile.from_points([1, p.decode_batch], [p.decode_step_s, p.decode_step_s])
-    return EmulatedProfile(f"{hardware} (case study)", prefill, decode if hardware == "H20" else None,
+    decode = setup.decode_profile or Profile.from_points([1, p.decode_batch], [p.decode_step_s, p.decode_step_s])
+    name = f"{hardware} (case study)" if setup.decode_profile is None else f"{setup.profile_name} as {hardware}"
+    return EmulatedProfile(name, prefill, decode if hardware == "H20" else None,
                            sc.time_factor, sc.length_scale, sc.output_scale / sc.decode_scale, stats_path)
 
 

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prfaas.eval.command import EvalConfig, _point_json, _statement, real_model
+from prfaas.eval.command import EvalConfig, _point_json, _statement, real_model, setup_of
 from prfaas.eval.deploy import EvalCluster
 from prfaas.eval.run import real_share, run_point
-from prfaas.eval.scale import build_setup
 from prfaas.eval.topology import make_topology
 from prfaas.eval.workload import lognormal
 from prfaas.scheduling.lengths import TruncatedLogNormal
@@ -40,7 +39,7 @@ def segments_for(case: str, rate: float, duration: float, dist: TruncatedLogNorm
 def link_cut(cfg: EvalConfig, rate: float = 0.85, cut_fraction: float = 0.1, cut: tuple[float, float] = (0.25, 0.65),
              log: Any = print) -> dict[str, Any]:
     model, tokens = real_model(cfg.model)
-    setup = build_setup(cfg.scaling, cfg.shape, model, link_gbps=cfg.link_gbps)
+    setup = setup_of(cfg, model)
     plan = setup.plans["prfaas"]
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +70,8 @@ def link_cut(cfg: EvalConfig, rate: float = 0.85, cut_fraction: float = 0.1, cut
     finally:
         topo.close()
     st, ct = runs["static"]["measured"]["ttft_p90"], runs["controlled"]["measured"]["ttft_p90"]
-    summary = {"case": "link-cut", "rate_fraction": rate, "cut_fraction": cut_fraction, "window": window,
+    summary = {"case": "link-cut", "profiles": setup.profile_name,
+               "rate_fraction": rate, "cut_fraction": cut_fraction, "window": window,
                "link_mbit": full_mbit, "scaling": cfg.scaling.__dict__, "shape": cfg.shape.__dict__,
                "ttft_p90_static": st, "ttft_p90_controlled": ct, "reduction": 1 - ct / st if st else float("nan"),
                "wall_s": time.monotonic() - t_all, "statement": _statement(setup),

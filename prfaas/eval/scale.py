@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from prfaas.eval.emulate import EmulatedProfile
 from prfaas.scheduling.lengths import TruncatedLogNormal
 from prfaas.scheduling.model import GBPS, Deployment, SystemProfile, Throughput
 from prfaas.scheduling.planner import plan_homogeneous, plan_naive, plan_prfaas
@@ -129,17 +130,35 @@ class Setup:
     model: RealModel
     plans: dict[str, Throughput]
     paper_plans: dict[str, Throughput]
+    profile_name: str = "case study (H200 PrfaaS, H20 local)"
+    decode_profile: Profile | None = None  # decode step by batch size; None: the constant T_decode
+
+
+def measured_system(measured: EmulatedProfile, sc: Scaling, batch: int = 20) -> SystemProfile:
+    """A measured node profile (real tokens, real seconds) as a hardware profile at profile scale:
+    T(L) = T_measured(L / ls), so an emulated node takes tf x its own measured time."""
+    if measured.prefill_s is None or measured.decode_step_s is None:
+        raise ValueError(f"profile {measured.name!r}: a measured profile needs prefill_s and decode_step_s")
+    p = measured.prefill_s
+    prefill = Profile(tuple(x * sc.length_scale for x in p.lengths), p.values)
+    return SystemProfile(prfaas_prefill_s=prefill, local_prefill_s=prefill,
+                         decode_step_s=measured.decode_step_s(batch), decode_batch=batch)
 
 
 def build_setup(sc: Scaling, shape: Shape, model: RealModel, dist: TruncatedLogNormal | None = None,
-                paper: SystemProfile | None = None, link_gbps: float = 100.0) -> Setup:
+                link_gbps: float = 100.0, measured: EmulatedProfile | None = None) -> Setup:
+    """The case study's profiles, or (with `measured`) one measured node profile for every node."""
     dist = dist or TruncatedLogNormal()
-    paper = replace(paper or SystemProfile(), link_bytes_per_s=link_gbps * GBPS)
+    paper = measured_system(measured, sc) if measured else SystemProfile()
+    paper = replace(paper, link_bytes_per_s=link_gbps * GBPS)
     paper_plans = plans(paper, dist, shape)
     l_ref = paper_plans["prfaas"].l_long
     link = scaled_link(paper, sc, model, l_ref, paper.link_bytes_per_s)
     system = emulated_system(paper, sc, model, link)
-    return Setup(sc, shape, dist, paper, system, model, plans(system, dist, shape), paper_plans)
+    setup = Setup(sc, shape, dist, paper, system, model, plans(system, dist, shape), paper_plans)
+    if measured:
+        setup = replace(setup, profile_name=measured.name, decode_profile=measured.decode_step_s)
+    return setup
 
 
 def deployment_of(setup: Setup, kind: str) -> Deployment:

@@ -94,3 +94,25 @@ def test_mooncake_trace_is_scaled():
     assert reqs[0].prompt[:8] == reqs[1].prompt[:8]  # the trace's shared first block stays shared
     with pytest.raises(ValueError, match="whole length scale"):
         mooncake(SLICE, Scaling(2.0, 64.5, 64), tokens, first=5)
+
+
+def test_measured_node_profile_drives_the_plan(tmp_path):
+    from prfaas.eval.emulate import EmulatedProfile
+    from prfaas.eval.measure import measure_profile
+
+    prof = measure_profile("builtin:qwen3_next-tiny", lengths=(16, 64, 256), batches=(1, 4, 8), reps=1,
+                           log=lambda m: None)
+    assert prof.prefill_s is not None and prof.decode_step_s is not None
+    assert all(v > 0 for v in prof.prefill_s.values + prof.decode_step_s.values)
+    prof.save(tmp_path / "node.json")
+    loaded = EmulatedProfile.load(tmp_path / "node.json")
+    sc = Scaling(2.0, 64, 64, 4)
+    setup = build_setup(sc, Shape(1, 2, 3), MODEL, measured=loaded)
+    assert setup.profile_name.startswith("cpu (measured")
+    node = emulated_profile(setup, "H20", "")
+    # an emulated node takes tf x its own measured time, whatever the length scale
+    assert node.prefill_time(64) == pytest.approx(2.0 * loaded.prefill_s(64))
+    assert node.decode_time(4) == pytest.approx(2.0 * 64 / 4 * loaded.decode_step_s(4))
+    assert setup.plans["homogeneous"].lambda_max > 0
+    with pytest.raises(ValueError, match="needs prefill_s and decode_step_s"):
+        build_setup(sc, Shape(1, 2, 3), MODEL, measured=EmulatedProfile("half"))
