@@ -35,9 +35,10 @@ def _shape(text: str) -> Shape:
 
 def eval_command(argv: list[str]) -> int:
     p = command_parser("prfaas eval", __doc__)
-    p.add_argument("case", choices=["steady", "link-cut", "quick", "profile"],
+    p.add_argument("case", choices=["steady", "link-cut", "burst", "mix-shift", "quick", "profile"],
                    help="steady: rate sweep of every deployment; link-cut: PrfaaS static vs controlled under a "
-                        "link cut; quick: the reduced steady form (a few requests, small shape); profile: measure "
+                        "link cut; burst, mix-shift: the same pair under a long-prompt burst or a length-mix "
+                        "shift; quick: the reduced steady form (a few requests, small shape); profile: measure "
                         "this machine's node")
     p.flag("--model", "EVAL_MODEL", "builtin:qwen3_next-tiny", str, "the served model")
     p.flag("--topology", "EVAL_TOPOLOGY", "auto", str, "two network namespaces, loopback, or auto",
@@ -77,10 +78,10 @@ def eval_command(argv: list[str]) -> int:
         return _profile(a.model, a.out, log)
     if a.case == "quick":
         cfg = EvalConfig(**{**cfg.__dict__, **QUICK})
-    if a.case == "link-cut":
-        from prfaas.eval.dynamic import link_cut
+    if a.case in ("link-cut", "burst", "mix-shift"):
+        from prfaas.eval.dynamic import dynamic_case
 
-        summary = link_cut(cfg, log=log)
+        summary = dynamic_case(cfg, a.case, log=log)
     else:
         from prfaas.eval.command import steady
 

@@ -36,8 +36,21 @@ def segments_for(case: str, rate: float, duration: float, dist: TruncatedLogNorm
     return [Segment(0, duration, rate, dist)]
 
 
-def link_cut(cfg: EvalConfig, rate: float = 0.85, cut_fraction: float = 0.1, cut: tuple[float, float] = (0.25, 0.65),
-             log: Any = print) -> dict[str, Any]:
+WINDOWS = {"link-cut": (0.25, 0.65), "burst": (0.25, 0.8), "mix-shift": (0.6, 1.0)}
+RATES = {"link-cut": 0.85, "burst": 0.7, "mix-shift": 0.9}
+
+
+def link_cut(cfg: EvalConfig, rate: float = 0.85, cut_fraction: float = 0.1, log: Any = print) -> dict[str, Any]:
+    return dynamic_case(cfg, "link-cut", rate, cut_fraction, log)
+
+
+def dynamic_case(cfg: EvalConfig, case: str, rate: float | None = None, cut_fraction: float = 0.1,
+                 log: Any = print) -> dict[str, Any]:
+    """`case` (link-cut, burst, mix-shift) twice on the same arrivals: static, then controlled."""
+    if case not in WINDOWS:
+        raise ValueError(f"unknown dynamic case {case!r}; choose from {', '.join(WINDOWS)}")
+    rate = RATES[case] if rate is None else rate
+    cut = WINDOWS[case]
     model, tokens = real_model(cfg.model)
     setup = setup_of(cfg, model)
     plan = setup.plans["prfaas"]
@@ -46,36 +59,36 @@ def link_cut(cfg: EvalConfig, rate: float = 0.85, cut_fraction: float = 0.1, cut
     full_mbit = setup.system.link_bytes_per_s * 8 / 1e6
     d = cfg.duration_s
     window = (cut[0] * d, cut[1] * d)
-    events = [(window[0], full_mbit * cut_fraction), (window[1], full_mbit)]
-    reqs = lognormal(segments_for("link-cut", rate * plan.lambda_max, d, setup.dist), cfg.scaling, tokens, cfg.seed,
+    events = [(window[0], full_mbit * cut_fraction), (window[1], full_mbit)] if case == "link-cut" else []
+    reqs = lognormal(segments_for(case, rate * plan.lambda_max, d, setup.dist), cfg.scaling, tokens, cfg.seed,
                      setup.paper.output_tokens, cfg.output_spread)
     topo = make_topology(cfg.topology, full_mbit, cfg.delay_ms * cfg.scaling.time_factor)
     if not topo.shaped:
         topo.close()
-        raise RuntimeError("the link-cut case needs the two-namespace topology (root, ip netns, tc)")
+        raise RuntimeError(f"the {case} case needs the two-namespace topology (root, ip netns, tc)")
     runs: dict[str, Any] = {}
     t_all = time.monotonic()
     try:
         for label, controlled in (("static", False), ("controlled", True)):
-            log(f"[eval] link-cut {label}: {len(reqs)} requests at {rate:.2f}x Lambda_max, link {full_mbit:.1f} -> "
+            log(f"[eval] {case} {label}: {len(reqs)} requests at {rate:.2f}x Lambda_max, link {full_mbit:.1f} -> "
                 f"{full_mbit * cut_fraction:.1f} Mbit/s during [{window[0]:.0f}, {window[1]:.0f}) s ...")
             topo.set_rate(full_mbit)
-            with EvalCluster(topo, setup, "prfaas", cfg.model, out_dir / f"link-cut-{label}", controlled) as cluster:
+            with EvalCluster(topo, setup, "prfaas", cfg.model, out_dir / f"{case}-{label}", controlled) as cluster:
                 res = run_point(cluster, setup, reqs, rate * plan.lambda_max, label, window, cfg.slo(), events, log)
             m = res.measured
-            log(f"[eval]   -> TTFT P90 during the cut {m.ttft_p90:.2f} s (simulated {res.predicted['ttft_p90']:.2f}),"
+            log(f"[eval]   -> TTFT P90 in the window {m.ttft_p90:.2f} s (simulated {res.predicted['ttft_p90']:.2f}),"
                 f" lost {m.lost}, wrong length {m.wrong_length}")
             runs[label] = {"measured": m.as_dict(), "predicted": res.predicted, "real_share": real_share(res.emulation),
                            "point": _point_json(res)}
     finally:
         topo.close()
     st, ct = runs["static"]["measured"]["ttft_p90"], runs["controlled"]["measured"]["ttft_p90"]
-    summary = {"case": "link-cut", "profiles": setup.profile_name,
+    summary = {"case": case, "profiles": setup.profile_name,
                "rate_fraction": rate, "cut_fraction": cut_fraction, "window": window,
                "link_mbit": full_mbit, "scaling": cfg.scaling.__dict__, "shape": cfg.shape.__dict__,
                "ttft_p90_static": st, "ttft_p90_controlled": ct, "reduction": 1 - ct / st if st else float("nan"),
                "wall_s": time.monotonic() - t_all, "statement": _statement(setup),
                "runs": {k: {x: v[x] for x in ("measured", "predicted", "real_share")} for k, v in runs.items()}}
-    (out_dir / "link-cut.json").write_text(json.dumps({"summary": summary, "points": {
+    (out_dir / f"{case}.json").write_text(json.dumps({"summary": summary, "points": {
         k: [v["point"]] for k, v in runs.items()}}, default=str))
     return summary

@@ -80,8 +80,9 @@ def link_cut_table(summary: dict[str, Any]) -> str:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    if summary.get("case") == "link-cut":
-        head = (f"link cut to {summary['cut_fraction']:.0%} during {summary['window']} s; P90 TTFT in the cut: "
+    if summary.get("case") in ("link-cut", "burst", "mix-shift"):
+        head = (f"{summary['case']} (link cut to {summary['cut_fraction']:.0%} where a link cut), window "
+                f"{summary['window']} s; P90 TTFT in the window: "
                 f"static {fmt(summary['ttft_p90_static'])} s, controlled {fmt(summary['ttft_p90_controlled'])} s "
                 f"({fmt(100 * summary['reduction'], 3)}% lower); run {summary['wall_s']:.0f} s\n\n")
         return head + link_cut_table(summary)

@@ -100,7 +100,7 @@ def plot_over_time(data: dict, path: Path) -> None:
     axes[1].set_ylabel("local prefill nodes")
     axes[2].set_ylabel("link utilisation\n(of the uncut rate)")
     axes[2].set_xlabel("time (s, real)")
-    axes[0].set_title(f"Link cut (shaded): t, roles and link over time, {PRELIM}", fontsize=8)
+    axes[0].set_title(f"{s['case']} (window shaded): t, roles and link over time, {PRELIM}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -114,9 +114,11 @@ def plot_all(out: str | Path, log: Callable[[str], None] = print) -> list[Path]:
         for name, fn in (("eval_goodput.png", plot_goodput), ("eval_ttft.png", plot_ttft)):
             fn(data, out / name)
             made.append(out / name)
-    if (out / "link-cut.json").exists():
-        plot_over_time(json.loads((out / "link-cut.json").read_text()), out / "eval_link_cut.png")
-        made.append(out / "eval_link_cut.png")
+    for case in ("link-cut", "burst", "mix-shift"):
+        if (out / f"{case}.json").exists():
+            png = out / f"eval_{case.replace('-', '_')}.png"
+            plot_over_time(json.loads((out / f"{case}.json").read_text()), png)
+            made.append(png)
     for m in made:
         log(f"[eval] wrote {m}")
     return made
