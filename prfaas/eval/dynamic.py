@@ -70,8 +70,9 @@ def dynamic_case(cfg: EvalConfig, case: str, rate: float | None = None, cut_frac
     t_all = time.monotonic()
     try:
         for label, controlled in (("static", False), ("controlled", True)):
-            log(f"[eval] {case} {label}: {len(reqs)} requests at {rate:.2f}x Lambda_max, link {full_mbit:.1f} -> "
-                f"{full_mbit * cut_fraction:.1f} Mbit/s during [{window[0]:.0f}, {window[1]:.0f}) s ...")
+            cut_note = f", link {full_mbit:.1f} -> {full_mbit * cut_fraction:.1f} Mbit/s" if events else ""
+            log(f"[eval] {case} {label}: {len(reqs)} requests at {rate:.2f}x Lambda_max{cut_note}, window "
+                f"[{window[0]:.0f}, {window[1]:.0f}) s ...")
             topo.set_rate(full_mbit)
             with EvalCluster(topo, setup, "prfaas", cfg.model, out_dir / f"{case}-{label}", controlled) as cluster:
                 res = run_point(cluster, setup, reqs, rate * plan.lambda_max, label, window, cfg.slo(), events, log)
