@@ -71,10 +71,11 @@ def link_cut_table(summary: dict[str, Any]) -> str:
     for label, r in summary["runs"].items():
         m, s = r["measured"], r["predicted"]
         rows.append({"run": label, "requests": m["requests"], "lost / wrong": f"{m['lost']} / {m['wrong_length']}",
-                     "TTFT P50 in cut meas / sim": f"{fmt(m['ttft_p50'])} / {fmt(s['ttft_p50'])}",
-                     "TTFT P90 in cut meas / sim": f"{fmt(m['ttft_p90'])} / {fmt(s['ttft_p90'])}",
-                     "offload in cut meas / sim": f"{fmt(m['offload_fraction'], 2)} / {fmt(s['offload_fraction'], 2)}",
-                     "link util in cut": fmt(m["link_util"], 2),
+                     "TTFT P50 in window meas / sim": f"{fmt(m['ttft_p50'])} / {fmt(s['ttft_p50'])}",
+                     "TTFT P90 in window meas / sim": f"{fmt(m['ttft_p90'])} / {fmt(s['ttft_p90'])}",
+                     "offload in window meas / sim":
+                         f"{fmt(m['offload_fraction'], 2)} / {fmt(s['offload_fraction'], 2)}",
+                     "link util in window (of the full rate)": fmt(m["link_util"], 2),
                      "real share P / D": f"{fmt(r['real_share']['prefill'], 2)} / {fmt(r['real_share']['decode'], 2)}"})
     return markdown_table(rows, list(rows[0]) if rows else [])
 
