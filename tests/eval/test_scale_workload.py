@@ -116,3 +116,19 @@ def test_measured_node_profile_drives_the_plan(tmp_path):
     assert setup.plans["homogeneous"].lambda_max > 0
     with pytest.raises(ValueError, match="needs prefill_s and decode_step_s"):
         build_setup(sc, Shape(1, 2, 3), MODEL, measured=EmulatedProfile("half"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["steady", "--shape", "1,2"], "N_PRFAAS,N_LOCAL,N_HOMOGENEOUS"),
+    (["steady", "--deployments", "prfaas,bogus"], "unknown ['bogus']"),
+    (["steady", "--rates", "0.5,-1"], "positive numbers"),
+    (["steady", "--time-factor", "0"], "positive"),
+    (["sideways"], "invalid choice"),
+])
+def test_cli_refuses_bad_flags(argv, message, capsys):
+    from prfaas.eval.cli import eval_command
+
+    with pytest.raises(SystemExit) as e:
+        eval_command(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
