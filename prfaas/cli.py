@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -80,6 +81,14 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", required=True, help="the directory to write")
     add_train_args(tr)
     tr.set_defaults(fn=train_command)
+_SUBCOMMANDS = {
+    "plan": ("prfaas.scheduling.commands", "plan_command"),
+    "sim": ("prfaas.scheduling.commands", "sim_command"),
+    "up": ("prfaas.cluster.local", "up_command"),
+    "demo": ("prfaas.cluster.demo", "demo_command"),
+    "status": ("prfaas.cluster.status", "status_command"),
+    "eval": ("prfaas.eval.cli", "eval_command"),
+}
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -88,27 +97,10 @@ def _dispatch(argv: list[str]) -> int:
 
         print(f"prfaas {__version__}")
         return 0
-    # plan / sim / up parse their own flags
-    if argv and argv[0] == "plan":
-        from prfaas.scheduling.commands import plan_command
-
-        return plan_command(argv[1:])
-    if argv and argv[0] == "sim":
-        from prfaas.scheduling.commands import sim_command
-
-        return sim_command(argv[1:])
-    if argv and argv[0] == "up":
-        from prfaas.cluster.local import up_command
-
-        return up_command(argv[1:])
-    if argv and argv[0] == "demo":
-        from prfaas.cluster.demo import demo_command
-
-        return demo_command(argv[1:])
-    if argv and argv[0] == "status":
-        from prfaas.cluster.status import status_command
-
-        return status_command(argv[1:])
+    # these subcommands parse their own flags
+    if argv and argv[0] in _SUBCOMMANDS:
+        module, fn = _SUBCOMMANDS[argv[0]]
+        return int(getattr(importlib.import_module(module), fn)(argv[1:]))
 
     from prfaas import __version__
 
@@ -121,6 +113,7 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("status", help="members of a cluster and their accounting (see `prfaas status --help`)")
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
+    sub.add_parser("eval", help="the three deployments on the real services (see `prfaas eval --help`)")
 
     _model_commands(sub)
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}

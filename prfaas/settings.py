@@ -145,6 +145,7 @@ class NodeSettings:
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     kv_wire_accept: str = "int8,fp8,convert"  # decode nodes: KV wire formats taken (transport/codec.py)
+    emulate: str = ""  # an emulated accelerator profile (JSON, prfaas.eval.emulate); empty = real time
     # KV data-plane limits against hostile peers (prfaas/transport/limits.py, docs/transport.md "Limits")
     kv_max_frame_bytes: int = 64 << 20  # the largest frame (raised to the layout's largest state)
     kv_max_inflight_bytes: int = 1 << 30  # frames being received at once, all connections
@@ -231,6 +232,9 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: KV wire formats taken, comma-separated: int8, fp8 (compressed), convert (KV "
            "from a node of another cache dtype); empty = exact in its own dtype only")
     _kv_limit_flags(p)
+    p.flag("--emulate", "EMULATE", "", str,
+           "an emulated accelerator profile (JSON; docs/evaluation.md): compute for real, hold results until "
+           "the profile's time; empty = real time")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from prfaas.engine.executor import Executor, SeqState
 from prfaas.errors import Draining, InvalidRequest, ModelFault
+from prfaas.eval.emulate import Emulator
 from prfaas.messages import Alive, Reserved, SamplingParams, TokenBatch
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
@@ -59,7 +60,9 @@ class DecodeNode:
         compute_lock: asyncio.Lock | None = None,
         max_request_blocks: int = 0,
         alive_interval_s: float = 1.0,
+        emulator: Emulator | None = None,
     ) -> None:
+        self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
         self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
@@ -197,10 +200,10 @@ class DecodeNode:
             self._stepping = {id(s) for s in ready}
             try:
                 if self._compute is None:
-                    await asyncio.to_thread(ex.run_decode, ready)
+                    await self._step(ready)
                 else:
                     async with self._compute:
-                        await asyncio.to_thread(ex.run_decode, ready)
+                        await self._step(ready)
             except Exception as e:  # a failed step ends its requests, each with the error, rather than hanging them
                 log.error("decode_step_failed", error=repr(e), batch=len(ready))
                 for s in ready:
@@ -226,6 +229,12 @@ class DecodeNode:
                     queue.put_nowait(TokenBatch(tok, seq.finish_reason, seq.logprobs[-1:] if tok else []))
                     if seq.finished:
                         self._running.pop(key, None)
+
+    async def _step(self, ready: list[SeqState]) -> None:
+        started = time.monotonic()
+        await asyncio.to_thread(self.executor.run_decode, ready)
+        if self.emulator is not None and ready:
+            await self.emulator.decode_step(started, len(ready))  # held until the emulated step time
 
     # --- accounting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

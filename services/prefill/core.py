@@ -17,6 +17,7 @@ from typing import Protocol
 
 from prfaas.engine.executor import Executor, LayerKv, SeqState
 from prfaas.errors import Draining, InvalidRequest, OutOfCapacity
+from prfaas.eval.emulate import Emulator, PrefillPace
 from prfaas.kv.prefill_plan import PrefillPlan, PrefillPlanner, Segment
 from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
@@ -63,7 +64,9 @@ class PrefillNode:
         yield_between_chunks: bool = False,
         alive_interval_s: float = 1.0,
         cluster: str = "",
+        emulator: Emulator | None = None,
     ) -> None:
+        self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
         self.cluster = cluster  # "prfaas" or "local": the route label of its metrics
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         self.planner = planner or PrefillPlanner(executor.layout.block_size)
@@ -113,6 +116,9 @@ class PrefillNode:
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
             run.sender = self.sender_factory(job)
             t0 = time.monotonic()
+            if self.emulator is not None:
+                run.pace = self.emulator.prefill_pace(len(job.prompt) - plan.hit,
+                                                      len(plan.segments) * self.executor.layout.num_layers)
             for i, segment in enumerate(plan.segments):
                 # the decode side lacks the cached prefix too: the first part sends it as well
                 async for ev in self._run_part(run, segment, read_start=0 if i == 0 and plan.hit else None):
@@ -124,6 +130,8 @@ class PrefillNode:
                     async for ev in self._alive(asyncio.ensure_future(hold.acquire()), run.progress):
                         yield ev
             assert run.first is not None, "the last part yields the first token"
+            if run.pace is not None:
+                await run.pace.done()  # the emulated accelerator is still computing until then
             prefill_s = time.monotonic() - t0
             hold.release()  # the next prompt may compute while this KV drains
             finish = asyncio.ensure_future(run.sender.finish(run.first))
@@ -167,6 +175,8 @@ class PrefillNode:
             if isinstance(item, int):
                 run.first = item
             else:
+                if run.pace is not None:
+                    await run.pace.step()
                 await run.sender.push_layer(item)
                 layers += 1
                 run.layers_done = layers
@@ -244,6 +254,7 @@ class _Run:
         self.sender: KvPush | None = None
         self.step: asyncio.Future[LayerKv | int | None] | None = None
         self.first: int | None = None
+        self.pace: PrefillPace | None = None
         self.tokens_done = self.layers_done = 0
 
     def progress(self) -> Progress:

@@ -16,6 +16,7 @@ from prfaas.dtypes import torch_dtype
 from prfaas.engine.backends import make_backend
 from prfaas.engine.executor import Executor
 from prfaas.errors import InvalidRequest, NotConvertible
+from prfaas.eval.emulate import load_emulator
 from prfaas.kv.layout import KvLayout
 from prfaas.kv.prefill_plan import PrefillPlanner
 from prfaas.kv.prefix_cache import PrefixCache
@@ -66,6 +67,7 @@ class WorkerNode:
         self.convertible = s.convertible
         self.executor = build_executor(s)
         lock = asyncio.Lock()
+        self.emulator = load_emulator(s.emulate)
         self.channels = KvChannels(s.kv_connections)
         self.prefill: PrefillNode | None = None
         self.decode: DecodeNode | None = None
@@ -83,12 +85,13 @@ class WorkerNode:
                 self.publish,
                 yield_between_chunks=self.convertible,
                 cluster=s.cluster,
+                emulator=self.emulator,
             )
         self.receiver = KvReceiver()
         if role == Role.DECODE or self.convertible:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
-                                     max_request_blocks=cap)
+                                     max_request_blocks=cap, emulator=self.emulator)
             self.decode.wire_accept = wire_accept(s.kv_wire_accept)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
