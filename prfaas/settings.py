@@ -141,6 +141,9 @@ class NodeSettings:
     attention_backend: str = "auto"  # on a GPU: flashinfer, flash_attn or torch
     max_request_blocks: int = 0  # decode nodes: the most blocks one request may hold; 0 = half the pool
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
+    prefix_cache: str = "full"  # "off", "prefill" (prefill nodes only) or "full" (decode nodes too)
+    checkpoint_tokens: int = 256  # a linear-state checkpoint every this many tokens (a block multiple)
+    prefix_states: int = 0  # state slots the prefix cache may hold; 0 = half the slots
 
 
 def _power_of_two_or_zero(text: str) -> int:
@@ -181,6 +184,14 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
+    p.flag("--prefix-cache", "PREFIX_CACHE", "full", str,
+           "which nodes keep a prefix cache: none, prefill nodes, or prefill and decode nodes",
+           choices=["off", "prefill", "full"])
+    p.flag("--checkpoint-tokens", "CHECKPOINT_TOKENS", 256, positive_int,
+           "prefill nodes: keep a linear-state checkpoint every this many prompt tokens (a multiple of the "
+           "block size; the last block boundary before a prompt's end always has one)")
+    p.flag("--prefix-states", "PREFIX_STATES", 0, non_negative_int,
+           "linear-state checkpoints the prefix cache may hold (each one state slot); 0 = half the slots")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")

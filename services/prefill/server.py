@@ -34,6 +34,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.num_connections,
                 request.wire_dtype,
                 request.deadline_unix_s,
+                request.skip_tokens,
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:

@@ -47,7 +47,7 @@ class GrpcNodeClients:
                 which = ev.WhichOneof("event")
                 if which == "reserved":
                     r = ev.reserved
-                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
+                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address, r.skip_tokens)
                 elif which == "tokens":
                     t = ev.tokens
                     logprobs = [logprob_from_pb(x) for x in t.logprobs]
@@ -71,6 +71,7 @@ class GrpcNodeClients:
                 num_connections=job.num_connections,
                 wire_dtype=job.wire_dtype,
                 deadline_unix_s=job.deadline_unix_s,
+                skip_tokens=job.skip_tokens,
             )
         )
         try:

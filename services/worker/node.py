@@ -7,7 +7,6 @@ No gRPC here: `server.py` hosts it, `__main__.py` runs it.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 from prfaas.cluster import CachePoolApi, NodeInfo, NodeLoad, Role
@@ -27,13 +26,13 @@ from prfaas.model.presets import resolve_model
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.settings import NodeSettings
-from prfaas.transport.chunks import chunk_grid
 from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.sender import KvSender
 from prfaas.transport.stats import GLOBAL as LINK_STATS
 
 from ..decode.core import DecodeNode
+from ..decode.prefix import DecodePrefix
 from ..prefill.core import PrefillNode
 
 log = get_logger(__name__)
@@ -52,11 +51,14 @@ def build_executor(s: NodeSettings) -> Executor:
     return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
 
-def prefill_planner(layout: KvLayout, chunk_tokens: int) -> PrefillPlanner:
-    """Checkpoints on multiples of the block size and of the KV chunk grid (so a reused prefix
-    keeps the KV stream's pieces on its grid); prompt chunks a multiple of that grid."""
-    grid = math.lcm(layout.block_size, chunk_grid(layout))
-    return PrefillPlanner(layout.block_size, grid, chunk_tokens // grid * grid if chunk_tokens >= grid else 0)
+def prefill_planner(layout: KvLayout, chunk_tokens: int, checkpoint_tokens: int = 256) -> PrefillPlanner:
+    """Checkpoints every `checkpoint_tokens` (a multiple of the block size) and at the last block
+    boundary before a prompt's end; prompt chunks of `chunk_tokens`, rounded to whole blocks."""
+    if checkpoint_tokens <= 0 or checkpoint_tokens % layout.block_size:
+        raise InvalidRequest(f"--checkpoint-tokens {checkpoint_tokens} must be a positive multiple of the block "
+                             f"size {layout.block_size}")
+    chunk = chunk_tokens // layout.block_size * layout.block_size
+    return PrefillPlanner(layout.block_size, checkpoint_tokens, chunk)
 
 
 class WorkerNode:
@@ -70,24 +72,33 @@ class WorkerNode:
         self.decode: DecodeNode | None = None
         self.prefix_cache: PrefixCache | None = None
         self._publishing: set[asyncio.Task[None]] = set()
-        if role == Role.PREFILL or self.convertible:
-            self.prefix_cache = PrefixCache(s.node_id, self.executor.blocks, self.executor.slots)
+        prefills, decodes = role == Role.PREFILL or self.convertible, role == Role.DECODE or self.convertible
+        if s.prefix_cache == "full" or (s.prefix_cache == "prefill" and prefills):
+            # one cache per node, shared by its two cores on a convertible node
+            states = s.prefix_states or max(1, s.state_slots // 2)
+            self.prefix_cache = PrefixCache(s.node_id, self.executor.blocks, self.executor.slots, max_states=states)
+            log.info("prefix_cache", mode=s.prefix_cache, max_states=states, checkpoint_tokens=s.checkpoint_tokens,
+                     state_bytes_each=self.executor.layout.state_bytes,
+                     state_bytes_max=states * self.executor.layout.state_bytes)
+        if prefills:
             self.prefill = PrefillNode(
                 s.node_id,
                 self.executor,
                 self.sender_for,
                 lock,
-                prefill_planner(self.executor.layout, s.prefill_chunk_tokens),
+                prefill_planner(self.executor.layout, s.prefill_chunk_tokens, s.checkpoint_tokens),
                 self.prefix_cache,
                 self.publish,
                 yield_between_chunks=self.convertible,
                 cluster=s.cluster,
             )
         self.receiver = KvReceiver()
-        if role == Role.DECODE or self.convertible:
+        if decodes:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
+            keep = s.prefix_cache == "full" and self.prefix_cache is not None
+            prefix = DecodePrefix(self.executor, self.prefix_cache, self.publish) if keep else None  # type: ignore[arg-type]
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
-                                     max_request_blocks=cap)
+                                     max_request_blocks=cap, prefix=prefix)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
@@ -133,7 +144,7 @@ class WorkerNode:
         """What the node registers with the cache pool."""
         s = self.settings
         cap = self.decode.max_request_blocks if self.decode else 0
-        grid = self.prefill.planner.grid if self.prefill and self.prefix_cache else 0
+        grid = s.block_size if self.prefix_cache else 0  # hits fall on block boundaries
         return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
                         block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
                         max_context=self.executor.max_context, prefix_grid=grid)
@@ -174,7 +185,7 @@ class WorkerNode:
         tokens_per_s, self._tokens, self._rate_at = (tokens - self._tokens) / span, tokens, now
         return NodeLoad(
             kv_retransmits=LINK_STATS.total_retransmits,
-            free_blocks=ex.blocks.num_free,
+            free_blocks=ex.blocks.num_free + (len(self.prefix_cache.blocks) if self.prefix_cache else 0),
             free_slots=ex.slots.num_free,
             queue_depth=queue,
             running=running,
