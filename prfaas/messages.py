@@ -128,3 +128,21 @@ class TokenBatch:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
+
+
+# --- cross-cluster prefix moves (router <-> importing and holding prefill nodes) ---------------------
+@dataclass(frozen=True)
+class PrefixReserved:
+    """The importer reserved blocks and a slot for a moved prefix: push it here."""
+
+    transfer_id: str
+    kv_address: str  # "tcp://host:port"
+
+
+@dataclass(frozen=True)
+class PrefixMoved:
+    """A prefix moved: its tokens, and the payload bytes pushed (holder) or received (importer)."""
+
+    tokens: int
+    kv_bytes: int
+    seconds: float = 0.0

@@ -12,13 +12,14 @@ from prfaas.engine.executor import Executor
 from prfaas.engine.llm import build_executor
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
-from prfaas.messages import SamplingParams
+from prfaas.messages import PrefillJob, SamplingParams
 from prfaas.scheduling.policy import PrfaasPolicy, RoutingPolicy
 from prfaas.transport.receiver import KvReceiver
 from services.cachepool.core import CachePool
 from services.decode.core import DecodeNode
 from services.decode.prefix import DecodePrefix
 from services.prefill.core import PrefillNode
+from services.prefill.moves import PrefixMover
 from services.router.core import GenerateInput, Node, Router
 from services.worker.node import prefill_planner
 from tests.support import MemoryPush
@@ -32,6 +33,7 @@ class Member:
     prefill: PrefillNode | None = None
     decode: DecodeNode | None = None
     receiver: KvReceiver | None = None
+    mover: PrefixMover | None = None
     sent: list[int] = field(default_factory=list)  # KV bytes each prefill pushed (from its Done)
 
 
@@ -62,6 +64,16 @@ class Clients:
         assert p is not None
         return p.prefill(job)
 
+    def import_prefix(self, address, request_id, prompt, hit, timeout_s):  # type: ignore[no-untyped-def]
+        mover = self.members[address].mover
+        assert mover is not None
+        return mover.import_(request_id, prompt, hit, timeout_s)
+
+    async def export_prefix(self, address, request_id, prompt, hit, transfer_id, dest, deadline):  # type: ignore[no-untyped-def]
+        mover = self.members[address].mover
+        assert mover is not None
+        return await mover.export(request_id, prompt, hit, transfer_id, dest, 0, deadline)
+
 
 class PrefixCluster:
     """Nodes named `p*` prefill, `d*` decode; `cluster_of` puts each in "local" or "prfaas"."""
@@ -84,6 +96,10 @@ class PrefixCluster:
                 planner = prefill_planner(ex.layout, chunk_tokens, checkpoint_tokens)
                 m.prefill = PrefillNode(name, ex, self._push, None, planner if keep else None, pc,
                                         self._publisher(name), cluster=cluster)
+                if pc is not None:
+                    m.receiver = KvReceiver()
+                    m.mover = PrefixMover(name, ex, pc, m.receiver, self._move_push, self._publisher(name))
+                    m.mover.kv_address = name
             else:
                 m.receiver = KvReceiver()
                 prefix = DecodePrefix(ex, pc, self._publisher(name)) if pc is not None else None
@@ -96,6 +112,12 @@ class PrefixCluster:
     def _push(self, job):  # type: ignore[no-untyped-def]
         m = self.members[job.decode_address]
         assert m.receiver is not None
+        return MemoryPush(m.receiver, job, m.executor.layout)
+
+    def _move_push(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float):  # type: ignore[no-untyped-def]
+        m = self.members[address]
+        assert m.receiver is not None
+        job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address)
         return MemoryPush(m.receiver, job, m.executor.layout)
 
     def _publisher(self, node_id: str):  # type: ignore[no-untyped-def]

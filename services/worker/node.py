@@ -19,7 +19,7 @@ from prfaas.kv.layout import KvLayout
 from prfaas.kv.prefill_plan import PrefillPlanner
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
-from prfaas.messages import PrefillJob
+from prfaas.messages import PrefillJob, SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 from prfaas.model.presets import resolve_model
@@ -34,6 +34,7 @@ from prfaas.transport.stats import GLOBAL as LINK_STATS
 from ..decode.core import DecodeNode
 from ..decode.prefix import DecodePrefix
 from ..prefill.core import PrefillNode
+from ..prefill.moves import PrefixMover
 
 log = get_logger(__name__)
 
@@ -93,6 +94,10 @@ class WorkerNode:
                 cluster=s.cluster,
             )
         self.receiver = KvReceiver()
+        self.mover: PrefixMover | None = None  # cross-cluster prefix moves, on prefill nodes with a cache
+        if self.prefill and self.prefix_cache:
+            self.mover = PrefixMover(s.node_id, self.executor, self.prefix_cache, self.receiver, self.move_sender,
+                                     self.publish)
         if decodes:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
             keep = s.prefix_cache == "full" and self.prefix_cache is not None
@@ -103,6 +108,11 @@ class WorkerNode:
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
     def sender_for(self, job: PrefillJob) -> KvSender:
+        return KvSender.for_job(job, self.executor.layout, self.channels)
+
+    def move_sender(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float) -> KvSender:
+        """A prefix move's push to the importing node (the data plane of a prefill's KV)."""
+        job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address, connections, "", deadline)
         return KvSender.for_job(job, self.executor.layout, self.channels)
 
     # --- the cache pool ---------------------------------------------------------------------------
