@@ -54,8 +54,9 @@ def build_executor(s: NodeSettings) -> Executor:
 
 def prefill_planner(layout: KvLayout, chunk_tokens: int, checkpoint_tokens: int = 256) -> PrefillPlanner:
     """Checkpoints every `checkpoint_tokens` (a multiple of the block size) and at the last block
-    boundary before a prompt's end; prompt chunks of `chunk_tokens`, rounded to whole blocks."""
-    if checkpoint_tokens <= 0 or checkpoint_tokens % layout.block_size:
+    boundary before a prompt's end (none with 0: no prefix cache); prompt chunks of `chunk_tokens`,
+    rounded to whole blocks."""
+    if checkpoint_tokens < 0 or checkpoint_tokens % layout.block_size:
         raise InvalidRequest(f"--checkpoint-tokens {checkpoint_tokens} must be a positive multiple of the block "
                              f"size {layout.block_size}")
     chunk = chunk_tokens // layout.block_size * layout.block_size
@@ -87,7 +88,8 @@ class WorkerNode:
                 self.executor,
                 self.sender_for,
                 lock,
-                prefill_planner(self.executor.layout, s.prefill_chunk_tokens, s.checkpoint_tokens),
+                prefill_planner(self.executor.layout, s.prefill_chunk_tokens, s.checkpoint_tokens if self.prefix_cache
+                                else 0),
                 self.prefix_cache,
                 self.publish,
                 yield_between_chunks=self.convertible,
