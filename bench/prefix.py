@@ -2,7 +2,7 @@
 against a live LocalCluster (real processes, gRPC, the raw-TCP KV data plane) with the cache off,
 on prefill nodes only, and full (prefill + decode nodes + cross-cluster moves), in one run.
 
-    .venv/bin/python bench/prefix.py [TRACE] [--window 0 900] [--every 12] [--time-factor 0.2]
+    .venv/bin/python bench/prefix.py [TRACE] [--window 0 1800] [--every 48] [--time-factor 0.1]
                                      [--max-output 16] [--modes off,prefill,full] [--plot docs/img/prefix_cache.png]
 
 TRACE defaults to ../shared/traces/mooncake_conversation_trace.jsonl (beside the repository).
@@ -66,6 +66,8 @@ def scrape(url: str) -> dict[str, float]:
         for s in fam.samples:
             if s.name.endswith("_total"):
                 out[s.name] = out.get(s.name, 0.0) + s.value
+                if "decision" in s.labels:
+                    out[f"{s.name}|{s.labels['decision']}"] = s.value
     return out
 
 
@@ -79,8 +81,13 @@ def totals(c: LocalCluster) -> dict[str, float]:
         "decode_hits": total("prfaas_decode_prefix_cache_hits_total"),
         "offloaded_kv_bytes": total("prfaas_kv_transfer_bytes_total", "prfaas-"),
         "move_bytes": total("prfaas_prefix_move_bytes_total", "router"),
-        "moves": total("prfaas_prefix_moves_total", "router"),
+        "moved": total_where(per, "prfaas_prefix_moves_total", "moved"),
+        "recomputed": total_where(per, "prfaas_prefix_moves_total", "recomputed"),
     }
+
+
+def total_where(per: dict[str, dict[str, float]], metric: str, decision: str) -> float:
+    return per.get("router", {}).get(f"{metric}|{decision}", 0.0)
 
 
 async def replay(address: str, reqs: list[tuple[float, list[int], int]]) -> list[dict]:
@@ -104,7 +111,8 @@ async def replay(address: str, reqs: list[tuple[float, list[int], int]]) -> list
 def run_mode(mode: str, model: str, reqs: list[tuple[float, list[int], int]], args: argparse.Namespace) -> dict:
     cache, bandwidth = MODES[mode]
     env = {"PRFAAS_PREFIX_CACHE": cache, "PRFAAS_KV_BLOCKS": str(args.kv_blocks),
-           "PRFAAS_CHECKPOINT_TOKENS": str(args.checkpoint_tokens)}
+           "PRFAAS_CHECKPOINT_TOKENS": str(args.checkpoint_tokens), "PRFAAS_STATE_SLOTS": str(args.state_slots),
+           "PRFAAS_PREFIX_STATES": str(args.prefix_states)}
     spec = ClusterSpec(prfaas_prefill=args.prfaas_prefill, local_prefill=1, local_decode=1,
                        threshold_tokens=args.threshold, frontdoor=False, extra_env=env,
                        router_env={"PRFAAS_BANDWIDTH_MODE": bandwidth, "PRFAAS_CONTROL_INTERVAL_S": "0",
@@ -124,7 +132,8 @@ def run_mode(mode: str, model: str, reqs: list[tuple[float, list[int], int]], ar
         "computed_tokens": int(d["computed"]), "hit_rate": 1 - d["computed"] / prompt if prompt else 0.0,
         "decode_held_tokens": int(d["decode_hits"]),
         "cross_cluster_bytes": int(d["offloaded_kv_bytes"] + d["move_bytes"]), "move_bytes": int(d["move_bytes"]),
-        "moves": int(d["moves"]), "offloaded": sum(1 for r in ok if r["route"] == 2),
+        "moved": int(d["moved"]), "recomputed": int(d["recomputed"]),
+        "offloaded": sum(1 for r in ok if r["route"] == 2),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else 0.0,
         "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else 0.0,
     }
@@ -132,12 +141,12 @@ def run_mode(mode: str, model: str, reqs: list[tuple[float, list[int], int]], ar
 
 def table(rows: list[dict], bound: float) -> str:
     head = (f"| mode | ok | prompt tokens | computed | hit rate (bound {bound:.3f}) | decode held | cross-cluster MB "
-            "| moves | offloaded | TTFT mean / P90 (s) |")
+            "| moved / recomputed | offloaded | TTFT mean / P90 (s) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['ok']}/{r['requests']} | {r['prompt_tokens']:,} | {r['computed_tokens']:,} "
                      f"| {r['hit_rate']:.3f} ({r['hit_rate'] / bound:.0%} of it) | {r['decode_held_tokens']:,} "
-                     f"| {r['cross_cluster_bytes'] / 1e6:.1f} | {r['moves']} | {r['offloaded']} "
+                     f"| {r['cross_cluster_bytes'] / 1e6:.1f} | {r['moved']} / {r['recomputed']} | {r['offloaded']} "
                      f"| {r['ttft_mean_s']:.2f} / {r['ttft_p90_s']:.2f} |")
     base = {r["mode"]: r for r in rows}
     if "prefill" in base and "full" in base and base["full"]["cross_cluster_bytes"]:
@@ -177,17 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", nargs="?", default=str(DEFAULT_TRACE))
     p.add_argument("--model", default="builtin:qwen3_next-tiny")
-    p.add_argument("--window", nargs=2, type=float, default=(0.0, 900.0), metavar=("START", "END"))
+    p.add_argument("--window", nargs=2, type=float, default=(0.0, 1800.0), metavar=("START", "END"))
     p.add_argument("--first", type=int, default=None, help="the window's first N requests")
-    p.add_argument("--every", type=int, default=12, help="keep every N-th conversation")
+    p.add_argument("--every", type=int, default=48, help="keep every N-th conversation")
     p.add_argument("--length-factor", type=int, default=32)
-    p.add_argument("--time-factor", type=float, default=0.2)
+    p.add_argument("--time-factor", type=float, default=0.1)
     p.add_argument("--max-output", type=int, default=16)
     p.add_argument("--modes", default="off,prefill,full")
     p.add_argument("--threshold", type=int, default=256, help="the router's offload threshold (tokens)")
     p.add_argument("--prfaas-prefill", type=int, default=2)
     p.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per node (16 tokens each)")
-    p.add_argument("--checkpoint-tokens", type=int, default=64)
+    p.add_argument("--checkpoint-tokens", type=int, default=256)
+    p.add_argument("--state-slots", type=int, default=192, help="linear-state slots per node")
+    p.add_argument("--prefix-states", type=int, default=128, help="of them, the prefix cache's at most")
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--plot", default="")
     p.add_argument("--logs", default="", help="keep every process's log under this directory")
