@@ -73,6 +73,7 @@ class PrefillJob:
     num_connections: int = 0      # 0: the node's default
     wire_dtype: str = ""          # the wire format the decode node chose ("" = exact)
     deadline_unix_s: float = 0.0  # the transfer's deadline
+    skip_tokens: int = 0          # prompt KV the decode node already holds (its prefix hit): not sent
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Reserved:
     node_id: str
     wire_dtype: str
     kv_address: str = ""  # "tcp://host:port" when the node takes KV on its raw-TCP data port
+    skip_tokens: int = 0  # prompt KV it holds already (its own prefix cache): the sender skips it
 
 
 @dataclass(frozen=True)
@@ -126,3 +128,21 @@ class TokenBatch:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
+
+
+# --- cross-cluster prefix moves (router <-> importing and holding prefill nodes) ---------------------
+@dataclass(frozen=True)
+class PrefixReserved:
+    """The importer reserved blocks and a slot for a moved prefix: push it here."""
+
+    transfer_id: str
+    kv_address: str  # "tcp://host:port"
+
+
+@dataclass(frozen=True)
+class PrefixMoved:
+    """A prefix moved: its tokens, and the payload bytes pushed (holder) or received (importer)."""
+
+    tokens: int
+    kv_bytes: int
+    seconds: float = 0.0

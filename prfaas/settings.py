@@ -157,6 +157,9 @@ class NodeSettings:
     kv_parallel_verify_bytes: int = 1 << 20  # frames this large are checksummed off the event loop
     kv_pool_per_address: int = 16  # prefill side: idle pooled connections per decode address
     kv_pool_idle_s: float = 120.0  # prefill side: a pooled connection idle this long is closed
+    prefix_cache: str = "full"  # "off", "prefill" (prefill nodes only) or "full" (decode nodes too)
+    checkpoint_tokens: int = 256  # a linear-state checkpoint every this many tokens (a block multiple)
+    prefix_states: int = 0  # state slots the prefix cache may hold; 0 = half the slots
 
 
 def _wire_accept(text: str) -> str:
@@ -235,6 +238,14 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     p.flag("--emulate", "EMULATE", "", str,
            "an emulated accelerator profile (JSON; docs/evaluation.md): compute for real, hold results until "
            "the profile's time; empty = real time")
+    p.flag("--prefix-cache", "PREFIX_CACHE", "full", str,
+           "which nodes keep a prefix cache: none, prefill nodes, or prefill and decode nodes",
+           choices=["off", "prefill", "full"])
+    p.flag("--checkpoint-tokens", "CHECKPOINT_TOKENS", 256, positive_int,
+           "prefill nodes: keep a linear-state checkpoint every this many prompt tokens (a multiple of the "
+           "block size; the last block boundary before a prompt's end always has one)")
+    p.flag("--prefix-states", "PREFIX_STATES", 0, non_negative_int,
+           "linear-state checkpoints the prefix cache may hold (each one state slot); 0 = half the slots")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")

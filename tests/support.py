@@ -31,13 +31,18 @@ class MemoryPush:
 
     def __init__(self, receiver: KvReceiver, job: PrefillJob, layout: KvLayout, stall: bool = False) -> None:
         self.receiver, self.job, self.layout, self.stall = receiver, job, layout, stall
-        self.total = plan_total_chunks(layout, len(job.prompt), 0, MAX_CHUNK)
+        self.total = plan_total_chunks(layout, len(job.prompt), job.skip_tokens, MAX_CHUNK)
         self.seq = self.bytes = 0
 
     async def push_layer(self, lk: LayerKv) -> None:
         for piece in pieces_of(self.layout, lk, len(self.job.prompt)):
             spec = self.layout.spec(piece.layer, piece.kind)
-            parts = split_piece(piece, tokens_per_chunk(spec, MAX_CHUNK), 0) if spec.paged else [piece]
+            if spec.paged and piece.token_start < self.job.skip_tokens:
+                raise AssertionError(f"piece from {piece.token_start} below skip_tokens {self.job.skip_tokens}")
+            tpc = tokens_per_chunk(spec, MAX_CHUNK)
+            if spec.paged and (piece.token_start - self.job.skip_tokens) % tpc:
+                raise AssertionError(f"piece from {piece.token_start} off the chunk grid")
+            parts = split_piece(piece, tpc, self.job.skip_tokens) if spec.paged else [piece]
             for part in parts:
                 self.bytes += part.tensor.numel() * part.tensor.element_size()
                 self._deliver(encode_chunk(self.job.transfer_id, self.seq, self.total, part))

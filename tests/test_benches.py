@@ -41,3 +41,31 @@ def test_ops_bench_short_sequence():
     out = run("bench/ops.py", "--T", "200", "--repeats", "1", "--threads", "1")
     lines = [line for line in out.splitlines() if line.startswith(("per-head", "per-channel"))]
     assert len(lines) == 8, out
+
+
+@pytest.mark.slow
+def test_prefix_bench_on_a_generated_trace(tmp_path):
+    """bench/prefix.py on a generated Mooncake-format file: 3 conversations of 3 turns (each turn's
+    ids extend the previous turn's), replayed with the cache off and full."""
+    import json
+
+    lines, next_id = [], 1
+    for conv in range(3):
+        ids = [0, next_id]
+        next_id += 1
+        for turn in range(3):
+            lines.append({"timestamp": 1000 * (3 * turn + conv), "input_length": 512 * len(ids) - 100,
+                          "output_length": 64, "hash_ids": list(ids)})
+            ids += [next_id, next_id + 1]
+            next_id += 2
+    lines.sort(key=lambda r: r["timestamp"])
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = run("bench/prefix.py", str(trace), "--window", "0", "100", "--every", "1", "--time-factor", "0.5",
+              "--modes", "off,full", "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "p.png"),
+              timeout=600)
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert "| off | 9/9 |" in out and "| full | 9/9 |" in out, out
+    assert rows["off"]["computed_tokens"] == rows["off"]["prompt_tokens"]
+    assert 0 < rows["full"]["hit_rate"] <= json.loads((tmp_path / "rows.json").read_text())["bound"]
+    assert (tmp_path / "p.png").stat().st_size > 10_000

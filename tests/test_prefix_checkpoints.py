@@ -1,7 +1,8 @@
-"""A prefill node's prefix cache keeps two checkpoints per prompt: at the last grid boundary before
-its end (a later turn of the same conversation hits it) and at the end of its first chunk (a prompt
-that shares only a shorter prefix, such as a system prompt, hits there). Cores in one process, KV
-through the real codec and receiver; tokens checked against a run without any cache."""
+"""A prefill node's prefix cache keeps checkpoints every `checkpoint_tokens` past the hit and at the
+last block boundary before the prompt's end (a later turn of the same conversation hits it); a
+prompt that shares only a shorter prefix, such as a system prompt, hits the interval checkpoint
+before its end. Cores in one process, KV through the real codec and receiver; tokens checked
+against a run without any cache. The planner's rules alone are in test_plan_rules."""
 
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ async def test_shorter_shared_prefix_hits_the_early_checkpoint(model_dir):
     receiver = KvReceiver()
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=10)
     prefill_ex, _ = build_executor(model_dir, num_blocks=512, num_slots=16)
-    planner = prefill_planner(prefill_ex.layout, 512)  # the tiny preset's grid is 512 tokens
-    grid, chunk = planner.grid, planner.chunk_tokens
-    assert chunk and chunk % grid == 0
+    planner = prefill_planner(prefill_ex.layout, 128, 64)  # chunks of 128, checkpoints every 64
+    chunk = planner.chunk_tokens
     cache = PrefixCache("p0", prefill_ex.blocks, prefill_ex.slots)
     node = PrefillNode("p0", prefill_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout), None, planner,
                        cache)
@@ -43,7 +43,7 @@ async def test_shorter_shared_prefix_hits_the_early_checkpoint(model_dir):
         PrfaasPolicy(threshold=1e9),
     )
     gen = torch.Generator().manual_seed(0)
-    system = torch.randint(0, 256, (chunk + 40,), generator=gen).tolist()  # shared: one chunk and a bit
+    system = torch.randint(0, 256, (chunk + 40,), generator=gen).tolist()  # shared: 168 tokens
     first = system + torch.randint(0, 256, (5 * chunk,), generator=gen).tolist()
     second = system + torch.randint(0, 256, (2 * chunk,), generator=gen).tolist()
     params = SamplingParams(max_tokens=5, ignore_eos=True)
@@ -55,12 +55,32 @@ async def test_shorter_shared_prefix_hits_the_early_checkpoint(model_dir):
             outs.append([t for o in got for t in o.token_ids])
             if i == 0:
                 assert node.cached_tokens == 0
-                assert len(cache.states) == 2, "checkpoints at the first chunk's end and the last boundary"
+                assert len(cache.states) == 8, "7 interval checkpoints (64 ... 448) and the last boundary (800)"
     finally:
         await decode.stop()
-    assert node.cached_tokens == chunk, "the second prompt reused the first chunk of the first one"
+    assert node.cached_tokens == 128, "the second prompt reused the interval checkpoint before 168"
     alone = LLM(build_executor(model_dir)[0])
     assert outs == [alone.generate([first], params)[0], alone.generate([second], params)[0]]
     held = len(cache.states)
     assert prefill_ex.slots.num_free == prefill_ex.slots.num_slots - held, "only the cache holds slots"
     assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks
+
+
+def test_plan_rules():
+    from prfaas.kv.prefill_plan import PrefillPlanner
+
+    p = PrefillPlanner(16, grid=64, chunk_tokens=100, max_checkpoints=3)
+    assert p.checkpoint_positions(300) == [64, 128, 288]  # two interval ones, then the tail
+    assert p.checkpoint_positions(300, hit=128) == [192, 256, 288]
+    assert p.checkpoint_positions(300, hit=288) == []  # nothing new past the hit
+    assert p.checkpoint_positions(16) == []  # the last boundary before the end is 0
+    plan = p.plan(300, hit=128)
+    assert [(s.start, s.end, s.checkpoint) for s in plan.segments] == [
+        (128, 192, True), (192, 256, True), (256, 288, True), (288, 300, False)]
+    assert PrefillPlanner(16, grid=64, chunk_tokens=50).plan(100).segments[0].end == 50
+    assert p.max_hit_blocks(300) == 18 and PrefillPlanner(16).max_hit_blocks(300) == 0
+    for bad in (dict(grid=24), dict(grid=-16), dict(chunk_tokens=-1), dict(grid=16, max_checkpoints=0)):
+        with pytest.raises(ValueError):
+            PrefillPlanner(16, **bad)
+    with pytest.raises(ValueError, match="leave some"):
+        p.plan(300, hit=300)

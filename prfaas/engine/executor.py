@@ -192,14 +192,16 @@ class Executor:
 
     @torch.inference_mode()
     def prefill_layerwise(
-        self, seq: SeqState, end: int | None = None, read: bool = True, read_start: int | None = None
+        self, seq: SeqState, end: int | None = None, read: bool = True, read_start: int | None = None,
+        read_end: int | None = None,
     ) -> Iterator[LayerKv | int | None]:
         """Runs the next part of the prompt, [num_cached, end) (default: to the prompt's end),
         through layer 0, then layer 1, ...; after each layer yields that layer's LayerKv for the
         part. When the part reaches the end of the prompt, finally yields the first sampled token
         (an int). Chunked prefill is this called once per part. With `read=False` nothing is
-        copied out of the pool: each layer yields None. `read_start` makes the yielded paged KV
-        start before the computed part (a cached prefix that the receiver lacks)."""
+        copied out of the pool: each layer yields None. `read_start` / `read_end` make the yielded
+        paged KV another range of what the pool holds once the part is computed (a cached prefix
+        that the receiver lacks, or a tail held back for the next part)."""
         start, n = seq.num_cached, len(seq.prompt)
         end = n if end is None else min(end, n)
         if start >= end:
@@ -209,7 +211,8 @@ class Executor:
         x = self.model.embed(ids)
         for i in range(self.model.num_layers):
             x = self.model.layer(i, x, meta, self.caches[i])
-            yield self.read_layer(seq, i, start if read_start is None else read_start, end) if read else None
+            a = start if read_start is None else read_start
+            yield self.read_layer(seq, i, a, end if read_end is None else read_end) if read else None
         seq.num_cached = end
         if end < n:
             return
@@ -231,16 +234,18 @@ class Executor:
                 return last
 
     # --- prefix reuse -----------------------------------------------------------------------------
-    def attach_prefix(self, seq: SeqState, block_ids: list[int], state_slot: int) -> None:
+    def attach_prefix(self, seq: SeqState, block_ids: list[int], state_slot: int | None) -> None:
         """Starts `seq` after a cached prefix: its first blocks become the cached ones (shared,
-        one more reference each), its states a copy of the checkpoint at the prefix's end."""
+        one more reference each), its states a copy of the checkpoint at the prefix's end (none
+        with `state_slot=None`: a decode node, whose states arrive with the rest of the KV)."""
         n = len(block_ids)
         if n * self.layout.block_size >= len(seq.prompt):
             raise ValueError("a cached prefix must leave at least one token to compute")
         self.blocks.incref(block_ids)
         self.blocks.free(seq.block_table[:n])
         seq.block_table[:n] = block_ids
-        self.pool.copy_states(state_slot, seq.slot)
+        if state_slot is not None:
+            self.pool.copy_states(state_slot, seq.slot)
         seq.num_cached = n * self.layout.block_size
 
     def checkpoint_state(self, seq: SeqState) -> int:

@@ -1,14 +1,20 @@
 """The prefill plan of one prompt: which parts are computed in which order, and where the prefix
-cache keeps a checkpoint. Plain Python, no torch: the prefill core follows the plan.
+cache keeps a linear-state checkpoint. Plain Python, no torch: the prefill core follows the plan.
 
-Checkpoints (a state copy plus the blocks before it) sit on multiples of `grid` tokens (the block
-size and the KV chunk grid both divide it, so a reused prefix keeps the KV stream on its grid):
-  - at the last grid boundary before the prompt's end: the whole earlier prompt, which the next
-    turn of a conversation (previous prompt + answer + new message) extends;
-  - at the end of the first chunk past the hit: a prompt that shares only a shorter prefix with
-    this one (a system prompt) hits there.
-A prompt is computed in parts of at most `chunk_tokens` (0: in one part), counted from the hit,
-and a part also ends at each checkpoint.
+Checkpoints (a state copy plus the blocks before it) sit on block boundaries past the hit:
+  - at every multiple of `grid` tokens (the checkpoint interval): a prompt sharing any
+    grid-aligned prefix with this one (a system prompt, a shared document) hits there;
+  - at the last block boundary before the prompt's end: the whole earlier prompt, which the next
+    turn of a conversation (previous prompt + answer + new message) extends.
+Each checkpoint costs one state slot (`KvLayout.state_bytes`); `max_checkpoints` bounds how many one
+prompt makes: the tail one always, then the first interval ones past the hit (shared prefixes such
+as system prompts are short; a conversation's next turn hits the tail). A prompt is computed in
+parts of at most `chunk_tokens` (0: in one part), counted from the hit, and a part also ends at
+each checkpoint.
+
+How the KV of the parts travels is the prefill core's business (its send window keeps the KV
+stream's pieces on the transfer's chunk grid, whatever the parts): checkpoints and chunks here need
+not fall on that grid.
 """
 
 from __future__ import annotations
@@ -36,33 +42,44 @@ class PrefillPlan:
 @dataclass(frozen=True)
 class PrefillPlanner:
     block_size: int
-    grid: int = 0          # 0: no prefix cache, no checkpoints
-    chunk_tokens: int = 0  # 0: the whole rest of the prompt in one part
+    grid: int = 0             # checkpoint interval in tokens (a multiple of the block size); 0: no prefix cache
+    chunk_tokens: int = 0     # 0: the whole rest of the prompt in one part
+    max_checkpoints: int = 8  # per prompt, the tail one included
 
     def __post_init__(self) -> None:
-        if self.grid and self.grid % self.block_size:
-            raise ValueError(f"grid {self.grid} must be a multiple of the block size {self.block_size}")
-        if self.grid and self.chunk_tokens % self.grid:
-            raise ValueError(f"chunk_tokens {self.chunk_tokens} must be a multiple of the grid {self.grid}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.grid < 0 or self.grid % self.block_size:
+            raise ValueError(f"the checkpoint interval {self.grid} must be a multiple of the block size "
+                             f"{self.block_size}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0, got {self.chunk_tokens}")
+        if self.grid and self.max_checkpoints < 1:
+            raise ValueError(f"max_checkpoints must be >= 1, got {self.max_checkpoints}")
 
     def last_boundary(self, prompt_tokens: int) -> int:
-        """The last grid boundary before the prompt's end (at least one token is computed)."""
-        return (prompt_tokens - 1) // self.grid * self.grid if self.grid else 0
+        """The last block boundary before the prompt's end (at least one token is computed)."""
+        return (prompt_tokens - 1) // self.block_size * self.block_size if self.grid else 0
 
     def max_hit_blocks(self, prompt_tokens: int) -> int:
         """How many cached blocks a hit may use: up to the last boundary."""
         return self.last_boundary(prompt_tokens) // self.block_size
 
+    def checkpoint_positions(self, prompt_tokens: int, hit: int = 0) -> list[int]:
+        """Where a prompt computed from `hit` keeps checkpoints, in order."""
+        if not self.grid:
+            return []
+        last = self.last_boundary(prompt_tokens)
+        if last <= hit:
+            return []
+        grid_points = list(range((hit // self.grid + 1) * self.grid, last, self.grid))
+        keep = grid_points[: self.max_checkpoints - 1]
+        return [*keep, last]
+
     def plan(self, prompt_tokens: int, hit: int = 0) -> PrefillPlan:
         if not 0 <= hit < prompt_tokens:
             raise ValueError(f"a hit of {hit} tokens must leave some of the {prompt_tokens} to compute")
-        checkpoints: set[int] = set()
-        if self.grid:
-            last = self.last_boundary(prompt_tokens)
-            if last > hit:
-                checkpoints.add(last)
-                if self.chunk_tokens and hit + self.chunk_tokens < last:
-                    checkpoints.add(hit + self.chunk_tokens)
+        checkpoints = set(self.checkpoint_positions(prompt_tokens, hit))
         segments, start = [], hit
         while start < prompt_tokens:
             end = min(prompt_tokens, start + self.chunk_tokens) if self.chunk_tokens else prompt_tokens

@@ -4,7 +4,8 @@ request is done, so that a later prompt with the same prefix computes only its s
 The hybrid rule of the cache pool applies here too: a hit is the longest run of cached blocks
 whose last block has a linear-state checkpoint. The cache holds one reference on each cached block
 (the allocator's refcount) and owns its checkpoint slots; eviction is least recently used, states
-first, and returns the events the node publishes to the cache pool. Plain Python, no torch.
+first; a block's eviction takes every checkpoint that needs it along (never a checkpoint without all
+its blocks); it returns the events the node publishes to the cache pool. Plain Python, no torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class PrefixCache:
         self.max_states = max_states
         self.blocks: OrderedDict[int, int] = OrderedDict()  # block hash -> block id (least recent first)
         self.states: OrderedDict[int, int] = OrderedDict()  # hash of a checkpoint's last block -> slot
+        self._chains: dict[int, tuple[int, ...]] = {}  # a checkpoint's hash -> every block hash it needs
 
     def lookup(self, hashes: Sequence[int], max_blocks: int) -> tuple[list[int], int | None]:
         """The cached block ids of the longest usable prefix of at most `max_blocks` blocks, and the
@@ -55,6 +57,7 @@ class PrefixCache:
             self._slots.free(state_slot)
         else:
             self.states[last] = state_slot
+            self._chains[last] = tuple(hashes)
             events.append(CacheEvent(self.node_id, CacheEventKind.STATE_STORED, (last,)))
         while len(self.states) > self.max_states:
             events += self._evict_state()
@@ -73,10 +76,17 @@ class PrefixCache:
             dropped.append(h)
         if dropped:
             events.append(CacheEvent(self.node_id, CacheEventKind.BLOCK_EVICTED, tuple(dropped)))
+            gone = set(dropped)  # a checkpoint missing any of its blocks is of no use: its slot goes too
+            for h in [h for h, chain in self._chains.items() if not gone.isdisjoint(chain)]:
+                events += self._evict_state(h)
         return events
 
-    def _evict_state(self) -> list[CacheEvent]:
-        h, slot = self.states.popitem(last=False)
+    def _evict_state(self, h: int | None = None) -> list[CacheEvent]:
+        if h is None:
+            h, slot = self.states.popitem(last=False)
+        else:
+            slot = self.states.pop(h)
+        self._chains.pop(h, None)
         self._slots.free(slot)
         return [CacheEvent(self.node_id, CacheEventKind.STATE_EVICTED, (h,))]
 

@@ -82,6 +82,8 @@ FAMILIES: tuple[Family, ...] = (
     F("prefix_hits", "prfaas_prefix_cache_hits", "counter",
       "Prompt tokens served from a prefix cache hit, by route.", ("router", "prefill"), ("route",), (),
       "vllm:prefix_cache_hits"),
+    F("decode_prefix_hits", "prfaas_decode_prefix_cache_hits", "counter",
+      "Prompt tokens a decode node held in its own prefix cache (not transferred).", ("decode",), (), (), ""),
     F("prompt_computed", "prfaas_prompt_tokens_computed", "counter", "Prompt tokens a prefill node computed.",
       ("prefill",), (), (), ""),
     # --- the KV stream and the link -------------------------------------------------------------------
@@ -97,6 +99,12 @@ FAMILIES: tuple[Family, ...] = (
       ("router",), ("link",), (), ""),
     # --- routing -------------------------------------------------------------------------------------
     F("threshold", "prfaas_threshold_tokens", "gauge", "The routing threshold t on uncached prompt length.",
+      ("router",), (), (), ""),
+    F("prefix_moves", "prfaas_prefix_moves", "counter",
+      "Cross-cluster prefix decisions of the abundant-bandwidth rule: moved, recomputed, or failed.",
+      ("router",), ("decision",), (), ""),
+    F("prefix_move_bytes", "prfaas_prefix_move_bytes", "counter",
+      "KV bytes of cached prefixes copied across clusters (counted by the router from the holder's report).",
       ("router",), (), (), ""),
     F("routing_decisions", "prfaas_routing_decisions", "counter", "Prefill routing decisions, by route.",
       ("router",), ("route",), (), ""),

@@ -20,7 +20,8 @@ A decision is made in the llm-d shape, in three steps:
    running): it prefers idle nodes. `space_score` is the node's share of the most free blocks among
    the candidates. The picker (`pick`) compares the scorers lexicographically, in the order given,
    and breaks exact ties by node id, so a prefill node is "the longest hit, then the least loaded"
-   and a decode node is "the least loaded, then the most free space", deterministically.
+   and a decode node is "the longest hit (the KV it need not be sent), then the least loaded, then the
+   most free space", deterministically.
 
 The PrfaaS rules (PAPER.md), with `l_pd` and `l_prfaas` the longest usable hit among the prefill
 nodes of each cluster and `t` the threshold:
@@ -162,7 +163,8 @@ class _Policy:
             busy = bool(present(nodes, "local", "decode"))
             raise NoCapacityError(f"request {query.request_id}: no local decode node can take it", busy)
         prefill = pick(candidates, [prefix_score(query.prompt_tokens), load_score])
-        decode = pick(decoders, [load_score, space_score(decoders)])
+        # a decode node holding the conversation (its own prefix cache) is sent only the rest of the KV
+        decode = pick(decoders, [prefix_score(query.prompt_tokens), load_score, space_score(decoders)])
         cached = min(prefill.hit_tokens, query.prompt_tokens)
         if prefix_from is not None:
             cached = max(cached, longest_hit(nodes, prefix_from, query.prompt_tokens))

@@ -127,7 +127,8 @@ class KvSender:
         decode node, kept warm). The job's deadline bounds every network wait."""
         timeout = max(1.0, job.deadline_unix_s - time.time()) if job.deadline_unix_s else None
         return cls(job.decode_address, job.transfer_id, layout, prompt_tokens=len(job.prompt),
-                   num_connections=job.num_connections or channels.num_connections, wire_dtype=job.wire_dtype,
+                   skip_tokens=job.skip_tokens, num_connections=job.num_connections or channels.num_connections,
+                   wire_dtype=job.wire_dtype,
                    timeout_s=timeout, channels=channels)
 
     async def __aenter__(self) -> KvSender:

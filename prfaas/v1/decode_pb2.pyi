@@ -56,18 +56,20 @@ class Alive(_message.Message):
     def __init__(self, kv_pending: _Optional[bool] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("transfer_id", "node_id", "wire_dtype", "expected_chunks_hint", "kv_address")
+    __slots__ = ("transfer_id", "node_id", "wire_dtype", "expected_chunks_hint", "kv_address", "skip_tokens")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CHUNKS_HINT_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     node_id: str
     wire_dtype: str
     expected_chunks_hint: int
     kv_address: str
-    def __init__(self, transfer_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., expected_chunks_hint: _Optional[int] = ..., kv_address: _Optional[str] = ...) -> None: ...
+    skip_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., expected_chunks_hint: _Optional[int] = ..., kv_address: _Optional[str] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
 
 class Tokens(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "logprobs")

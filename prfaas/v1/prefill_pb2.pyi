@@ -7,6 +7,70 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ImportPrefixRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_timeout_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hit_tokens: int
+    transfer_timeout_s: float
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ImportPrefixEvent(_message.Message):
+    __slots__ = ("reserved", "imported")
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    reserved: PrefixReserved
+    imported: PrefixImported
+    def __init__(self, reserved: _Optional[_Union[PrefixReserved, _Mapping]] = ..., imported: _Optional[_Union[PrefixImported, _Mapping]] = ...) -> None: ...
+
+class PrefixReserved(_message.Message):
+    __slots__ = ("transfer_id", "kv_address")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    kv_address: str
+    def __init__(self, transfer_id: _Optional[str] = ..., kv_address: _Optional[str] = ...) -> None: ...
+
+class PrefixImported(_message.Message):
+    __slots__ = ("tokens", "kv_bytes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    kv_bytes: int
+    def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+
+class ExportPrefixRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_id", "dest_address", "num_connections", "deadline_unix_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hit_tokens: int
+    transfer_id: str
+    dest_address: str
+    num_connections: int
+    deadline_unix_s: float
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., dest_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+
+class ExportPrefixDone(_message.Message):
+    __slots__ = ("tokens", "kv_bytes", "transfer_s")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    kv_bytes: int
+    transfer_s: float
+    def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "token_ids", "sampling", "decode_address", "num_connections", "wire_dtype", "deadline_unix_s", "skip_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,16 @@ class PrefillStub:
                 request_serializer=prfaas_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=prfaas_dot_v1_dot_prefill__pb2.PrefillEvent.FromString,
                 _registered_method=True)
+        self.ImportPrefix = channel.unary_stream(
+                '/prfaas.v1.Prefill/ImportPrefix',
+                request_serializer=prfaas_dot_v1_dot_prefill__pb2.ImportPrefixRequest.SerializeToString,
+                response_deserializer=prfaas_dot_v1_dot_prefill__pb2.ImportPrefixEvent.FromString,
+                _registered_method=True)
+        self.ExportPrefix = channel.unary_unary(
+                '/prfaas.v1.Prefill/ExportPrefix',
+                request_serializer=prfaas_dot_v1_dot_prefill__pb2.ExportPrefixRequest.SerializeToString,
+                response_deserializer=prfaas_dot_v1_dot_prefill__pb2.ExportPrefixDone.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -54,6 +64,23 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportPrefix(self, request, context):
+        """Cross-cluster prefix moves (the abundant-bandwidth rule): the router opens ImportPrefix on the
+        node that will prefill (it reserves blocks and a state slot and names a transfer), then asks
+        the node holding the prefix to ExportPrefix it there: its cached blocks [0, hit_tokens) and the
+        state checkpoint at hit_tokens, over the KV data plane. Once imported, the prefix is in the
+        importer's prefix cache (and published), where its next prefill finds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportPrefix(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +88,16 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=prfaas_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=prfaas_dot_v1_dot_prefill__pb2.PrefillEvent.SerializeToString,
+            ),
+            'ImportPrefix': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportPrefix,
+                    request_deserializer=prfaas_dot_v1_dot_prefill__pb2.ImportPrefixRequest.FromString,
+                    response_serializer=prfaas_dot_v1_dot_prefill__pb2.ImportPrefixEvent.SerializeToString,
+            ),
+            'ExportPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPrefix,
+                    request_deserializer=prfaas_dot_v1_dot_prefill__pb2.ExportPrefixRequest.FromString,
+                    response_serializer=prfaas_dot_v1_dot_prefill__pb2.ExportPrefixDone.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +129,60 @@ class Prefill:
             '/prfaas.v1.Prefill/Prefill',
             prfaas_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             prfaas_dot_v1_dot_prefill__pb2.PrefillEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prfaas.v1.Prefill/ImportPrefix',
+            prfaas_dot_v1_dot_prefill__pb2.ImportPrefixRequest.SerializeToString,
+            prfaas_dot_v1_dot_prefill__pb2.ImportPrefixEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prfaas.v1.Prefill/ExportPrefix',
+            prfaas_dot_v1_dot_prefill__pb2.ExportPrefixRequest.SerializeToString,
+            prfaas_dot_v1_dot_prefill__pb2.ExportPrefixDone.FromString,
             options,
             channel_credentials,
             insecure,

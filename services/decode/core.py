@@ -26,6 +26,8 @@ from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.transport.formats import accepted_formats
 
+from .prefix import DecodePrefix
+
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
     from prfaas.transport.chunks import KvPiece
     from prfaas.transport.receiver import KvReceiver
@@ -61,8 +63,10 @@ class DecodeNode:
         max_request_blocks: int = 0,
         alive_interval_s: float = 1.0,
         emulator: Emulator | None = None,
+        prefix: DecodePrefix | None = None,
     ) -> None:
         self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
+        self.prefix = prefix  # the node's prefix cache, decode side (None: it keeps nothing)
         self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
@@ -81,6 +85,7 @@ class DecodeNode:
         self._loop_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self.tokens_out = 0
+        self.bytes_received = 0  # KV payload bytes received
         self._last_token_at: dict[str, float] = {}  # per running request: when its last token came
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -124,18 +129,20 @@ class DecodeNode:
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
         ex = self.executor
         self._check_admissible(prompt, params)
-        seq = ex.reserve(request_id, prompt, params)  # raises InvalidRequest / OutOfCapacity
+        # raises InvalidRequest / OutOfCapacity
+        seq = self.prefix.reserve(request_id, prompt, params) if self.prefix else ex.reserve(request_id, prompt, params)
+        skip = self.prefix.attach(seq) if self.prefix else 0  # the prefix held here does not travel
         transfer_id = f"{self.node_id}/{request_id}/{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         # the router's choice first: the first format offered that this node takes, else exact
         wire = next((w for w in wire_dtypes if w in self.wire_accept), "")
         queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
         try:
-            transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=0,
+            transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=skip,
                                             sink=_ExecutorSink(ex, seq), deadline_s=self._timeout(transfer_timeout_s),
                                             wire_dtype=wire)
             self._pending += 1
             try:
-                yield Reserved(transfer_id, self.node_id, wire, self.kv_address)
+                yield Reserved(transfer_id, self.node_id, wire, self.kv_address, skip)
                 waiting = asyncio.ensure_future(transfer.wait())
                 async for alive in self._until(waiting):
                     yield alive
@@ -143,12 +150,7 @@ class DecodeNode:
             finally:
                 self._pending -= 1
                 self.receiver.cancel(transfer_id)
-            ex.complete_import(seq, first)
-            log.info("kv_received", prompt_tokens=len(prompt), blocks=len(seq.block_table), slot=seq.slot)
-            m = metrics.current()
-            m.kv_received_bytes.inc(transfer.bytes)
-            m.generation_tokens.inc()
-            self.tokens_out += 1
+            self._imported(seq, first, skip, transfer.bytes)
             yield TokenBatch([first], seq.finish_reason)
             if seq.finished:
                 return
@@ -169,11 +171,27 @@ class DecodeNode:
         finally:
             log.info("request_done", output_tokens=len(seq.output), finish_reason=seq.finish_reason or "aborted")
             self._running.pop(transfer_id, None)
+            if self.prefix:
+                self.prefix.finish(seq)  # a finished request's prefix stays cached
             if id(seq) in self._stepping:
                 seq.finish_reason = seq.finish_reason or "cancelled"
                 self._deferred_free.append(seq)  # its blocks are in use by the worker thread
             else:
                 ex.free(seq)
+
+    def _imported(self, seq: SeqState, first: int, skip: int, nbytes: int) -> None:
+        """The prompt's KV is in place: the sequence goes on from its first token."""
+        self.executor.complete_import(seq, first)
+        if self.prefix:
+            self.prefix.observe(seq)
+        log.info("kv_received", prompt_tokens=len(seq.prompt), skip_tokens=skip, kv_bytes=nbytes,
+                 blocks=len(seq.block_table), slot=seq.slot)
+        m = metrics.current()
+        m.kv_received_bytes.inc(nbytes)
+        m.decode_prefix_hits.inc(skip)
+        m.generation_tokens.inc()
+        self.bytes_received += nbytes
+        self.tokens_out += 1
 
     async def _until(self, waiting: asyncio.Future[int]) -> AsyncGenerator[Alive, None]:
         """`Alive` every interval until `waiting` is done (cancelled with the caller)."""
@@ -213,6 +231,9 @@ class DecodeNode:
                 for s in self._deferred_free:
                     ex.free(s)
                 self._deferred_free.clear()
+            if self.prefix:
+                for s in ready:
+                    self.prefix.observe(s)
             ready_ids, now, m = {id(s) for s in ready}, time.monotonic(), metrics.current()
             for key, (seq, queue) in entries:
                 if id(seq) in ready_ids or seq.finished:

@@ -45,6 +45,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                 node_id=ev.node_id,
                                 wire_dtype=ev.wire_dtype,
                                 kv_address=ev.kv_address,
+                                skip_tokens=ev.skip_tokens,
                             )
                         )
                     elif isinstance(ev, TokenBatch):

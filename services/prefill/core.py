@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from prfaas.engine.executor import Executor, LayerKv, SeqState
@@ -25,6 +25,7 @@ from prfaas.kv.prefix_index import CacheEvent
 from prfaas.messages import Done, PrefillJob, Progress, Started
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
+from prfaas.transport.chunks import chunk_grid
 
 log = get_logger(__name__)
 
@@ -65,8 +66,11 @@ class PrefillNode:
         alive_interval_s: float = 1.0,
         cluster: str = "",
         emulator: Emulator | None = None,
+        send_grid: int = 0,
     ) -> None:
         self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
+        # the transfer's chunk grid: a pushed piece starts on it (0: the default sender's)
+        self.send_grid = send_grid or chunk_grid(executor.layout)
         self.cluster = cluster  # "prfaas" or "local": the route label of its metrics
         self.node_id, self.executor, self.sender_factory = node_id, executor, sender_factory
         self.planner = planner or PrefillPlanner(executor.layout.block_size)
@@ -95,6 +99,8 @@ class PrefillNode:
         self.executor.validate(job.prompt, job.params)
         if not 0 <= job.num_connections <= MAX_KV_CONNECTIONS:
             raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
+        if not 0 <= job.skip_tokens < len(job.prompt) or job.skip_tokens % self.executor.layout.block_size:
+            raise InvalidRequest(f"skip_tokens {job.skip_tokens} must be a block boundary before the prompt's end")
         t_arrive = time.monotonic()
         hold = _Hold(self._compute)
         run: _Run | None = None
@@ -110,7 +116,7 @@ class PrefillNode:
             running = True
             run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
             plan, hashes = self._plan(run.seq)
-            run.tokens_done = plan.hit
+            run.tokens_done, run.sent = plan.hit, job.skip_tokens
             m = metrics.current()
             m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
@@ -119,9 +125,8 @@ class PrefillNode:
             if self.emulator is not None:
                 run.pace = self.emulator.prefill_pace(len(job.prompt) - plan.hit,
                                                       len(plan.segments) * self.executor.layout.num_layers)
-            for i, segment in enumerate(plan.segments):
-                # the decode side lacks the cached prefix too: the first part sends it as well
-                async for ev in self._run_part(run, segment, read_start=0 if i == 0 and plan.hit else None):
+            for segment in plan.segments:
+                async for ev in self._run_part(run, segment):
                     yield ev
                 if segment.checkpoint:
                     self._checkpoint(run.seq, hashes[: segment.end // self.executor.layout.block_size])
@@ -158,29 +163,41 @@ class PrefillNode:
         finally:
             hold.release()
 
-    async def _run_part(self, run: _Run, segment: Segment, read_start: int | None) -> AsyncGenerator[Progress, None]:
+    def _send_window(self, run: _Run, end: int) -> tuple[int, int]:
+        """The paged KV a part ending at `end` pushes: from what is not sent yet (the decode side
+        holds `[0, skip_tokens)`, so a cached prefix beyond that travels too) to the last point of
+        the transfer's chunk grid (counted from skip_tokens) the part reached, or to the prompt's
+        end; the tail waits for the next part. Empty when the part ends before the next point."""
+        if end == len(run.seq.prompt):
+            return run.sent, end
+        return run.sent, max(run.sent, run.sent + (end - run.sent) // self.send_grid * self.send_grid)
+
+    async def _run_part(self, run: _Run, segment: Segment) -> AsyncGenerator[Progress, None]:
         """Computes one part layer by layer off the event loop, pushing each layer as it finishes
         (the sender streams while the next layer runs); sets `run.first` when the part ends the
         prompt."""
         assert run.sender is not None
-        steps = self.executor.prefill_layerwise(run.seq, segment.end, read_start=read_start)
+        a, b = self._send_window(run, segment.end)
+        steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b)
         layers = 0
         while True:
-            run.step = asyncio.ensure_future(asyncio.to_thread(_next_or_none, steps))
+            run.step = asyncio.ensure_future(asyncio.to_thread(next, steps, _END))
             async for ev in self._alive(run.step, run.progress, cancel=False):
                 yield ev
             item, run.step = run.step.result(), None
-            if item is None:
+            if item is _END:
                 break
             if isinstance(item, int):
                 run.first = item
             else:
-                if run.pace is not None:
+                if run.pace is not None:  # every layer computed takes its emulated time, pushed or not
                     await run.pace.step()
-                await run.sender.push_layer(item)
+                if item is not None:
+                    await run.sender.push_layer(item)
                 layers += 1
                 run.layers_done = layers
                 yield run.progress()
+        run.sent = b
         self.tokens_computed += segment.end - segment.start
         metrics.current().prompt_computed.inc(segment.end - segment.start)
         run.tokens_done, run.layers_done = segment.end, 0
@@ -252,10 +269,11 @@ class _Run:
     def __init__(self, seq: SeqState) -> None:
         self.seq = seq
         self.sender: KvPush | None = None
-        self.step: asyncio.Future[LayerKv | int | None] | None = None
+        self.step: asyncio.Future[LayerKv | int | object | None] | None = None
         self.first: int | None = None
         self.pace: PrefillPace | None = None
         self.tokens_done = self.layers_done = 0
+        self.sent = 0  # paged KV pushed up to here (from the decode side's skip_tokens)
 
     def progress(self) -> Progress:
         return Progress(self.tokens_done, self.layers_done)
@@ -284,5 +302,4 @@ class _Hold:
             self.lock.release()
 
 
-def _next_or_none(steps: Iterator[LayerKv | int | None]) -> LayerKv | int | None:
-    return next(steps, None)
+_END = object()  # the end of a part's layer steps

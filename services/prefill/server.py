@@ -8,17 +8,50 @@ from collections.abc import AsyncIterator
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Done, PrefillJob, Progress
+from prfaas.messages import Done, PrefillJob, PrefixMoved, Progress
 from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
 
 from .core import PrefillNode
+from .moves import PrefixGone, PrefixMover
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, node: PrefillNode) -> None:
-        self.node = node
+    def __init__(self, node: PrefillNode, mover: PrefixMover | None = None) -> None:
+        self.node, self.mover = node, mover
+
+    def _mover(self) -> PrefixMover:
+        if self.mover is None:
+            raise PrefixGone(f"node {self.node.node_id} keeps no prefix cache: nothing to move")
+        return self.mover
+
+    async def ImportPrefix(  # noqa: N802 - gRPC method name
+        self, request: prefill_pb2.ImportPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[prefill_pb2.ImportPrefixEvent]:
+        bind_contextvars(request_id=request.request_id)
+        async with grpc_errors(context):
+            stream = self._mover().import_(request.request_id, list(request.token_ids), request.hit_tokens,
+                                           request.transfer_timeout_s or 30.0)
+            async with contextlib.aclosing(stream):
+                async for ev in stream:
+                    if isinstance(ev, PrefixMoved):
+                        done = prefill_pb2.PrefixImported(tokens=ev.tokens, kv_bytes=ev.kv_bytes)
+                        yield prefill_pb2.ImportPrefixEvent(imported=done)
+                    else:
+                        r = prefill_pb2.PrefixReserved(transfer_id=ev.transfer_id, kv_address=ev.kv_address)
+                        yield prefill_pb2.ImportPrefixEvent(reserved=r)
+
+    async def ExportPrefix(  # noqa: N802 - gRPC method name
+        self, request: prefill_pb2.ExportPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.ExportPrefixDone:
+        bind_contextvars(request_id=request.request_id, transfer_id=request.transfer_id)
+        async with grpc_errors(context):
+            st = await self._mover().export(request.request_id, list(request.token_ids), request.hit_tokens,
+                                            request.transfer_id, request.dest_address, request.num_connections,
+                                            request.deadline_unix_s)
+            return prefill_pb2.ExportPrefixDone(tokens=st.tokens, kv_bytes=st.kv_bytes, transfer_s=st.seconds)
+        raise AssertionError("unreachable")  # grpc_errors aborts the call
 
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -34,6 +67,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.num_connections,
                 request.wire_dtype,
                 request.deadline_unix_s,
+                request.skip_tokens,
             )
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:

@@ -103,6 +103,7 @@ class Attempt:
         self.on_prefill_done = on_prefill_done
         self.wire_dtype = wire_dtype  # the router's choice (wire.py); the decode node confirms it in Reserved
         self.sent = 0
+        self.skip_tokens = 0  # prompt KV the decode node held (not transferred)
         self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, prefill_done, first
 
     def _mark(self, what: str) -> None:
@@ -119,7 +120,8 @@ class Attempt:
                 raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "tokens before a reservation")
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
                              reserved.kv_address or self.p.decode.address, self.num_connections,
-                             reserved.wire_dtype, self.deadline_unix_s)
+                             reserved.wire_dtype, self.deadline_unix_s, reserved.skip_tokens)
+            self.skip_tokens = reserved.skip_tokens
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
                 first = await self._first(admit, prefill)

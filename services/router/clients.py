@@ -8,7 +8,18 @@ from collections.abc import AsyncGenerator
 import grpc
 
 from prfaas.errors import RemoteError
-from prfaas.messages import Alive, Done, PrefillJob, Progress, Reserved, SamplingParams, Started, TokenBatch
+from prfaas.messages import (
+    Alive,
+    Done,
+    PrefillJob,
+    PrefixMoved,
+    PrefixReserved,
+    Progress,
+    Reserved,
+    SamplingParams,
+    Started,
+    TokenBatch,
+)
 from prfaas.rpc import insecure_channel
 from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
 from prfaas.rpc.status import code_of
@@ -49,7 +60,7 @@ class GrpcNodeClients:
                 which = ev.WhichOneof("event")
                 if which == "reserved":
                     r = ev.reserved
-                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address)
+                    yield Reserved(r.transfer_id, r.node_id, r.wire_dtype, r.kv_address, r.skip_tokens)
                 elif which == "tokens":
                     t = ev.tokens
                     logprobs = [logprob_from_pb(x) for x in t.logprobs]
@@ -73,6 +84,7 @@ class GrpcNodeClients:
                 num_connections=job.num_connections,
                 wire_dtype=job.wire_dtype,
                 deadline_unix_s=job.deadline_unix_s,
+                skip_tokens=job.skip_tokens,
             )
         )
         try:
@@ -91,3 +103,32 @@ class GrpcNodeClients:
             raise RemoteError(code_of(e.code()), e.details() or "") from e
         finally:
             call.cancel()
+
+    # --- cross-cluster prefix moves -------------------------------------------------------------
+    async def import_prefix(
+        self, address: str, request_id: str, prompt: list[int], hit: int, timeout_s: float
+    ) -> AsyncGenerator[PrefixReserved | PrefixMoved, None]:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+        call = stub.ImportPrefix(prefill_pb2.ImportPrefixRequest(
+            request_id=request_id, token_ids=prompt, hit_tokens=hit, transfer_timeout_s=timeout_s))
+        try:
+            async for ev in call:
+                if ev.WhichOneof("event") == "reserved":
+                    yield PrefixReserved(ev.reserved.transfer_id, ev.reserved.kv_address)
+                else:
+                    yield PrefixMoved(ev.imported.tokens, ev.imported.kv_bytes)
+        except grpc.aio.AioRpcError as e:
+            raise RemoteError(code_of(e.code()), e.details() or "") from e
+        finally:
+            call.cancel()
+
+    async def export_prefix(self, address: str, request_id: str, prompt: list[int], hit: int, transfer_id: str,
+                            dest: str, deadline_unix_s: float) -> PrefixMoved:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+        try:
+            r = await stub.ExportPrefix(prefill_pb2.ExportPrefixRequest(
+                request_id=request_id, token_ids=prompt, hit_tokens=hit, transfer_id=transfer_id,
+                dest_address=dest, deadline_unix_s=deadline_unix_s))
+        except grpc.aio.AioRpcError as e:
+            raise RemoteError(code_of(e.code()), e.details() or "") from e
+        return PrefixMoved(r.tokens, r.kv_bytes, r.transfer_s)

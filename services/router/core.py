@@ -36,6 +36,7 @@ from prfaas.scheduling.policy import NoCapacityError, RouteDecision, RouteQuery,
 
 from .admission import AdmissionQueue, Waiting
 from .attempt import Attempt, AttemptFailed, NodeClients
+from .moves import settle_prefix
 from .placement import Ask, Capacity, Liveness, Node, Placement, decode_blocks
 from .wire import WirePolicy
 
@@ -214,7 +215,7 @@ class Router:
             placement = await self._placed(ask, front=last is not None)
             attempt_t0 = time.monotonic()
             try:
-                async for out in self._run(request_id, prompt, params, placement, t0, attempt_t0):
+                async for out in self._run(request_id, prompt, params, placement, t0, attempt_t0, ask):
                     yield out
                 return
             except AttemptFailed as f:
@@ -253,7 +254,8 @@ class Router:
                 obs(waited)
 
     async def _run(
-        self, request_id: str, prompt: list[int], params: SamplingParams, p: Placement, t0: float, attempt_t0: float
+        self, request_id: str, prompt: list[int], params: SamplingParams, p: Placement, t0: float, attempt_t0: float,
+        ask: Ask,
     ) -> AsyncGenerator[GenerateOutput, None]:
         d = p.decision
         wire = self.wire.wire_for(p.prefill, p.decode) or ""
@@ -278,6 +280,9 @@ class Router:
                           wire_dtype=wire)
         first, text = True, _Text(self.tokenizer)
         try:
+            if hasattr(self.clients, "import_prefix"):  # a longer prefix in the other cluster: move or recompute
+                await settle_prefix(self.clients, request_id, prompt, p, ask, self._nodes,  # type: ignore[arg-type]
+                                    lim.transfer_timeout_s)
             async with contextlib.aclosing(attempt.tokens()) as batches:
                 async for batch in batches:
                     out = GenerateOutput(batch.token_ids, text.push(batch.token_ids, batch.finish_reason),

@@ -7,7 +7,6 @@ No gRPC here: `server.py` hosts it, `__main__.py` runs it.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 from prfaas.cluster import CachePoolApi, NodeInfo, NodeLoad, Role
@@ -21,14 +20,13 @@ from prfaas.kv.layout import KvLayout
 from prfaas.kv.prefill_plan import PrefillPlanner
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
-from prfaas.messages import PrefillJob
+from prfaas.messages import PrefillJob, SamplingParams
 from prfaas.model.loader import load_model
 from prfaas.model.ops import cpu_kernel
 from prfaas.model.presets import resolve_model
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.settings import NodeSettings
-from prfaas.transport.chunks import chunk_grid
 from prfaas.transport.codec import wire_accept
 from prfaas.transport.grpc_push import KvChannels
 from prfaas.transport.receiver import KvReceiver
@@ -36,7 +34,9 @@ from prfaas.transport.sender import KvSender
 from prfaas.transport.stats import GLOBAL as LINK_STATS
 
 from ..decode.core import DecodeNode
+from ..decode.prefix import DecodePrefix
 from ..prefill.core import PrefillNode
+from ..prefill.moves import PrefixMover
 
 log = get_logger(__name__)
 
@@ -54,11 +54,15 @@ def build_executor(s: NodeSettings) -> Executor:
     return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
 
-def prefill_planner(layout: KvLayout, chunk_tokens: int) -> PrefillPlanner:
-    """Checkpoints on multiples of the block size and of the KV chunk grid (so a reused prefix
-    keeps the KV stream's pieces on its grid); prompt chunks a multiple of that grid."""
-    grid = math.lcm(layout.block_size, chunk_grid(layout))
-    return PrefillPlanner(layout.block_size, grid, chunk_tokens // grid * grid if chunk_tokens >= grid else 0)
+def prefill_planner(layout: KvLayout, chunk_tokens: int, checkpoint_tokens: int = 256) -> PrefillPlanner:
+    """Checkpoints every `checkpoint_tokens` (a multiple of the block size) and at the last block
+    boundary before a prompt's end (none with 0: no prefix cache); prompt chunks of `chunk_tokens`,
+    rounded to whole blocks."""
+    if checkpoint_tokens < 0 or checkpoint_tokens % layout.block_size:
+        raise InvalidRequest(f"--checkpoint-tokens {checkpoint_tokens} must be a positive multiple of the block "
+                             f"size {layout.block_size}")
+    chunk = chunk_tokens // layout.block_size * layout.block_size
+    return PrefillPlanner(layout.block_size, checkpoint_tokens, chunk)
 
 
 class WorkerNode:
@@ -73,14 +77,22 @@ class WorkerNode:
         self.decode: DecodeNode | None = None
         self.prefix_cache: PrefixCache | None = None
         self._publishing: set[asyncio.Task[None]] = set()
-        if role == Role.PREFILL or self.convertible:
-            self.prefix_cache = PrefixCache(s.node_id, self.executor.blocks, self.executor.slots)
+        prefills, decodes = role == Role.PREFILL or self.convertible, role == Role.DECODE or self.convertible
+        if s.prefix_cache == "full" or (s.prefix_cache == "prefill" and prefills):
+            # one cache per node, shared by its two cores on a convertible node
+            states = s.prefix_states or max(1, s.state_slots // 2)
+            self.prefix_cache = PrefixCache(s.node_id, self.executor.blocks, self.executor.slots, max_states=states)
+            log.info("prefix_cache", mode=s.prefix_cache, max_states=states, checkpoint_tokens=s.checkpoint_tokens,
+                     state_bytes_each=self.executor.layout.state_bytes,
+                     state_bytes_max=states * self.executor.layout.state_bytes)
+        if prefills:
             self.prefill = PrefillNode(
                 s.node_id,
                 self.executor,
                 self.sender_for,
                 lock,
-                prefill_planner(self.executor.layout, s.prefill_chunk_tokens),
+                prefill_planner(self.executor.layout, s.prefill_chunk_tokens, s.checkpoint_tokens if self.prefix_cache
+                                else 0),
                 self.prefix_cache,
                 self.publish,
                 yield_between_chunks=self.convertible,
@@ -88,15 +100,26 @@ class WorkerNode:
                 emulator=self.emulator,
             )
         self.receiver = KvReceiver()
-        if role == Role.DECODE or self.convertible:
+        self.mover: PrefixMover | None = None  # cross-cluster prefix moves, on prefill nodes with a cache
+        if self.prefill and self.prefix_cache:
+            self.mover = PrefixMover(s.node_id, self.executor, self.prefix_cache, self.receiver, self.move_sender,
+                                     self.publish)
+        if decodes:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
+            keep = s.prefix_cache == "full" and self.prefix_cache is not None
+            prefix = DecodePrefix(self.executor, self.prefix_cache, self.publish) if keep else None  # type: ignore[arg-type]
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
-                                     max_request_blocks=cap, emulator=self.emulator)
+                                     max_request_blocks=cap, emulator=self.emulator, prefix=prefix)
             self.decode.wire_accept = wire_accept(s.kv_wire_accept)
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
     def sender_for(self, job: PrefillJob) -> KvSender:
+        return KvSender.for_job(job, self.executor.layout, self.channels)
+
+    def move_sender(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float) -> KvSender:
+        """A prefix move's push to the importing node (the data plane of a prefill's KV)."""
+        job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address, connections, "", deadline)
         return KvSender.for_job(job, self.executor.layout, self.channels)
 
     # --- the cache pool ---------------------------------------------------------------------------
@@ -138,7 +161,7 @@ class WorkerNode:
         """What the node registers with the cache pool."""
         s = self.settings
         cap = self.decode.max_request_blocks if self.decode else 0
-        grid = self.prefill.planner.grid if self.prefill and self.prefix_cache else 0
+        grid = s.block_size if self.prefix_cache else 0  # hits fall on block boundaries
         return NodeInfo(s.node_id, s.cluster, self.role, s.advertise or address, s.kv_blocks, s.state_slots, s.hardware,
                         block_size=s.block_size, max_request_blocks=cap, convertible=self.convertible,
                         max_context=self.executor.max_context, prefix_grid=grid, cache_dtype=s.dtype,
@@ -180,7 +203,7 @@ class WorkerNode:
         tokens_per_s, self._tokens, self._rate_at = (tokens - self._tokens) / span, tokens, now
         return NodeLoad(
             kv_retransmits=LINK_STATS.total_retransmits,
-            free_blocks=ex.blocks.num_free,
+            free_blocks=ex.blocks.num_free + (len(self.prefix_cache.blocks) if self.prefix_cache else 0),
             free_slots=ex.slots.num_free,
             queue_depth=queue,
             running=running,

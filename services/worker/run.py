@@ -40,12 +40,16 @@ async def run_node(s: NodeSettings, role: Role) -> None:
         node.decode.start()
 
     async def started(address: str) -> None:
-        if node.decode and s.kv_transport == "tcp":
+        if (node.decode and s.kv_transport == "tcp") or node.mover:  # a prefill node imports moved prefixes
             host = s.listen.rsplit(":", 1)[0]
             port = await kv_tcp.start(host, s.kv_tcp_port)
             advertised = (s.advertise or address).rsplit(":", 1)[0]
-            node.decode.kv_address = f"tcp://{advertised}:{port}"
-            log.info("kv_data_port", address=node.decode.kv_address)
+            kv_address = f"tcp://{advertised}:{port}"
+            if node.decode and s.kv_transport == "tcp":
+                node.decode.kv_address = kv_address
+            if node.mover:
+                node.mover.kv_address = kv_address
+            log.info("kv_data_port", address=kv_address)
         if pool is not None:
             node.agent = MembershipAgent(pool, node.info(address), node.load, on_register=node.republish)
             await node.agent.start()

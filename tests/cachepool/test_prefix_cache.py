@@ -44,11 +44,13 @@ def test_eviction_is_least_recently_used_and_a_second_checkpoint_is_not_kept_twi
     cache.insert([3, 4], b, slots.allocate())
     blocks.free(a + b)
     cache.lookup([1, 2, 9], max_blocks=2)  # touches prefix 1-2: 3-4 is now the oldest
-    cache.evict(blocks_needed=1, slots_needed=0)
+    events = cache.evict(blocks_needed=1, slots_needed=0)
     assert 1 in cache.blocks and 2 in cache.blocks and 3 not in cache.blocks
+    assert list(cache.states) == [2], "the checkpoint after 3-4 went with block 3"
+    assert (CacheEventKind.STATE_EVICTED, (4,)) in [(e.kind, e.block_hashes) for e in events]
     slot = slots.allocate()
     events = cache.insert([1, 2], a, slot)
-    assert events == [] and slots.num_free == 2, "the duplicate checkpoint slot is returned"
+    assert events == [] and slots.num_free == 3, "the duplicate checkpoint slot is returned"
 
 
 def test_checkpoints_are_capped():
@@ -57,3 +59,19 @@ def test_checkpoints_are_capped():
         cache.insert([100 + h], blocks.allocate(1), slots.allocate())
     assert list(cache.states) == [101, 102] and slots.num_free == 6
     assert {e.kind for e in cache.inventory()} == {CacheEventKind.BLOCK_STORED, CacheEventKind.STATE_STORED}
+
+
+def test_no_checkpoint_outlives_any_of_its_blocks():
+    blocks, slots, cache = make(num_blocks=6, num_slots=4)
+    ids = blocks.allocate(4)
+    cache.insert([1, 2], ids[:2], slots.allocate())        # checkpoint after block 2
+    cache.insert([1, 2, 3, 4], ids, slots.allocate())      # and after block 4, sharing 1-2
+    blocks.free(ids)
+    cache.lookup([1, 2, 3, 4, 5], max_blocks=4)            # 1-4 recent; then 1 is touched least recently...
+    cache.blocks.move_to_end(2), cache.blocks.move_to_end(3), cache.blocks.move_to_end(4)
+    events = cache.evict(blocks_needed=3, slots_needed=0)  # ... and block 1 goes first
+    assert 1 not in cache.blocks and not cache.states, "both checkpoints needed block 1"
+    assert slots.num_free == 4
+    kinds = [(e.kind, e.block_hashes) for e in events]
+    assert (CacheEventKind.BLOCK_EVICTED, (1,)) in kinds
+    assert {h for k, hs in kinds if k is CacheEventKind.STATE_EVICTED for h in hs} == {2, 4}
