@@ -54,10 +54,10 @@ class Clients:
     def __init__(self, members: dict[str, Member]) -> None:
         self.members = members
 
-    def admit(self, address, request_id, prompt, params, timeout_s):  # type: ignore[no-untyped-def]
+    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=()):  # type: ignore[no-untyped-def]
         d = self.members[address].decode
         assert d is not None
-        return d.admit(request_id, prompt, params, timeout_s)
+        return d.admit(request_id, prompt, params, timeout_s, wire_dtypes)
 
     def prefill(self, address, job):  # type: ignore[no-untyped-def]
         p = self.members[address].prefill
