@@ -313,6 +313,47 @@ def loopback_gbps(
         return None
 
 
+def link_gbps(
+    link: Any, nbytes: int, *, delayed: bool, block_bytes: int = 4 << 20, reps: int = 3,
+    modes: Sequence[str] = MODES[:2], python: str | None = None,
+) -> dict[str, float] | None:
+    """{mode: bytes/s} across an `EmulatedLink` (prfaas/transport/linkemu.py): the receiver in its
+    "local" namespace, the sender in "prfaas"; None (reason printed) where it cannot run.
+
+    `delayed`: through the link's user-space delay proxies. Mooncake dials two ports (the P2P
+    handshake port, then the data port the handshake names), both at the host of the segment name
+    the receiver gave `initialize`, so the receiver calls itself by the prfaas side's address and a
+    proxy listens there on each of its port numbers, forwarding to the same port across the link."""
+    python = python or mooncake_python()
+    if (why := unavailable(python)) is not None:
+        print(f"[mooncake] skipped: {why}", file=sys.stderr, flush=True)
+        return None
+    near, far = link.address("prfaas"), link.address("local")
+
+    def start(side: str) -> Start:
+        return lambda argv: _popen_in(link, side, argv)
+
+    def proxies(ready: dict[str, Any]) -> str:
+        for port in [ready["rpc_port"], *ready["data_ports"]]:
+            link.start_delay_proxy("prfaas", port, far, port)
+        return f"{near}:{ready['rpc_port']}"
+
+    try:
+        return run_pair(start("local"), start("prfaas"), receiver_host=near if delayed else far, sender_host=near,
+                        nbytes=nbytes, block_bytes=block_bytes, reps=reps, modes=modes, python=python,
+                        before_send=proxies if delayed else None)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"[mooncake] failed across the link: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def _popen_in(link: Any, side: str, argv: list[str]) -> subprocess.Popen[str]:
+    log = tempfile.TemporaryFile()
+    proc = link.run_in(side, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log_file = log
+    return proc  # type: ignore[no-any-return]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--bytes", type=int, default=90 << 20)
