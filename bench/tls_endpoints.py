@@ -43,8 +43,8 @@ HEADER = struct.Struct("<II56x")  # crc, seq, padding: 64 bytes
 ACK = struct.Struct("<cII")
 RING_BYTES = 256 << 20
 BIO_SLICE = 256 << 10
-SENDERS = ("plain-sendmsg", "plain-asyncio", "sslsock", "sslsock-join", "bio-sendmsg", "asyncio-tls")
-RECEIVERS = ("proto", "tls-proto", "sslsock")
+SENDERS = ("plain-sendmsg", "plain-asyncio", "sslsock", "sslsock-join", "bio-sendmsg", "asyncio-tls", "aead-sendmsg")
+RECEIVERS = ("proto", "tls-proto", "sslsock", "aead-proto")
 
 
 def cpu_s() -> float:
@@ -173,7 +173,7 @@ async def send(kind: str, port: int, src: Source, ctx: ssl.SSLContext | None, se
     else:
         sock = await _connect(port)
         obj = None
-        if kind.startswith("sslsock"):
+        if kind.startswith("sslsock") or kind == "aead-sendmsg":
             assert ctx is not None
             sock = obj = ctx.wrap_socket(sock, server_hostname=server_id, do_handshake_on_connect=False)
             await tls_call(obj, obj.do_handshake)
@@ -183,6 +183,10 @@ async def send(kind: str, port: int, src: Source, ctx: ssl.SSLContext | None, se
             await obj.handshake()
         info["handshake_ms"] = (time.perf_counter() - t_hs) * 1e3
         _tls_info(info, obj.obj if isinstance(obj, Bio) else obj)
+        if kind == "aead-sendmsg":
+            import tls_aead
+
+            sock, obj, _ = await tls_aead.upgrade(sock, False, tls_call)  # obj: the send key
         t0, c0 = time.perf_counter(), cpu_s()
         ack = await _send_frames(kind, sock, obj, src)
         sock.close()
@@ -199,9 +203,16 @@ def _tls_info(info: dict[str, Any], tls: ssl.SSLObject | ssl.SSLSocket | None) -
 
 
 async def _send_frames(kind: str, sock: Any, obj: Any, src: Source) -> bytes:
-    if kind == "plain-sendmsg":
-        for length, header, payload in src.frames():
-            await send_buffers(sock, [length, header, payload])
+    if kind in ("plain-sendmsg", "aead-sendmsg"):
+        if kind == "aead-sendmsg":
+            import sys
+
+            import tls_aead
+
+            await tls_aead.send_frames(sock, obj, src, sys.modules[__name__])
+        else:
+            for length, header, payload in src.frames():
+                await send_buffers(sock, [length, header, payload])
         await send_buffers(sock, [LEN.pack(0)])
         return await _recv_exactly(sock, ACK.size)
     if kind == "bio-sendmsg":
@@ -271,8 +282,8 @@ class Frames:
     """Reads frames straight into per-frame buffers (as tcp.py's _FrameProtocol does) and checks
     each payload's CRC-32 against its header."""
 
-    def __init__(self, verify: bool) -> None:
-        self.verify = verify
+    def __init__(self, verify: bool, key: Any = None) -> None:
+        self.verify, self.key = verify, key  # key: tls_aead's receive key (payloads AES-GCM sealed)
         self._len = bytearray(LEN.size)
         self._buf, self._pos, self._in_frame = self._len, 0, False
         self.frames = self.bad = 0
@@ -296,8 +307,13 @@ class Frames:
             return
         frame = memoryview(self._buf)
         self._buf, self._pos, self._in_frame = self._len, 0, False
+        payload = frame[HEADER.size :]
+        if self.key is not None:
+            import tls_aead
+
+            payload = tls_aead.decrypt_frame(self.key, self.frames, frame, HEADER.size, LEN)
         self.frames += 1
-        if self.verify and crc32(frame[HEADER.size :]) != HEADER.unpack_from(frame)[0]:
+        if self.verify and crc32(payload) != HEADER.unpack_from(frame)[0]:
             self.bad += 1
 
     def ack(self) -> bytes:
@@ -347,6 +363,8 @@ async def receive(kind: str, ctx: ssl.SSLContext | None, verify: bool, on_port: 
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         await tls_call(tls, tls.do_handshake)
+        if kind == "aead-proto":
+            return await _receive_aead(tls, frames, done)
         c0 = cpu_s()
         while not frames.ended:
             try:
@@ -359,6 +377,20 @@ async def receive(kind: str, ctx: ssl.SSLContext | None, verify: bool, on_port: 
             frames.advance(n)
         info = {"cpu_s": cpu_s() - c0, "peer": tls.getpeercert()}
         await tls_call(tls, tls.send, frames.ack())
+    return await _finish(info, frames)
+
+
+async def _finish(info: dict[str, Any], frames: Frames) -> dict[str, Any]:
     info.update(frames=frames.frames, bad=frames.bad)
     await asyncio.sleep(0.2)  # let the verdict leave before the process exits
     return info
+
+
+async def _receive_aead(tls: ssl.SSLSocket, frames: Frames, done: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+    import tls_aead
+
+    peer = tls.getpeercert()
+    sock, _, frames.key = await tls_aead.upgrade(tls, True, tls_call)
+    await tls_aead.accept_plain(sock, FrameProtocol(frames, done))
+    info = await done
+    return await _finish({**info, "peer": peer}, frames)

@@ -70,7 +70,7 @@ def test_tls_probe_moves_frames_over_mutual_tls():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "KiB" in line]
     assert [r.split("|")[1].strip() for r in rows] == ["plain-sendmsg -> proto", "sslsock -> tls-proto",
-                                                       "sslsock -> sslsock"]
+                                                       "sslsock -> sslsock", "aead-sendmsg -> aead-proto"]
     assert all("TLS_AES_128_GCM_SHA256" in r for r in rows[1:])
     assert "receiver 'prefill-0' from the peer certificate" in out.stderr
 
