@@ -33,6 +33,7 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,12 @@ PYTHON_ENV = "PRFAAS_MOONCAKE_PYTHON"
 MODES = ("submit + poll", "batch sync", "sync")
 POLL_S = 100e-6
 Start = Callable[[list[str]], "subprocess.Popen[str]"]
+
+
+def cpu_s() -> float:
+    """User + system seconds of this process, all its threads (the engine's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def mooncake_python() -> str:
@@ -127,12 +134,15 @@ def receive(host: str, nbytes: int) -> None:
     data = [p for p in ports if not p.endswith(f":{rpc}")]
     print(json.dumps({"rpc_port": rpc, "addr": ctypes.addressof(buf), "listening": ports,
                       "data_ports": sorted({int(p.rsplit(":", 1)[1]) for p in data})}), flush=True)
+    c0 = cpu_s()
     for line in sys.stdin:
         if line.strip() != "check":
             break
+        cpu, c0 = cpu_s() - c0, cpu_s()  # the engine's threads while receiving (this check excluded)
         crc = zlib.crc32(memoryview(buf).cast("B")[:nbytes])
         ctypes.memset(buf, 0, nbytes)
-        print(json.dumps({"crc": crc}), flush=True)
+        print(json.dumps({"crc": crc, "cpu_s": cpu}), flush=True)
+        c0 = cpu_s()
 
 
 def _fill(buf: Any, nbytes: int) -> int:
@@ -175,10 +185,10 @@ def send(host: str, target: str, raddr: int, nbytes: int, block: int, reps: int,
     blocks = _blocks(ctypes.addressof(buf), raddr, nbytes, block)
     for mode in modes:
         for rep in range(reps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s()
             _run_mode(engine, mode, target, blocks)
-            secs = time.perf_counter() - t0
-            print(json.dumps({"mode": mode, "rep": rep, "seconds": secs, "crc": crc}), flush=True)
+            secs, cpu = time.perf_counter() - t0, cpu_s() - c0
+            print(json.dumps({"mode": mode, "rep": rep, "seconds": secs, "crc": crc, "cpu_s": cpu}), flush=True)
             sys.stdin.readline()  # the driver checks the receiver's copy before the next run
 
 
@@ -207,10 +217,10 @@ def run_pair(
     modes: Sequence[str] = MODES,
     python: str | None = None,
     before_send: Callable[[dict[str, Any]], str] | None = None,
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """Starts a receiver and a sender through the callables (each Popens an argv where it should
-    run: a namespace, the host) and returns {mode: bytes/s, best of `reps`}; every run's bytes are
-    checked by CRC-32. `before_send(ready)` may start proxies and return the target "host:port"
+    run: a namespace, the host) and returns {mode: bytes/s of each timed run}; every run's bytes
+    are checked by CRC-32. `before_send(ready)` may start proxies and return the target "host:port"
     (default: receiver_host and its handshake port)."""
     python = python or mooncake_python()
     recv = start_receiver(endpoint_argv(python, "--receive", "--host", receiver_host, "--bytes", str(nbytes)))
@@ -223,18 +233,25 @@ def run_pair(
         sender = start_sender(endpoint_argv(python, *argv))
         procs.append(sender)
         assert recv.stdin is not None and sender.stdin is not None
-        best: dict[str, float] = {}
+        rates: dict[str, list[float]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}
         for _ in range(len(modes) * (reps + 1)):
             run = _json_line(sender.stdout, "sender")
             recv.stdin.write("check\n")
             recv.stdin.flush()
-            if (got := _json_line(recv.stdout, "receiver")["crc"]) != run["crc"]:
-                raise RuntimeError(f"Mooncake {run['mode']}: CRC {got:#x} arrived, {run['crc']:#x} sent")
+            check = _json_line(recv.stdout, "receiver")
+            if check["crc"] != run["crc"]:
+                raise RuntimeError(f"Mooncake {run['mode']}: CRC {check['crc']:#x} arrived, {run['crc']:#x} sent")
             sender.stdin.write("next\n")
             sender.stdin.flush()
             if run["rep"]:
-                best[run["mode"]] = max(best.get(run["mode"], 0.0), nbytes / run["seconds"])
-        return best
+                rates.setdefault(run["mode"], []).append(nbytes / run["seconds"])
+                cpu.setdefault(run["mode"], []).append((run["cpu_s"], check["cpu_s"]))
+        for mode, pairs in cpu.items():  # CPU per GB moves less than GB/s on a loaded machine
+            snd, rcv = (sorted(x)[len(x) // 2] / (nbytes / 1e9) for x in zip(*pairs, strict=True))
+            print(f"[mooncake] {mode}: best {max(rates[mode]) / 1e9:.2f} GB/s; CPU s/GB send + recv {snd:.2f} + "
+                  f"{rcv:.2f}", file=sys.stderr, flush=True)
+        return rates
     except RuntimeError as e:
         raise RuntimeError(f"{e}; {_stderr_tail(procs)}") from e
     finally:
@@ -293,8 +310,8 @@ def loopback_gbps(
     nbytes: int, *, block_bytes: int = 4 << 20, reps: int = 3, modes: Sequence[str] = MODES,
     python: str | None = None,
 ) -> dict[str, float] | None:
-    """{mode: bytes/s} for `nbytes` moved on loopback between two processes, or None (with the
-    reason printed) where the package is missing or the run fails."""
+    """{mode: bytes/s, best of `reps`} for `nbytes` moved on loopback between two processes, or
+    None (with the reason printed) where the package is missing or the run fails."""
     python = python or mooncake_python()
     if (why := unavailable(python)) is not None:
         print(f"[mooncake] skipped: {why}", file=sys.stderr, flush=True)
@@ -304,10 +321,12 @@ def loopback_gbps(
     try:
         if (why := PrivateLoopback.unavailable()) is None:
             with PrivateLoopback() as ns:
-                return run_pair(ns.start, ns.start, **kw)  # type: ignore[arg-type]
-        print(f"[mooncake] on the host's loopback ({why}): it listens on all addresses meanwhile",
-              file=sys.stderr, flush=True)
-        return run_pair(_popen, _popen, **kw)  # type: ignore[arg-type]
+                runs = run_pair(ns.start, ns.start, **kw)  # type: ignore[arg-type]
+        else:
+            print(f"[mooncake] on the host's loopback ({why}): it listens on all addresses meanwhile",
+                  file=sys.stderr, flush=True)
+            runs = run_pair(_popen, _popen, **kw)  # type: ignore[arg-type]
+        return {mode: max(r) for mode, r in runs.items()}
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         print(f"[mooncake] failed: {e}", file=sys.stderr, flush=True)
         return None
@@ -316,8 +335,8 @@ def loopback_gbps(
 def link_gbps(
     link: Any, nbytes: int, *, delayed: bool, block_bytes: int = 4 << 20, reps: int = 3,
     modes: Sequence[str] = MODES[:2], python: str | None = None,
-) -> dict[str, float] | None:
-    """{mode: bytes/s} across an `EmulatedLink` (prfaas/transport/linkemu.py): the receiver in its
+) -> dict[str, list[float]] | None:
+    """{mode: bytes/s of each timed run} across an `EmulatedLink` (prfaas/transport/linkemu.py): the receiver in its
     "local" namespace, the sender in "prfaas"; None (reason printed) where it cannot run.
 
     `delayed`: through the link's user-space delay proxies. Mooncake dials two ports (the P2P

@@ -239,6 +239,8 @@ async def main(args: argparse.Namespace) -> None:
         if args.mooncake:  # the anchor: Mooncake's engine moving the same bytes (None without the package)
             from mooncake_anchor import loopback_gbps
 
+            await best("raw TCP, 1 conn, again before Mooncake", lambda: run_raw(rport, raw_blocks, 1))
+
             for mode, rate in (await asyncio.to_thread(loopback_gbps, nbytes, reps=args.reps) or {}).items():
                 results[f"Mooncake TE over TCP, {mode}, 4096 KiB blocks"] = rate
                 print(f"  {'Mooncake TE over TCP, ' + mode:<34} {rate / 1e9:6.2f} GB/s", flush=True)
