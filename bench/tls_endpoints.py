@@ -58,7 +58,11 @@ async def ready(sock: socket.socket, write: bool) -> None:
     fut: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
     add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: fut.done() or fut.set_result(None))
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, wake)
     try:
         await fut
     finally:
@@ -171,8 +175,8 @@ async def send(kind: str, port: int, src: Source, ctx: ssl.SSLContext | None, se
         ack = await reader.readexactly(ACK.size)
         writer.close()
     else:
-        sock = await _connect(port)
-        obj = None
+        sock: Any = await _connect(port)
+        obj: Any = None  # the SSLSocket, the Bio, or (aead) the send key
         if kind.startswith("sslsock") or kind == "aead-sendmsg":
             assert ctx is not None
             sock = obj = ctx.wrap_socket(sock, server_hostname=server_id, do_handshake_on_connect=False)
