@@ -5,7 +5,9 @@ against a raw asyncio TCP socket moving the same bytes (write + drain / sock_rec
 
 Prints progress and one table of ratios, all measured in this run (compare ratios, not GB/s).
 The receiver verifies every chunk (CRC32, layout) and hands it to a sink that drops it, so the
-figure excludes the decode pool's own copy. Results: docs/transport.md.
+figure excludes the decode pool's own copy. Beside them, Mooncake's Transfer Engine over TCP
+moving the same bytes (bench/mooncake_anchor.py; skipped with the reason without the package,
+`--no-mooncake` to leave it out). Results: docs/transport.md.
 """
 
 from __future__ import annotations
@@ -227,6 +229,14 @@ async def main(args: argparse.Namespace) -> None:
         for conns in (1, 2, 4):
             for cb in (1 << 20, 4 << 20):
                 await best(f"KvSender over raw-TCP plane, {conns} conn, {cb >> 10} KiB chunks", tcp_run(conns, cb))
+        if args.mooncake:  # the anchor: Mooncake's engine moving the same bytes (None without the package)
+            from mooncake_anchor import loopback_gbps
+
+            await best("raw TCP, 1 conn, again before Mooncake", lambda: run_raw(rport, raw_blocks, 1))
+
+            for mode, rate in (await asyncio.to_thread(loopback_gbps, nbytes, reps=args.reps) or {}).items():
+                results[f"Mooncake TE over TCP, {mode}, 4096 KiB blocks"] = rate
+                print(f"  {'Mooncake TE over TCP, ' + mode:<34} {rate / 1e9:6.2f} GB/s", flush=True)
     finally:
         for p in procs:
             p.kill()
@@ -240,6 +250,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-mooncake", dest="mooncake", action="store_false", help="skip the Mooncake anchor rows")
     ap.add_argument("--serve-grpc", type=int)
     ap.add_argument("--serve-raw", type=int)
     ap.add_argument("--chunks", type=int, nargs="*", default=[])

@@ -5,7 +5,8 @@ pair, latency from the user-space delay proxy; tools/linkemu).
 
 (a) goodput: the real KvSender (in the "prfaas" namespace) -> PushKv -> KvReceiver (a server
     process in the "local" namespace) for 1, 2, 4 and 8 connections, direct and through the delay
-    proxy, as a fraction of the shaped rate.
+    proxy, as a fraction of the shaped rate; beside them Mooncake's Transfer Engine over TCP moving
+    the same bytes across the same link (bench/mooncake_anchor.py; skipped without the package).
 (b) ttft: a remote prefill of a 32-layer hybrid model (`PrefillNode` from services/prefill/core.py
     with the prefill server's `SenderPush`), layer-wise streaming against send-after-prefill, on a
     link whose rate is `--ttft-rate-factor` x the measured KV production rate (KV bytes / prefill
@@ -36,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import mooncake_anchor  # noqa: E402  (bench/mooncake_anchor.py: Mooncake's engine as the anchor)
 import torch  # noqa: E402
 import transport as loopback  # noqa: E402  (bench/transport.py: the loopback bench's model and helpers)
 
@@ -80,6 +82,13 @@ def model_layout(model_dir: Path) -> Any:
     from prfaas.model.config import ModelConfig
 
     return KvLayout(ModelConfig.from_dir(model_dir), block_size=16, dtype=torch.float32)
+
+
+def transfer_bytes(tokens: int) -> int:
+    """Bytes of one goodput transfer of `tokens` (bench/transport.py's model), without building it."""
+    lay = loopback.layout()
+    fixed = sum(p.tensor.nbytes for p in loopback.pieces(lay, 0))
+    return fixed + (sum(p.tensor.nbytes for p in loopback.pieces(lay, 1)) - fixed) * tokens
 
 
 def goodput_tokens(rate_mbit: float, seconds: float) -> int:
@@ -274,10 +283,15 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
                 "reps": args.reps,
             }
             results = run_client(link, spec, timeout_s=600)
-            by_cfg: dict[tuple[str, int], list[float]] = {}
+            by_cfg: dict[tuple[str, int | str], list[float]] = {}
             for r in results:
                 secs = recv.finished(r["tid"])["t"] - r["t0"]
                 by_cfg.setdefault((r["path"], r["conns"]), []).append(r["bytes"] * 8 / 1e6 / secs)
+            if args.mooncake:  # the anchor: the same bytes across the same link
+                for path, delayed in (("0 ms", False), (f"{args.delay_ms:g} ms", True)):
+                    rates = mooncake_anchor.link_gbps(link, transfer_bytes(tokens), delayed=delayed, reps=args.reps)
+                    for mode, runs in (rates or {}).items():
+                        by_cfg[(path, f"Mooncake TE, {mode}")] = [r * 8 / 1e6 for r in runs]
         for (path, conns), mbits in by_cfg.items():
             fr = [m / rate for m in mbits]
             rows.append(
@@ -454,6 +468,8 @@ if __name__ == "__main__":
         "--prefill-chunk", type=int, default=0, help="TTFT part: stream mode prefills in chunks of N tokens"
     )
     ap.add_argument("--rounds", type=int, default=3, help="TTFT: runs of each mode, alternated")
+    ap.add_argument("--no-mooncake", dest="mooncake", action="store_false",
+                    help="goodput part: skip Mooncake's engine beside the KvSender (skipped anyway without it)")
     ap.add_argument("--loopback-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=6)
     # internal: the two ends inside the namespaces
