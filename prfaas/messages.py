@@ -73,6 +73,7 @@ class PrefillJob:
     num_connections: int = 0      # 0: the node's default
     wire_dtype: str = ""          # the wire format the decode node chose ("" = exact)
     deadline_unix_s: float = 0.0  # the transfer's deadline
+    decode_node: str = ""         # the decode node's id: it must be a member, its certificate must name it
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from prfaas.engine.llm import LLM, build_executor
 from prfaas.kv.kinds import KvKind
 from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.rpc.convert import sampling_to_pb
 from prfaas.transport.sender import KvSender
 from prfaas.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -118,7 +118,7 @@ def test_a_poisoned_sequence_ends_alone(cluster, model_dir, reference):
     others = [prompt_of(30, seed=600 + i) for i in range(4)]
 
     async def run():
-        async with insecure_channel(decode_address) as ch:
+        async with rpc_channel(decode_address) as ch:
             admit = decode_pb2_grpc.DecodeStub(ch).Admit(decode_pb2.AdmitRequest(
                 request_id="poisoned", sampling=sampling_to_pb(params), token_ids=poisoned_prompt))
             events = aiter(admit)
@@ -174,7 +174,7 @@ def test_malformed_and_extreme_requests_get_the_right_status(cluster, req):
 
 def test_undecodable_bytes_are_invalid_argument_and_the_router_keeps_serving(cluster, reference):
     async def raw(data: bytes) -> grpc.aio.AioRpcError | None:
-        async with insecure_channel(cluster.router_address) as ch:
+        async with rpc_channel(cluster.router_address) as ch:
             call = ch.unary_stream("/prfaas.v1.Router/Generate", request_serializer=lambda b: b,
                                    response_deserializer=lambda b: b)(data)
             try:

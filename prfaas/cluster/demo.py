@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from prfaas.rpc import insecure_channel
-from prfaas.settings import command_parser, host_port_or_empty, positive_int
+from prfaas.rpc import channel as open_channel
+from prfaas.settings import command_parser, host_port_or_empty, positive_int, tls_flags, tool_tls
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 ROUTE_NAMES = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
@@ -74,7 +74,7 @@ def workload(n: int, seed: int, vocab: int = 256) -> list[list[int]]:
 async def run_demo(
     address: str, requests: int = 12, concurrency: int = 4, max_tokens: int = 24, seed: int = 0
 ) -> list[DemoResult]:
-    channel = insecure_channel(address)
+    channel = open_channel(address, expect="router")
     stub = router_pb2_grpc.RouterStub(channel)
     sem = asyncio.Semaphore(concurrency)
     prompts = workload(requests, seed)
@@ -124,9 +124,11 @@ def demo_command(argv: list[str]) -> int:
     p.flag("--concurrency", "DEMO_CONCURRENCY", 4, positive_int, "requests in flight at once")
     p.flag("--max-tokens", "DEMO_MAX_TOKENS", 24, positive_int, "tokens to generate per request")
     p.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    tls_flags(p)
     a = p.parse_args(argv)
     if not a.router:
         p.error("--router (or PRFAAS_ROUTER) is required")
+    tool_tls(a, p, "client")
     try:
         results = asyncio.run(run_demo(a.router, a.requests, a.concurrency, a.max_tokens))
     except grpc.aio.AioRpcError as e:

@@ -18,21 +18,33 @@ client streams cannot say.
 so the sender's chunking, striping and error rules apply as they are. It writes on a plain
 non-blocking socket with `sendmsg`, each chunk's header and payload as separate buffers: the
 payload is never joined or buffered in user space. `KvTcpServer` feeds a `KvReceiver`.
+
+Mutual TLS 1.3 by default (the process's `prfaas.security.tls` configuration; plaintext only with
+--insecure): the sender wraps each new connection in an `ssl` socket that verifies the decode
+node's certificate against the cluster CA and its node id (`expect`), and writes each buffer with
+`send` (an SSLSocket has no `sendmsg`; a write it could not finish is retried with the same
+buffer, as OpenSSL requires); the receiver is asyncio's TLS transport under the same
+BufferedProtocol, which reads the sender's node id from its verified certificate and hands it to
+`KvReceiver.on_chunk`: a chunk from any node but the one the router named is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 import weakref
 from collections.abc import Callable
 
 from prfaas.errors import Code
 from prfaas.obs.log import get_logger
+from prfaas.security import tls
 from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.stats import LinkStats
+from prfaas.transport.tls_socket import idle_tls_usable, send_tls, ssl_call, tls_connect
+from prfaas.transport.tls_socket import wait_ready as _writable
 from prfaas.transport.wire import parse_chunk
 
 log = get_logger(__name__)
@@ -77,6 +89,8 @@ def _idle(host: str, port: int) -> list[socket.socket]:
 
 def _usable(sock: socket.socket) -> bool:
     """An idle pooled connection is usable when the peer has neither closed it nor sent anything."""
+    if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK under TLS
+        return idle_tls_usable(sock)
     try:
         sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": closed; bytes: out of turn
     except (BlockingIOError, InterruptedError):
@@ -86,28 +100,13 @@ def _usable(sock: socket.socket) -> bool:
     return False
 
 
-async def _writable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        if sock.fileno() == fd:  # still open, so the registration is ours (a closed fd may be reused)
-            loop.remove_writer(fd)
-
-
 async def send_buffers(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Sends the buffers back to back on a non-blocking socket with `sendmsg`, without joining
     them: the payload goes from the tensor's memory to the kernel in one copy (asyncio's transports
     join or buffer what the socket does not take at once, a second copy of every chunk)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        return await send_tls(sock, views)
     while views:
         try:
             sent = sock.sendmsg(views)
@@ -127,7 +126,10 @@ async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     out = bytearray()
     while len(out) < n:
-        got = await loop.sock_recv(sock, n - len(out))
+        if isinstance(sock, ssl.SSLSocket):
+            got = await ssl_call(sock, sock.recv, n - len(out))
+        else:
+            got = await loop.sock_recv(sock, n - len(out))
         if not got:
             raise ConnectionError(f"connection closed after {len(out)} of {n} bytes")
         out += got
@@ -138,8 +140,9 @@ class TcpPushCall:
     """One transfer's share of chunks on one TCP connection (a plain non-blocking socket), taken
     from (and, after a clean verdict, given back to) a per-address pool."""
 
-    def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
-        self.link = address
+    def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None,
+                 expect: str = "") -> None:
+        self.link, self.expect = address, expect
         self.stats, self.retransmits = stats, 0
         host, _, port = address.removeprefix(SCHEME).rpartition(":")
         self._host, self._port, self._timeout = host, int(port), timeout_s
@@ -167,6 +170,8 @@ class TcpPushCall:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(loop.sock_connect(sock, addr), self._timeout)
+            if not tls.current().insecure:
+                sock = await tls_connect(sock, self.expect or self._host, self._timeout)
         except BaseException:
             sock.close()
             raise
@@ -178,6 +183,9 @@ class TcpPushCall:
         return self._error
 
     def _broken(self, e: BaseException) -> TransferError:
+        if isinstance(e, ssl.SSLCertVerificationError):  # not the node it should be: never retry there
+            return self._fail(TransferError(Code.PERMISSION_DENIED, f"KV connection to {self._host}:{self._port}: "
+                                            f"{e.verify_message} (expected {self.expect or self._host})"))
         return self._fail(TransferError(Code.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}"))
 
     async def write(self, parts: list[bytes | memoryview]) -> None:
@@ -251,6 +259,7 @@ class TcpPushCall:
             self._count_retransmits()
             try:  # a writer waiting for room must not stay registered on a closed (reusable) fd
                 asyncio.get_running_loop().remove_writer(self._sock.fileno())
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
             except RuntimeError:
                 pass
             self._sock.close()
@@ -282,6 +291,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        cfg = tls.current()  # under TLS (after the handshake): the sender's verified node id
+        who = None if cfg.insecure else cfg.peer(transport.get_extra_info("peercert"))
+        self.peer: str | None = None if cfg.insecure else who.name if who else ""
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self._buf)[self._pos :]
@@ -307,7 +319,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         try:
             chunk = parse_chunk(data)
             self._seen.add(chunk.transfer_id)
-            self.bytes += self.receiver.on_chunk(chunk)
+            self.bytes += self.receiver.on_chunk(chunk, peer=self.peer)
             self.chunks += 1
         except TransferError as e:
             self._reply_error(e)
@@ -346,7 +358,10 @@ class KvTcpServer:
             self._conns.add(p)
             return p
 
-        self._server = await loop.create_server(make, host, port, reuse_address=True)
+        cfg = tls.current()
+        ctx = None if cfg.insecure else cfg.server_context()
+        self._server = await loop.create_server(make, host, port, reuse_address=True, ssl=ctx,
+                                                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if ctx else None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prfaas/v1/prefill.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\xec\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x13\n\x0bskip_tokens\x18\t \x01(\x05\"\x9d\x01\n\x0cPrefillEvent\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefillStartedH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.prfaas.v1.PrefillDoneH\x00\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1a.prfaas.v1.PrefillProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x0fPrefillProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\x05\x12\x13\n\x0blayers_done\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x08\"8\n\x0ePrefillStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x05\"\x9b\x01\n\x0bPrefillDone\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\x12.\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x17.prfaas.v1.TokenLogprob2J\n\x07Prefill\x12?\n\x07Prefill\x12\x19.prfaas.v1.PrefillRequest\x1a\x17.prfaas.v1.PrefillEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prfaas/v1/prefill.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\x81\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x13\n\x0bskip_tokens\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x63ode_node\x18\n \x01(\t\"\x9d\x01\n\x0cPrefillEvent\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefillStartedH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.prfaas.v1.PrefillDoneH\x00\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1a.prfaas.v1.PrefillProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x0fPrefillProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\x05\x12\x13\n\x0blayers_done\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x08\"8\n\x0ePrefillStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x05\"\x9b\x01\n\x0bPrefillDone\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\x12.\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x17.prfaas.v1.TokenLogprob2J\n\x07Prefill\x12?\n\x07Prefill\x12\x19.prfaas.v1.PrefillRequest\x1a\x17.prfaas.v1.PrefillEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.prefill_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=63
-  _globals['_PREFILLREQUEST']._serialized_end=299
-  _globals['_PREFILLEVENT']._serialized_start=302
-  _globals['_PREFILLEVENT']._serialized_end=459
-  _globals['_PREFILLPROGRESS']._serialized_start=461
-  _globals['_PREFILLPROGRESS']._serialized_end=536
-  _globals['_PREFILLSTARTED']._serialized_start=538
-  _globals['_PREFILLSTARTED']._serialized_end=594
-  _globals['_PREFILLDONE']._serialized_start=597
-  _globals['_PREFILLDONE']._serialized_end=752
-  _globals['_PREFILL']._serialized_start=754
-  _globals['_PREFILL']._serialized_end=828
+  _globals['_PREFILLREQUEST']._serialized_end=320
+  _globals['_PREFILLEVENT']._serialized_start=323
+  _globals['_PREFILLEVENT']._serialized_end=480
+  _globals['_PREFILLPROGRESS']._serialized_start=482
+  _globals['_PREFILLPROGRESS']._serialized_end=557
+  _globals['_PREFILLSTARTED']._serialized_start=559
+  _globals['_PREFILLSTARTED']._serialized_end=615
+  _globals['_PREFILLDONE']._serialized_start=618
+  _globals['_PREFILLDONE']._serialized_end=773
+  _globals['_PREFILL']._serialized_start=775
+  _globals['_PREFILL']._serialized_end=849
 # @@protoc_insertion_point(module_scope)

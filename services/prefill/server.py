@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from structlog.contextvars import bind_contextvars
@@ -17,8 +17,10 @@ from .core import PrefillNode
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, node: PrefillNode) -> None:
+    def __init__(self, node: PrefillNode,
+                 check_destination: Callable[[PrefillJob], Awaitable[None]] | None = None) -> None:
         self.node = node
+        self.check_destination = check_destination  # a prefill node pushes KV only to members
 
     async def Prefill(  # noqa: N802 - gRPC method name
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -34,7 +36,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.num_connections,
                 request.wire_dtype,
                 request.deadline_unix_s,
+                request.decode_node,
             )
+            if self.check_destination is not None:
+                await self.check_destination(job)  # NotPermitted: PERMISSION_DENIED, before any work
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
                     if isinstance(ev, Progress):

@@ -43,10 +43,15 @@ FINAL = frozenset({Code.INVALID_ARGUMENT, Code.INTERNAL, Code.PERMISSION_DENIED,
 
 class NodeClients(Protocol):
     def admit(
-        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
-    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]: ...
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
+        node_id: str = "", prefill_node: str = "",
+    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
+        """`node_id`: the decode node's (its certificate must name it); `prefill_node`: the only
+        node it may take this request's KV from."""
+        ...
 
-    def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]: ...
+    def prefill(self, address: str, job: PrefillJob,
+                node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]: ...
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Attempt:
     async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
         d = self.p.decision
         admit = self.clients.admit(self.p.decode.address, self.request_id, self.prompt, self.params,
-                                   self.transfer_timeout_s)
+                                   self.transfer_timeout_s, node_id=d.decode_node, prefill_node=d.prefill_node)
         async with contextlib.aclosing(admit):
             reserved = await self._decode_event(admit)
             self._mark("reserved")
@@ -115,7 +120,7 @@ class Attempt:
                 raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "tokens before a reservation")
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
                              reserved.kv_address or self.p.decode.address, self.num_connections,
-                             reserved.wire_dtype, self.deadline_unix_s)
+                             reserved.wire_dtype, self.deadline_unix_s, decode_node=d.decode_node)
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
                 first = await self._first(admit, prefill)
@@ -159,7 +164,7 @@ class Attempt:
 
     async def _prefill(self, job: PrefillJob) -> Done:
         node, done = self.p.decision.prefill_node, None
-        stream = self.clients.prefill(self.p.prefill.address, job)
+        stream = self.clients.prefill(self.p.prefill.address, job, node_id=node)
         async with contextlib.aclosing(stream):
             while True:
                 try:

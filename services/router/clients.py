@@ -9,7 +9,7 @@ import grpc
 
 from prfaas.errors import RemoteError
 from prfaas.messages import Alive, Done, PrefillJob, Progress, Reserved, SamplingParams, Started, TokenBatch
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel
 from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
 from prfaas.rpc.status import code_of
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -17,12 +17,13 @@ from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 class GrpcNodeClients:
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
+    def _channel(self, address: str, node_id: str = "") -> grpc.aio.Channel:
+        """The channel to a node, which must present the certificate of `node_id`."""
+        ch = self._channels.get((address, node_id))
         if ch is None:
-            ch = self._channels[address] = insecure_channel(address)
+            ch = self._channels[(address, node_id)] = channel(address, expect=node_id)
         return ch
 
     async def close(self) -> None:
@@ -31,15 +32,17 @@ class GrpcNodeClients:
         self._channels.clear()
 
     async def admit(
-        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float
+        self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
+        node_id: str = "", prefill_node: str = "",
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
-        stub = decode_pb2_grpc.DecodeStub(self._channel(address))
+        stub = decode_pb2_grpc.DecodeStub(self._channel(address, node_id))
         call = stub.Admit(
             decode_pb2.AdmitRequest(
                 request_id=request_id,
                 sampling=sampling_to_pb(params),
                 transfer_timeout_s=timeout_s,
                 token_ids=prompt,
+                prefill_node=prefill_node,  # the only identity the decode node takes this KV from
             )
         )
         try:
@@ -59,8 +62,9 @@ class GrpcNodeClients:
         finally:
             call.cancel()
 
-    async def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
-        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+    async def prefill(self, address: str, job: PrefillJob,
+                      node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address, node_id))
         call = stub.Prefill(
             prefill_pb2.PrefillRequest(
                 request_id=job.request_id,
@@ -71,6 +75,7 @@ class GrpcNodeClients:
                 num_connections=job.num_connections,
                 wire_dtype=job.wire_dtype,
                 deadline_unix_s=job.deadline_unix_s,
+                decode_node=job.decode_node,
             )
         )
         try:

@@ -35,6 +35,7 @@ from prfaas.transport.stats import GLOBAL as LINK_STATS
 
 from ..decode.core import DecodeNode
 from ..prefill.core import PrefillNode
+from .destinations import Destinations
 
 log = get_logger(__name__)
 
@@ -88,6 +89,7 @@ class WorkerNode:
             cap = s.max_request_blocks or max(1, s.kv_blocks // 2)
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
                                      max_request_blocks=cap)
+        self.destinations = Destinations(pool)  # a prefill node pushes KV only to registered members
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 

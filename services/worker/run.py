@@ -16,6 +16,7 @@ from prfaas.cluster.membership import MembershipAgent
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc.serve import serve
+from prfaas.security import tls
 from prfaas.settings import NodeSettings
 from prfaas.transport.tcp import KvTcpServer
 
@@ -33,6 +34,7 @@ async def run_node(s: NodeSettings, role: Role) -> None:
     node.bind_metrics()
     kv_tcp = KvTcpServer(node.receiver)  # the raw-TCP data port, when the node decodes
     if node.decode:
+        node.decode.verify_sender = not tls.current().insecure  # KV only from the node Admit names
         node.decode.start()
 
     async def started(address: str) -> None:

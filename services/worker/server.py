@@ -42,7 +42,7 @@ DECODE = decode_pb2.DESCRIPTOR.services_by_name["Decode"]
 def add_servicers(node: WorkerNode, server: grpc.aio.Server) -> list[str]:
     names = [add_service(server, NodeControlServicer(node), CONTROL)]
     if node.prefill:
-        names.append(add_service(server, PrefillServicer(node.prefill), PREFILL))
+        names.append(add_service(server, PrefillServicer(node.prefill, node.destinations.check), PREFILL))
     if node.decode:
         servicer = DecodeServicer(node.decode)  # PushKv without a protobuf copy of the payload
         names.append(add_service(server, servicer, DECODE, overrides={"PushKv": servicer.push.method_handler()}))

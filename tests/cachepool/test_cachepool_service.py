@@ -29,7 +29,7 @@ from prfaas.cluster import (
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.membership import MembershipAgent
 from prfaas.kv.prefix import block_hashes
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
 
@@ -86,7 +86,7 @@ def info(node_id: str, cluster: str = "prfaas", role: Role = Role.PREFILL) -> No
 
 
 async def test_health_reports_serving(pool: tuple[str, int]) -> None:
-    async with insecure_channel(pool[0]) as ch:
+    async with rpc_channel(pool[0]) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for service in ("", "prfaas.v1.CachePool"):
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -141,7 +141,7 @@ async def test_register_heartbeat_list_publish_match(pool: tuple[str, int]) -> N
 
 
 async def test_bad_input_gets_status_codes_with_messages(pool: tuple[str, int]) -> None:
-    async with insecure_channel(pool[0]) as ch:
+    async with rpc_channel(pool[0]) as ch:
         stub = pb_grpc.CachePoolStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Register(pb.RegisterRequest(), timeout=5)
