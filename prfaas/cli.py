@@ -85,6 +85,10 @@ def _dispatch(argv: list[str]) -> int:
         from prfaas.cluster.demo import demo_command
 
         return demo_command(argv[1:])
+    if argv and argv[0] == "certs":
+        from prfaas.security.certs_cli import certs_command
+
+        return certs_command(argv[1:])
     if argv and argv[0] == "status":
         from prfaas.cluster.status import status_command
 
@@ -99,6 +103,7 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("up", help="start a local cluster on loopback (see `prfaas up --help`)")
     sub.add_parser("demo", help="send a demo workload to a router (see `prfaas demo --help`)")
     sub.add_parser("status", help="members of a cluster and their accounting (see `prfaas status --help`)")
+    sub.add_parser("certs", help="a cluster CA and per-node certificates (see `prfaas certs --help`)")
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
 

@@ -113,6 +113,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     import asyncio
 
     from prfaas.rpc import add_health_and_reflection, new_server
+    from prfaas.rpc.serve import add_port
 
     argv = _compose()["services"]["router"]["healthcheck"]["test"][1:]
     argv[0] = sys.executable
@@ -125,7 +126,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     async def main() -> tuple[int, int]:
         server = new_server()
         health = add_health_and_reflection(server, [])
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = add_port(server, "127.0.0.1:0")
         await server.start()
         serving = await probe(port)
         health.set(False)

@@ -70,6 +70,7 @@ class Proc:
     module: str = ""
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    listening: dict[str, str] = field(default_factory=dict)  # its `listening` line (token_address...)
 
 
 class LocalCluster:
@@ -182,7 +183,7 @@ class LocalCluster:
             except json.JSONDecodeError:
                 continue
             if msg.get("event") == "listening":
-                proc.address = msg["address"]
+                proc.address, proc.listening = msg["address"], msg
                 return proc.address
         raise TimeoutError(f"{proc.name} did not start listening within {self.startup_timeout_s:.0f} s")
 

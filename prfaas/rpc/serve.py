@@ -37,7 +37,9 @@ def dialable(listen: str, port: int) -> str:
     return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
 
 
-def _bind(server: grpc.aio.Server, listen: str, cfg: tls.TlsConfig, client_certs: bool = True) -> int:
+def add_port(server: grpc.aio.Server, listen: str, cfg: tls.TlsConfig | None = None, client_certs: bool = True) -> int:
+    """Binds `listen`: mutual TLS under `cfg` (default: the process's), plaintext when --insecure."""
+    cfg = cfg or tls.current()
     if cfg.insecure:
         port = server.add_insecure_port(listen)
     else:
@@ -57,8 +59,8 @@ async def start_server(
     server = new_server([authoriser or Authoriser(cfg.domain, cfg.insecure)])
     names = add_servicers(server)
     health = add_health_and_reflection(server, names, serving)
-    port = _bind(server, listen, cfg)
-    token_port = _bind(server, token_listen, cfg, client_certs=False) if token_listen else 0
+    port = add_port(server, listen, cfg)
+    token_port = add_port(server, token_listen, cfg, client_certs=False) if token_listen else 0
     await server.start()
     server.token_address = dialable(token_listen, token_port) if token_listen else ""  # type: ignore[attr-defined]
     return server, dialable(listen, port), health

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from prfaas.kv.kinds import KvKind
-from prfaas.rpc import channel as rpc_channel, new_server
+from prfaas.rpc import channel as rpc_channel
+from prfaas.rpc import new_server
+from prfaas.rpc.serve import add_port
 from prfaas.transport.chunks import WIRE_INT8, KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.grpc_push import PUSH_KV, PushKvServicer, add_push_kv_only
@@ -27,7 +29,7 @@ async def decode_node():
     receiver = KvReceiver()
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_port(server, "127.0.0.1:0")
     await server.start()
     yield receiver, f"127.0.0.1:{port}"
     await server.stop(None)
