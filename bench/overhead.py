@@ -100,6 +100,9 @@ def main() -> None:
                            router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
         print("[overhead] starting the cluster ...", flush=True)
         with LocalCluster(a.model, spec, log_dir=logs) as c:
+            from prfaas.security import tls
+
+            tls.install(c.tls_as("admin"))  # mutual TLS, as every cluster runs by default
             rows = asyncio.run(measure(c, ex, lengths, a.reps))
             time.sleep(0.5)
             parts = {n: breakdown(Path(logs) / "router.log", f"b{n}-") for n in lengths}

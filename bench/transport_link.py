@@ -105,6 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Registers `--count` goodput transfers g-<i> and TTFT transfers t-<i>, then prints one JSON
     line per completed transfer: its id, CLOCK_MONOTONIC at completion, bytes."""
     from prfaas.rpc import new_server
+    from prfaas.rpc.serve import add_port
     from prfaas.transport.grpc_push import PushKvServicer, add_push_kv_only
     from prfaas.transport.receiver import KvReceiver, MemorySink
 
@@ -131,7 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
     ]
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
-    server.add_insecure_port(args.serve)
+    add_port(server, args.serve)  # mutual TLS under PRFAAS_TLS_DIR, plaintext with PRFAAS_INSECURE=1
     await server.start()
     host, port = args.serve.rsplit(":", 1)
     from prfaas.transport.tcp import KvTcpServer
@@ -145,14 +146,16 @@ async def serve(args: argparse.Namespace) -> None:
 class Receiver:
     """The server process and a thread collecting its completion lines."""
 
-    def __init__(self, link: EmulatedLink, **opts: Any) -> None:
-        argv = [sys.executable, __file__, "--serve", f"{link.address('local')}:{SERVER_PORT}"]
+    def __init__(self, link: EmulatedLink, port: int = SERVER_PORT, env: dict[str, str] | None = None,
+                 **opts: Any) -> None:
+        argv = [sys.executable, __file__, "--serve", f"{link.address('local')}:{port}"]
         for k, v in opts.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
-        self.proc = link.run_in("local", argv, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, **(env or {"PRFAAS_INSECURE": "1"})}
+        self.proc = link.run_in("local", argv, stdout=subprocess.PIPE, text=True, env=env)
         read_ready_line(self.proc, 120)
         self.done: dict[str, dict[str, Any]] = {}
-        self.address = f"{link.address('local')}:{SERVER_PORT}"
+        self.address = f"{link.address('local')}:{port}"
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -185,20 +188,25 @@ def run_client(link: EmulatedLink, spec: dict[str, Any], timeout_s: float) -> li
 
 # --- the sender side, in the "prfaas" namespace --------------------------------------------------
 async def client_goodput(spec: dict[str, Any]) -> None:
+    from prfaas.security import tls
     from prfaas.transport.grpc_push import KvChannels
 
     lay = loopback.layout()
     ps = loopback.pieces(lay, spec["tokens"])
     nbytes = sum(p.tensor.nbytes for p in ps)
-    n = 0
+    counts: dict[bool, int] = {}
+    secure = tls.resolve(tls_dir=spec["tls_dir"], name="prefill-0", kind="worker") if spec.get("tls_dir") else None
     for path, address in spec["targets"].items():
+        is_tls = "TLS" in path  # each receiver counts its own transfer ids
+        tls.install(secure if is_tls and secure else tls.TlsConfig(insecure=True))
         for conns in spec["connections"]:
             pool = KvChannels(conns)
-            for rep in range(spec["reps"] + 1):  # the first run warms the connections
+            for rep in range(spec["reps"] + 1):  # the first run warms the connections (and handshakes)
+                n = counts[is_tls] = counts.get(is_tls, -1) + 1
                 tid = f"g-{n}"
-                n += 1
                 t0 = time.monotonic()
-                await loopback.run_grpc(address, lay, ps, spec["tokens"], tid, conns, 256 << 10, pool)
+                await loopback.run_grpc(address, lay, ps, spec["tokens"], tid, conns, 256 << 10, pool,
+                                        peer="decode-0" if is_tls else "")
                 if rep:
                     print(json.dumps({"path": path, "conns": conns, "tid": tid, "t0": t0, "bytes": nbytes}), flush=True)
             await pool.close()
@@ -272,20 +280,25 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
         tokens = goodput_tokens(rate, args.transfer_s)
         say(f"[goodput] link {rate:.0f} Mbit/s; transfers of {tokens} tokens")
         with EmulatedLink(rate, delay_ms=args.delay_ms, name_prefix=NAME_PREFIX) as link:
-            recv = Receiver(link, goodput_tokens=tokens, count=64)
+            count = 4 * len(args.connections) * (args.reps + 1)
+            recv = Receiver(link, goodput_tokens=tokens, count=count)
             proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT)
-            targets = {"0 ms": recv.address, f"{args.delay_ms:g} ms": proxy}
-            spec = {
-                "part": "goodput",
-                "tokens": tokens,
-                "targets": targets,
-                "connections": args.connections,
-                "reps": args.reps,
-            }
-            results = run_client(link, spec, timeout_s=600)
+            delayed = f"{args.delay_ms:g} ms"
+            targets = {"0 ms": recv.address, delayed: proxy}
+            receivers = {"0 ms": recv, delayed: recv}
+            spec: dict[str, Any] = {"part": "goodput", "tokens": tokens, "targets": targets,
+                                    "connections": args.connections, "reps": args.reps}
+            if args.tls:  # the same decode side under mutual TLS 1.3, beside it, in the same run
+                tls_env, _, _ = loopback.tls_pair()
+                recv_tls = Receiver(link, port=SERVER_PORT + 2, env=tls_env, goodput_tokens=tokens, count=count)
+                proxy_tls = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT + 2)
+                targets.update({"0 ms, TLS": recv_tls.address, f"{delayed}, TLS": proxy_tls})
+                receivers.update({"0 ms, TLS": recv_tls, f"{delayed}, TLS": recv_tls})
+                spec["tls_dir"] = tls_env["PRFAAS_TLS_DIR"]
+            results = run_client(link, spec, timeout_s=900)
             by_cfg: dict[tuple[str, int | str], list[float]] = {}
             for r in results:
-                secs = recv.finished(r["tid"])["t"] - r["t0"]
+                secs = receivers[r["path"]].finished(r["tid"])["t"] - r["t0"]
                 by_cfg.setdefault((r["path"], r["conns"]), []).append(r["bytes"] * 8 / 1e6 / secs)
             if args.mooncake:  # the anchor: the same bytes across the same link
                 for path, delayed in (("0 ms", False), (f"{args.delay_ms:g} ms", True)):
@@ -432,6 +445,7 @@ async def part_loopback(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("PRFAAS_INSECURE", "1")  # plaintext unless a row asks for TLS (its own PKI)
     ok, why = link_supported()
     tables: dict[str, list[str]] = {}
     for part in args.parts:
@@ -470,6 +484,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3, help="TTFT: runs of each mode, alternated")
     ap.add_argument("--no-mooncake", dest="mooncake", action="store_false",
                     help="goodput part: skip Mooncake's engine beside the KvSender (skipped anyway without it)")
+    ap.add_argument("--no-tls", dest="tls", action="store_false",
+                    help="goodput part: skip the mutual-TLS rows beside the plaintext ones")
     ap.add_argument("--loopback-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=6)
     # internal: the two ends inside the namespaces
