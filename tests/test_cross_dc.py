@@ -195,7 +195,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, object]:
     request = router_pb2.GenerateRequest(token_ids=prompt, max_tokens=args.max_tokens, route=common_pb2.PRFAAS)
     tokens: list[int] = []
     head = None
-    async with rpc_channel(args.router) as ch:
+    async with rpc_channel(args.router, expect="router") as ch:  # certificates name services, not link addresses
         async for msg in router_pb2_grpc.RouterStub(ch).Generate(request, timeout=120):
             head = head or msg
             tokens += list(msg.token_ids)

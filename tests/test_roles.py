@@ -16,12 +16,13 @@ from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.rpc import channel as rpc_channel
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
+from tests.support import tls_as
 
 pytestmark = pytest.mark.slow
 
 
 async def set_role(address: str, role: int) -> common_pb2.SetRoleResponse:
-    async with rpc_channel(address) as ch:
+    async with rpc_channel(address, tls=tls_as("router")) as ch:  # only the router may SetRole
         return await common_pb2_grpc.NodeControlStub(ch).SetRole(common_pb2.SetRoleRequest(role=role))
 
 
