@@ -62,37 +62,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+SUBCOMMANDS = {
+    "plan": ("prfaas.scheduling.commands", "plan_command"),
+    "sim": ("prfaas.scheduling.commands", "sim_command"),
+    "up": ("prfaas.cluster.local", "up_command"),
+    "demo": ("prfaas.cluster.demo", "demo_command"),
+    "certs": ("prfaas.security.certs_cli", "certs_command"),
+    "status": ("prfaas.cluster.status", "status_command"),
+}
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("--version", "-V"):
         from prfaas import __version__
 
         print(f"prfaas {__version__}")
         return 0
-    # plan / sim / up parse their own flags
-    if argv and argv[0] == "plan":
-        from prfaas.scheduling.commands import plan_command
+    # these subcommands parse their own flags
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return plan_command(argv[1:])
-    if argv and argv[0] == "sim":
-        from prfaas.scheduling.commands import sim_command
-
-        return sim_command(argv[1:])
-    if argv and argv[0] == "up":
-        from prfaas.cluster.local import up_command
-
-        return up_command(argv[1:])
-    if argv and argv[0] == "demo":
-        from prfaas.cluster.demo import demo_command
-
-        return demo_command(argv[1:])
-    if argv and argv[0] == "certs":
-        from prfaas.security.certs_cli import certs_command
-
-        return certs_command(argv[1:])
-    if argv and argv[0] == "status":
-        from prfaas.cluster.status import status_command
-
-        return status_command(argv[1:])
+        module, function = SUBCOMMANDS[argv[0]]
+        return int(getattr(importlib.import_module(module), function)(argv[1:]))
 
     from prfaas import __version__
 

@@ -170,7 +170,7 @@ def resolve(*, tls_dir: str = "", ca: str = "", cert: str = "", key: str = "", i
         cfg.client_context()
     except (ssl.SSLError, OSError) as e:
         raise TlsSetupError(f"TLS: cannot load {paths['cert']} / {paths['key']} / {paths['ca']}: {e}") from None
-    if cfg.identity is None or cfg.identity.name != name and not cert:
+    if not cert and cfg.identity is not None and cfg.identity.name != name:  # own_identity raised if none
         raise TlsSetupError(f"TLS: {paths['cert']} names {cfg.identity}, not {name}")
     return cfg
 

@@ -16,6 +16,8 @@ TRANSFER_CODES = frozenset({
     Code.DEADLINE_EXCEEDED,  # the transfer's deadline passed before every chunk arrived
     Code.CANCELLED,          # cancelled by the decode side (request gone) or aborted by the sender
     Code.UNAVAILABLE,        # sender side: the connection failed
+    Code.PERMISSION_DENIED,  # a chunk from a peer the transfer does not take KV from; a server that is
+                             # not the node the sender expects (mutual TLS)
     Code.INTERNAL,           # anything else
 })
 

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -65,8 +66,10 @@ def other_ca(tmp: Path, name: str) -> tls.TlsConfig:
     return tls.resolve(tls_dir=str(pki.ensure_dev_pki(tmp / "other-ca", "dev")), name=name, kind="worker")
 
 
-async def generate(ch: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = (),
+async def generate(make: Callable[[], grpc.aio.Channel], metadata: tuple[tuple[str, str], ...] = (),
                    max_tokens: int = MAX_TOKENS) -> tuple[str, list[int]]:
+    """Router.Generate on the channel `make()` opens (inside the loop, as grpc.aio needs)."""
+    ch = make()
     req = router_pb2.GenerateRequest(token_ids=PROMPT, max_tokens=max_tokens, route=common_pb2.PRFAAS)
     tokens: list[int] = []
     try:
@@ -89,35 +92,35 @@ def test_clients_need_a_certificate_or_a_token_which_rotates(secured, tmp_path):
     c, d = secured
     router, ca = c.router_address, c.tls_dir / "ca.crt"
     token_port = c.proc("router").listening["token_address"]
-    ok, reference = asyncio.run(generate(channel(router, "router", tls=c.tls_as("client"))))
+
+    def call(make: Callable[[], grpc.aio.Channel], token: str | None = None) -> tuple[str, list[int]]:
+        return asyncio.run(generate(make, (("authorization", f"Bearer {token}"),) if token else ()))
+
+    ok, reference = call(lambda: channel(router, "router", tls=c.tls_as("client")))
     assert ok == "OK" and len(reference) == MAX_TOKENS
     # no TLS, TLS without a client certificate, a certificate from another CA: the handshake fails
-    assert asyncio.run(generate(channel(router, tls=tls.TlsConfig(insecure=True))))[0] == "UNAVAILABLE"
-    assert asyncio.run(generate(token_channel(router, ca)))[0] == "UNAVAILABLE"
-    assert asyncio.run(generate(channel(router, "router", tls=other_ca(tmp_path, "client"))))[0] == "UNAVAILABLE"
+    assert call(lambda: channel(router, tls=tls.TlsConfig(insecure=True)))[0] == "UNAVAILABLE"
+    assert call(lambda: token_channel(router, ca))[0] == "UNAVAILABLE"
+    assert call(lambda: channel(router, "router", tls=other_ca(tmp_path, "client")))[0] == "UNAVAILABLE"
     # the token port: a bearer token from the file, nothing else
-    assert asyncio.run(generate(token_channel(token_port, ca)))[0] == "UNAUTHENTICATED"
-    bad = (("authorization", "Bearer not-a-valid-token-at-all"),)
-    assert asyncio.run(generate(token_channel(token_port, ca), bad))[0] == "UNAUTHENTICATED"
-    assert asyncio.run(generate(token_channel(token_port, ca), (("authorization", f"Bearer {TOKEN_A}"),))) == (
-        "OK", reference)
+    assert call(lambda: token_channel(token_port, ca))[0] == "UNAUTHENTICATED"
+    assert call(lambda: token_channel(token_port, ca), "not-a-valid-token-at-all")[0] == "UNAUTHENTICATED"
+    assert call(lambda: token_channel(token_port, ca), TOKEN_A) == ("OK", reference)
     # rotation without a restart: the new token in, the old one out
     (d / "tokens").write_text(f"alice:{TOKEN_B}\n")
     time.sleep(0.05)
-    assert asyncio.run(generate(token_channel(token_port, ca), (("authorization", f"Bearer {TOKEN_A}"),)))[0] == (
-        "UNAUTHENTICATED")
-    assert asyncio.run(generate(token_channel(token_port, ca), (("authorization", f"Bearer {TOKEN_B}"),))) == (
-        "OK", reference)
+    assert call(lambda: token_channel(token_port, ca), TOKEN_A)[0] == "UNAUTHENTICATED"
+    assert call(lambda: token_channel(token_port, ca), TOKEN_B) == ("OK", reference)
 
 
 def test_a_client_holds_at_most_its_limit(secured):  # type: ignore[no-untyped-def]
     c, _ = secured
 
     async def two() -> list[tuple[str, list[int]]]:
-        first = asyncio.ensure_future(generate(channel(c.router_address, "router", tls=c.tls_as("client")),
+        first = asyncio.ensure_future(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client")),
                                                max_tokens=400))
         await asyncio.sleep(0.5)  # the first is in flight (PRFAAS_MAX_CLIENT_REQUESTS=1)
-        second = await generate(channel(c.router_address, "router", tls=c.tls_as("client")))
+        second = await generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client")))
         return [await first, second]
 
     first, second = asyncio.run(two())
@@ -212,7 +215,7 @@ def _prefill(c: LocalCluster, transfer_id: str, address: str, node: str):  # typ
 
 def test_kv_only_from_the_named_prefill_node(secured):  # type: ignore[no-untyped-def]
     c, _ = secured
-    _, reference = asyncio.run(generate(channel(c.router_address, "router", tls=c.tls_as("client"))))
+    _, reference = asyncio.run(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client"))))
 
     async def run() -> tuple[dict[str, str], list[int], str]:
         ch, admit = _admit(c, "prfaas-p0")
@@ -280,11 +283,11 @@ def test_insecure_is_refused_on_a_non_loopback_address():
 
 def test_an_insecure_cluster_serves(secured, tmp_path):  # type: ignore[no-untyped-def]
     c, _ = secured
-    _, reference = asyncio.run(generate(channel(c.router_address, "router", tls=c.tls_as("client"))))
+    _, reference = asyncio.run(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client"))))
     spec = ClusterSpec(prfaas_prefill=1, local_prefill=0, local_decode=1, convertible_local=False, metrics=False,
                        frontdoor=False, tls=False, extra_env={"PRFAAS_KV_BLOCKS": "256", "PRFAAS_STATE_SLOTS": "16"})
     with LocalCluster("builtin:qwen3_next-tiny", spec, log_dir=str(tmp_path / "logs")) as plain:
-        got = asyncio.run(generate(channel(plain.router_address, tls=tls.TlsConfig(insecure=True))))
+        got = asyncio.run(generate(lambda: channel(plain.router_address, tls=tls.TlsConfig(insecure=True))))
         assert got == ("OK", reference)
         # with TLS it cannot talk to a plaintext server
-        assert asyncio.run(generate(channel(plain.router_address, tls=c.tls_as("client"))))[0] == "UNAVAILABLE"
+        assert asyncio.run(generate(lambda: channel(plain.router_address, tls=c.tls_as("client"))))[0] == "UNAVAILABLE"
