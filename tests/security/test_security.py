@@ -213,19 +213,25 @@ def _prefill(c: LocalCluster, transfer_id: str, address: str, node: str):  # typ
     return ch, call
 
 
-def test_kv_only_from_the_named_prefill_node(secured):  # type: ignore[no-untyped-def]
+def test_kv_only_from_the_named_prefill_node(secured, tmp_path):  # type: ignore[no-untyped-def]
     c, _ = secured
+    other = pki.ensure_dev_pki(tmp_path / "other-ca")
     _, reference = asyncio.run(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client"))))
 
     async def run() -> tuple[dict[str, str], list[int], str]:
         ch, admit = _admit(c, "prfaas-p0")
         events = aiter(admit)
         reserved = (await anext(events)).reserved
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PRFAAS_TLS_NAME": "local-p9", "PRFAAS_TLS_KIND": "worker"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "security" / "inject_kv.py"), reserved.transfer_id,
-            reserved.kv_address, c.address_of("local-d0"), "local-d0", env=env, stdout=subprocess.PIPE)
-        verdicts = json.loads((await proc.communicate())[0])
+        async def inject(**env: str) -> dict[str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "tests" / "security" / "inject_kv.py"), reserved.transfer_id,
+                reserved.kv_address, c.address_of("local-d0"), "local-d0", stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PRFAAS_TLS_KIND": "worker", **env})
+            return dict(json.loads((await proc.communicate())[0]))
+
+        verdicts = await inject(PRFAAS_TLS_NAME="local-p9")  # the cluster's CA, another node
+        # a certificate from another CA, naming the very prefill node the router chose
+        verdicts["other CA"] = json.dumps(await inject(PRFAAS_TLS_NAME="prfaas-p0", PRFAAS_TLS_DIR=str(other)))
         pch, prefill = _prefill(c, reserved.transfer_id, reserved.kv_address, "local-d0")
         status = await _code(prefill)
         tokens: list[int] = []
@@ -242,6 +248,9 @@ def test_kv_only_from_the_named_prefill_node(secured):  # type: ignore[no-untype
     verdicts, tokens, status = asyncio.run(run())
     assert verdicts["tcp"].startswith("PERMISSION_DENIED") and "prfaas-p0" in verdicts["tcp"], verdicts
     assert verdicts["grpc"].startswith("PERMISSION_DENIED") and "prfaas-p0" in verdicts["grpc"], verdicts
+    # refused at the handshake (each side distrusts the other's CA): never as far as the transfer
+    assert '"OK"' not in verdicts["other CA"] and "takes KV from" not in verdicts["other CA"], verdicts
+    assert "certificate" in verdicts["other CA"] or "andshake" in verdicts["other CA"], verdicts
     assert status == "OK" and tokens == reference
 
 
