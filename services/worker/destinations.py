@@ -1,8 +1,8 @@
 """Where a prefill node may push KV: only to decode nodes that are registered members of the
 cluster. The router names the decode node (its id and address) in every Prefill request; this
-checks both against the membership the cache pool holds (read again when the node is not in the
-last copy, at most every `refresh_s`), so that a Prefill call cannot aim the node's KV, which is
-users' prompts, at an arbitrary address (a server-side request forgery). Under mutual TLS the KV
+checks both against the membership the cache pool holds (read again when the last copy says no,
+at most every `refresh_s`; concurrent misses share one read), so that a Prefill call cannot aim
+the node's KV, which is users' prompts, at an arbitrary address (a server-side request forgery). Under mutual TLS the KV
 connection then also verifies that the server's certificate names that node id.
 
 A gRPC destination must be the member's registered address; a raw-TCP one (`tcp://host:port`,
@@ -11,6 +11,7 @@ whose port the node chose at start and reported only in Admit) must be on the me
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prfaas.cluster import CachePoolApi, NodeStatus, Role
@@ -26,17 +27,30 @@ def _host(address: str) -> str:
 
 
 class Destinations:
-    def __init__(self, pool: CachePoolApi | None, refresh_s: float = 1.0) -> None:
+    def __init__(self, pool: CachePoolApi | None, refresh_s: float = 0.5) -> None:
         self.pool, self.refresh_s = pool, refresh_s
         self._members: dict[str, NodeStatus] = {}
         self._read_at = -float("inf")
+        self._reading: asyncio.Future[None] | None = None
 
-    async def _refresh(self) -> bool:
-        if self.pool is None or time.monotonic() - self._read_at < self.refresh_s:
-            return False
+    async def _refresh(self) -> None:
+        """Reads the membership again: at most once per `refresh_s` (a miss waits for the next
+        read rather than being refused), one read at a time (concurrent misses share it)."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        try:
+            await asyncio.shield(self._reading)
+        finally:
+            if self._reading is not None and self._reading.done():
+                self._reading = None
+
+    async def _read(self) -> None:
+        assert self.pool is not None
+        wait = self._read_at + self.refresh_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         self._read_at = time.monotonic()
         self._members = {m.node.node_id: m for m in await self.pool.list_nodes()}
-        return True
 
     async def check(self, job: PrefillJob) -> None:
         """Raises NotPermitted (PERMISSION_DENIED) unless `job` pushes to a registered decode node
@@ -47,7 +61,8 @@ class Destinations:
         if not job.decode_node:
             raise self._refuse(f"{where}: the request names no decode node")
         why = self._why_not(job)
-        if why and await self._refresh():
+        if why:  # the last copy says no: the node may have just registered or moved
+            await self._refresh()
             why = self._why_not(job)
         if why:
             raise self._refuse(f"{where}: {why}")

@@ -54,7 +54,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     (d / "keys").write_text(f"bob:{TOKEN_A}\n")
     spec = ClusterSpec(prfaas_prefill=1, local_prefill=0, local_decode=1, convertible_local=False, metrics=False,
                        extra_env={"PRFAAS_KV_BLOCKS": "256", "PRFAAS_STATE_SLOTS": "16",
-                                  "PRFAAS_API_KEYS_FILE": str(d / "keys")},
+                                  "PRFAAS_API_KEYS_FILE": str(d / "keys"),
+                                  "PRFAAS_TRANSFER_TIMEOUT_S": "120"},  # the injectors start slowly on a busy machine
                        router_env={"PRFAAS_TOKEN_LISTEN": "127.0.0.1:0", "PRFAAS_CLIENT_TOKENS": str(d / "tokens"),
                                    "PRFAAS_MAX_CLIENT_REQUESTS": "1", "PRFAAS_CONTROL_INTERVAL_S": "0"})
     with LocalCluster("builtin:qwen3_next-tiny", spec, log_dir=str(d / "logs")) as c:
@@ -199,7 +200,7 @@ def _admit(c: LocalCluster, prefill_node: str):  # type: ignore[no-untyped-def]
 
     call = decode_pb2_grpc.DecodeStub(ch).Admit(decode_pb2.AdmitRequest(
         request_id="sec-1", sampling=sampling_to_pb(SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)),
-        token_ids=PROMPT, transfer_timeout_s=60, prefill_node=prefill_node))
+        token_ids=PROMPT, transfer_timeout_s=120, prefill_node=prefill_node))
     return ch, call
 
 
@@ -229,9 +230,10 @@ def test_kv_only_from_the_named_prefill_node(secured, tmp_path):  # type: ignore
                 env={**os.environ, "PYTHONPATH": str(ROOT), "PRFAAS_TLS_KIND": "worker", **env})
             return dict(json.loads((await proc.communicate())[0]))
 
-        verdicts = await inject(PRFAAS_TLS_NAME="local-p9")  # the cluster's CA, another node
-        # a certificate from another CA, naming the very prefill node the router chose
-        verdicts["other CA"] = json.dumps(await inject(PRFAAS_TLS_NAME="prfaas-p0", PRFAAS_TLS_DIR=str(other)))
+        # the cluster's CA but another node; another CA's certificate naming the very node the router chose
+        verdicts, foreign = await asyncio.gather(inject(PRFAAS_TLS_NAME="local-p9"),
+                                                 inject(PRFAAS_TLS_NAME="prfaas-p0", PRFAAS_TLS_DIR=str(other)))
+        verdicts["other CA"] = json.dumps(foreign)
         pch, prefill = _prefill(c, reserved.transfer_id, reserved.kv_address, "local-d0")
         status = await _code(prefill)
         tokens: list[int] = []
