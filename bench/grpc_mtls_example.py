@@ -9,7 +9,8 @@ the peer certificate, as a small working example to lift (tests/test_tls_groundw
 - Identity: `context.auth_context()` maps "x509_subject_alternative_name" to every SAN (DNS and
   URI alike, as bytes), "x509_common_name", "x509_pem_cert", "transport_security_type" (b"ssl");
   `context.peer_identity_key()` is "x509_subject_alternative_name" and `context.peer_identities()`
-  its values. This reads the node id from the URI SAN `prfaas://<cluster>/node/<id>`.
+  its values. This reads the node id from the URI SAN `prfaas://<cluster>/<kind>/<id>`
+  (prfaas/security/identity.py; the library's own interceptor is prfaas/security/authz.py).
 - Authorisation: a grpc.aio server interceptor sees only the method and metadata, not the peer, so
   `NodeIdentityInterceptor` wraps the method's handler instead: the wrapper reads the caller's node
   id from the call's context and aborts with PERMISSION_DENIED (UNAUTHENTICATED without one) unless
@@ -32,7 +33,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tls_certs import URI_PREFIX, Pki, make_pki  # noqa: E402
+from tls_certs import Pki, make_pki  # noqa: E402
+
+from prfaas.security.identity import from_auth_context  # noqa: E402
 
 METHOD = "/prfaas.example.Whoami/Call"
 Rule = Callable[[str], bool]  # node id -> allowed
@@ -40,11 +43,8 @@ Rule = Callable[[str], bool]  # node id -> allowed
 
 def node_of(context: grpc.aio.ServicerContext, cluster: str) -> str | None:
     """The caller's node id from its verified certificate's URI SAN, or None."""
-    prefix = f"{URI_PREFIX}{cluster}/node/".encode()
-    for san in context.auth_context().get("x509_subject_alternative_name", []):
-        if san.startswith(prefix):
-            return san[len(prefix):].decode()
-    return None
+    who = from_auth_context(context.auth_context(), cluster)
+    return who.name if who else None
 
 
 class NodeIdentityInterceptor(grpc.aio.ServerInterceptor):

@@ -45,7 +45,8 @@ async def test_grpc_mtls_servicer_reads_the_callers_node_id(tmp_path):
             seen = await call(ch)
         assert seen["node"] == "router"
         assert seen["identity_key"] == "x509_subject_alternative_name"
-        assert seen["identities"] == ["router", "prfaas://example/node/router"]
+        assert sorted(seen["identities"]) == ["127.0.0.1", "::1", "localhost", "prfaas://example/router/router",
+                                              "router"]
 
         async with channel(pki, "prefill-0", port, "decode-0") as ch:
             with pytest.raises(grpc.aio.AioRpcError) as denied:
