@@ -13,9 +13,8 @@ files are `ca.crt`, `<name>.crt`, `<name>.key`; in a development PKI a missing c
 issued on first use (pki.py). `--insecure` turns TLS off: no identity can then be checked, and a
 service refuses it on a non-loopback listen address unless `--allow-insecure-remote` is given too.
 
-gRPC servers take rotated certificates without a restart: each new handshake checks the files'
-modification times and loads them again when they changed. Channels and KV sockets opened before
-keep the certificates they were made with.
+Certificates are read when a server, channel or KV context is made: a rotated certificate takes
+effect when the process restarts (roll the services one by one; docs/security.md).
 """
 
 from __future__ import annotations
@@ -69,29 +68,12 @@ class TlsConfig:
     def _pems(self) -> tuple[bytes, bytes, bytes]:
         return self._path("ca").read_bytes(), self._path("cert").read_bytes(), self._path("key").read_bytes()
 
-    def _mtimes(self) -> tuple[float, ...]:
-        return tuple(self._path(w).stat().st_mtime_ns for w in ("ca", "cert", "key"))
-
     # --- gRPC ---------------------------------------------------------------------------------------
     def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
-        """Reloads the files on the next handshake after they change (rotation without restart)."""
+        """Static credentials: no Python callback on each handshake (gRPC's dynamic credentials
+        call one, under the GIL, which a busy server's many concurrent handshakes then wait for)."""
         ca, cert, key = self._pems()
-        initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-        seen = [self._mtimes()]
-
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            try:
-                now = self._mtimes()
-                if now == seen[0]:
-                    return None
-                ca, cert, key = self._pems()
-                seen[0] = now
-                self._contexts.clear()
-                return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-            except OSError:
-                return None  # mid-rotation: keep the current ones
-
-        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=require_client_auth)
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=require_client_auth)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         ca, cert, key = self._pems()
