@@ -10,7 +10,8 @@ named). Health and reflection are open to any peer TLS admitted. A method withou
 
 Clients (kind `client` in a rule) may instead send `authorization: Bearer <token>` with a token
 from the token file (`tokens.py`); each client identity (certificate name or token name) holds at
-most `max_per_client` calls at once (RESOURCE_EXHAUSTED past it).
+most `max_per_client` calls at once (RESOURCE_EXHAUSTED past it); the front door (which limits
+its own clients) and the operator's `admin` identity are not limited.
 
 In --insecure mode there is no identity to check: the interceptor admits every call (a token is
 still required where a token file is configured) and `caller()` is None, which servicers read as
@@ -83,7 +84,7 @@ def bearer(metadata: Any) -> str:
 class Authoriser(grpc.aio.ServerInterceptor):
     def __init__(self, domain: str, insecure: bool = False, rules: Mapping[str, frozenset[str]] = RULES,
                  tokens: TokenFile | None = None, max_per_client: int = 0,
-                 unlimited_kinds: frozenset[str] = frozenset({"frontdoor"})) -> None:
+                 unlimited_kinds: frozenset[str] = frozenset({"frontdoor", "admin"})) -> None:
         self.domain, self.insecure, self.rules, self.tokens = domain, insecure, rules, tokens
         self.limiter = ClientLimiter(max_per_client)
         self.unlimited_kinds = unlimited_kinds
