@@ -70,8 +70,7 @@ class TlsConfig:
 
     # --- gRPC ---------------------------------------------------------------------------------------
     def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
-        """Static credentials: no Python callback on each handshake (gRPC's dynamic credentials
-        call one, under the GIL, which a busy server's many concurrent handshakes then wait for)."""
+        """Static credentials, read now (a rotated certificate takes effect at restart)."""
         ca, cert, key = self._pems()
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=require_client_auth)
 
