@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from prfaas.cluster.local import ClusterSpec, LocalCluster  # noqa: E402
 from prfaas.engine.llm import build_executor  # noqa: E402
 from prfaas.messages import SamplingParams  # noqa: E402
-from prfaas.rpc import insecure_channel  # noqa: E402
+from prfaas.rpc import channel as rpc_channel  # noqa: E402
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
 MARKS = ("queue_ms", "reserved_ms", "prefill_started_ms", "prefill_done_ms", "first_ms", "ttft_ms")
@@ -68,7 +68,7 @@ def breakdown(log: Path, prefix: str) -> dict[str, float]:
 
 async def measure(c: LocalCluster, ex, lengths: list[int], reps: int) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
     out = []
-    async with insecure_channel(c.router_address) as ch:
+    async with rpc_channel(c.router_address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         for n in lengths:
             prompt = torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -102,6 +102,9 @@ def main() -> None:
                            router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
         print("[overhead] starting the cluster ...", flush=True)
         with LocalCluster(a.model, spec, log_dir=logs) as c:
+            from prfaas.security import tls
+
+            tls.install(c.tls_as("admin"))  # mutual TLS, as every cluster runs by default
             rows = asyncio.run(measure(c, ex, lengths, a.reps))
             time.sleep(0.5)
             parts = {n: breakdown(Path(logs) / "router.log", f"b{n}-") for n in lengths}

@@ -262,6 +262,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as logs:
         print("[soak] starting the cluster ...", flush=True)
         with LocalCluster(a.model, SPEC, log_dir=logs) as c:
+            from prfaas.security import tls
+
+            tls.install(c.tls_as("admin"))  # mutual TLS, as every cluster runs by default
             capacity = asyncio.run(calibrate(c, 6.0 if a.quick else 15.0))
             rate = a.load * capacity
             print(f"[soak] capacity {capacity:.1f} req/s; offering {rate:.1f} req/s for {a.seconds:.0f} s", flush=True)

@@ -6,7 +6,9 @@ against a raw asyncio TCP socket moving the same bytes (write + drain / sock_rec
 
 Prints progress and one table of ratios, all measured in this run (compare ratios, not GB/s).
 The receiver verifies every chunk (CRC32, layout) and hands it to a sink that drops it, so the
-figure excludes the decode pool's own copy. Results: docs/transport.md.
+figure excludes the decode pool's own copy. Beside them, Mooncake's Transfer Engine over TCP
+moving the same bytes (bench/mooncake_anchor.py; skipped with the reason without the package,
+`--no-mooncake` to leave it out). Results: docs/transport.md.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ MODEL = {  # qwen3_next-style: 8 full GQA layers (2 kv heads x 128) + 24 linear 
 }
 TRANSFERS_PER_SERVER = 200
 WIRE_FORMATS = ("", "int8", "fp8")  # prfaas/transport/codec.py
+TLS_BASE = 100  # transfer ids of the TLS rows start here (the other rows use fewer)
 
 
 def layout() -> KvLayout:
@@ -72,6 +75,7 @@ async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: i
     """The decode side: gRPC PushKv on `port` and the raw-TCP data plane on `tcp_port`, both
     feeding one receiver (as on a decode node)."""
     from prfaas.rpc import new_server
+    from prfaas.rpc.serve import add_port
     from prfaas.transport.grpc_push import PushKvServicer, add_push_kv_only
     from prfaas.transport.receiver import KvReceiver
     from prfaas.transport.tcp import KvTcpServer
@@ -86,7 +90,7 @@ async def serve_grpc(port: int, tokens: int, chunk_bytes: list[int], tcp_port: i
             receiver.expect(f"fmt{fmt}-{i}", lay, tokens, 0, NullSink(), deadline_s=3600, wire_dtype=fmt)
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    add_port(server, f"127.0.0.1:{port}")  # mutual TLS, or plaintext with PRFAAS_INSECURE=1
     await server.start()
     await KvTcpServer(receiver).start("127.0.0.1", tcp_port)
     print("ready", flush=True)
@@ -111,8 +115,9 @@ async def serve_raw(port: int) -> None:
         asyncio.ensure_future(drain(conn))
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -151,6 +156,7 @@ async def run_grpc(
     channels: object,
     wire: str = "",
     stats: dict | None = None,
+    peer: str = "",
 ) -> float:
     from prfaas.transport.sender import KvSender
 
@@ -164,6 +170,7 @@ async def run_grpc(
         channels=channels,
         stats=None,
         wire_dtype=wire,
+        peer=peer,
     )  # type: ignore[arg-type]
     t0 = time.perf_counter()
     for p in ps:
@@ -196,8 +203,47 @@ async def formats_table(tport: int, lay: KvLayout, ps: list[KvPiece], args: argp
               f"| {(kv / secs) / (exact[1] / exact[3]):.2f} |")
 
 
-async def main(args: argparse.Namespace) -> None:
+def tls_pair() -> tuple[dict[str, str], object, object]:
+    """A development PKI: the TLS server's environment, and the client's TLS and plaintext configs."""
+    import tempfile
+    from pathlib import Path
+
+    from prfaas.security import pki, tls
+
+    d = pki.ensure_dev_pki(Path(tempfile.mkdtemp(prefix="bench-pki-")))
+    env = {"PRFAAS_TLS_DIR": str(d), "PRFAAS_TLS_NAME": "decode-0", "PRFAAS_TLS_KIND": "worker", "PRFAAS_INSECURE": "0"}
+    return env, tls.resolve(tls_dir=str(d), name="prefill-0", kind="worker"), tls.TlsConfig(insecure=True)
+
+
+async def tls_rows(args: argparse.Namespace, best, run, plain_ports, tls_ports, secure, plain) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """TLS against plaintext, the same paths in the same run: (name, plaintext B/s, TLS B/s)."""
+    from prfaas.security import tls
     from prfaas.transport.grpc_push import KvChannels
+
+    rows = []
+    paths = [(f"raw-TCP plane, {c} conn, 1024 KiB chunks", "tcp", c) for c in (1, 4)]
+    paths.append(("gRPC PushKv, 4 conn, 1024 KiB chunks", "grpc", 4))
+    for name, plane, conns in paths:
+        rates = []
+        for cfg, (gport, tport) in ((plain, plain_ports), (secure, tls_ports)):
+            tls.install(cfg)
+            pool = KvChannels(conns) if plane == "grpc" else None
+            address = f"127.0.0.1:{gport}" if plane == "grpc" else f"tcp://127.0.0.1:{tport}"
+            await run(address, conns, pool)()  # warm: connections (and TLS handshakes) before timing
+            label = f"{name}, {'TLS 1.3' if cfg is secure else 'plaintext'}"
+            rates.append(await best(label, run(address, conns, pool)))
+            if pool is not None:
+                await pool.close()
+        rows.append((name, *rates))
+    return rows
+
+
+async def main(args: argparse.Namespace) -> None:
+    from prfaas.security import tls
+    from prfaas.transport.grpc_push import KvChannels
+
+    tls_env, secure, plain = tls_pair()
+    tls.install(plain)
 
     lay = layout()
     ps = pieces(lay, args.tokens)
@@ -210,11 +256,15 @@ async def main(args: argparse.Namespace) -> None:
     )
     chunk_sizes = [256 << 10, 1 << 20, 4 << 20]
     gport, rport, tport = free_port(), free_port(), free_port()
+    sgport, stport = free_port(), free_port()  # the same decode side under mutual TLS
     procs = [
         spawn("--serve-grpc", str(gport), "--tokens", str(args.tokens), "--tcp-port", str(tport),
-              "--chunks", *map(str, chunk_sizes)),
+              "--chunks", *map(str, chunk_sizes), env={"PRFAAS_INSECURE": "1"}),
         spawn("--serve-raw", str(rport)),
     ]
+    if args.tls:
+        procs.append(spawn("--serve-grpc", str(sgport), "--tokens", str(args.tokens), "--tcp-port", str(stport),
+                           "--chunks", *map(str, chunk_sizes), env=tls_env))
     results: dict[str, float] = {}
     counter: dict[int, int] = {}
     if args.only_formats:
@@ -226,10 +276,11 @@ async def main(args: argparse.Namespace) -> None:
         return
     try:
 
-        async def best(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        async def best(name: str, fn) -> float:  # type: ignore[no-untyped-def]
             secs = min([await fn() for _ in range(args.reps)])
             results[name] = nbytes / secs
             print(f"  {name:<34} {results[name] / 1e9:6.2f} GB/s", flush=True)
+            return results[name]
 
         def grpc_run(conns: int, cb: int, pool: KvChannels):  # type: ignore[no-untyped-def]
             async def go() -> float:
@@ -267,6 +318,31 @@ async def main(args: argparse.Namespace) -> None:
             for cb in (1 << 20, 4 << 20):
                 await best(f"KvSender over raw-TCP plane, {conns} conn, {cb >> 10} KiB chunks", tcp_run(conns, cb))
         await formats_table(tport, lay, ps, args)
+        tls_table = []
+        if args.tls:
+            tls_ids: dict[str, int] = {}
+
+            def any_run(address: str, conns: int, pool: object):  # type: ignore[no-untyped-def]
+                async def go() -> float:
+                    kind = "tcp" if address.startswith("tcp://") else ""
+                    key = f"{address}"
+                    tls_ids[key] = tls_ids.get(key, -1) + 1
+                    n = tls_ids[key]
+                    tid = f"{kind}{1 << 20}-{TLS_BASE + n}"
+                    return await run_grpc(address, lay, ps, args.tokens, tid, conns, 1 << 20, pool)
+
+                return go
+
+            tls_table = await tls_rows(args, best, any_run, (gport, tport), (sgport, stport), secure, plain)
+            tls.install(plain)
+        if args.mooncake:  # the anchor: Mooncake's engine moving the same bytes (None without the package)
+            from mooncake_anchor import loopback_gbps
+
+            await best("raw TCP, 1 conn, again before Mooncake", lambda: run_raw(rport, raw_blocks, 1))
+
+            for mode, rate in (await asyncio.to_thread(loopback_gbps, nbytes, reps=args.reps) or {}).items():
+                results[f"Mooncake TE over TCP, {mode}, 4096 KiB blocks"] = rate
+                print(f"  {'Mooncake TE over TCP, ' + mode:<34} {rate / 1e9:6.2f} GB/s", flush=True)
     finally:
         for p in procs:
             p.kill()
@@ -274,12 +350,19 @@ async def main(args: argparse.Namespace) -> None:
     print("\n| transport | GB/s | vs raw TCP (1 conn) |\n|---|---|---|")
     for name, v in results.items():
         print(f"| {name} | {v / 1e9:.2f} | {v / raw:.2f} |")
+    if tls_table:
+        print("\n| path (mutual TLS 1.3 vs plaintext, same run) | plaintext GB/s | TLS GB/s | TLS / plaintext |\n"
+              "|---|---|---|---|")
+        for name, p, t in tls_table:
+            print(f"| {name} | {p / 1e9:.2f} | {t / 1e9:.2f} | {t / p:.2f} |")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-mooncake", dest="mooncake", action="store_false", help="skip the Mooncake anchor rows")
+    ap.add_argument("--no-tls", dest="tls", action="store_false", help="skip the TLS rows")
     ap.add_argument("--serve-grpc", type=int)
     ap.add_argument("--serve-raw", type=int)
     ap.add_argument("--chunks", type=int, nargs="*", default=[])

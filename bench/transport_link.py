@@ -5,7 +5,8 @@ pair, latency from the user-space delay proxy; tools/linkemu).
 
 (a) goodput: the real KvSender (in the "prfaas" namespace) -> PushKv -> KvReceiver (a server
     process in the "local" namespace) for 1, 2, 4 and 8 connections, direct and through the delay
-    proxy, as a fraction of the shaped rate.
+    proxy, as a fraction of the shaped rate; beside them Mooncake's Transfer Engine over TCP moving
+    the same bytes across the same link (bench/mooncake_anchor.py; skipped without the package).
 (b) ttft: a remote prefill of a 32-layer hybrid model (`PrefillNode` from services/prefill/core.py
     with the prefill server's `SenderPush`), layer-wise streaming against send-after-prefill, on a
     link whose rate is `--ttft-rate-factor` x the measured KV production rate (KV bytes / prefill
@@ -40,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import mooncake_anchor  # noqa: E402  (bench/mooncake_anchor.py: Mooncake's engine as the anchor)
 import torch  # noqa: E402
 import transport as loopback  # noqa: E402  (bench/transport.py: the loopback bench's model and helpers)
 
@@ -86,6 +88,13 @@ def model_layout(model_dir: Path) -> Any:
     return KvLayout(ModelConfig.from_dir(model_dir), block_size=16, dtype=torch.float32)
 
 
+def transfer_bytes(tokens: int) -> int:
+    """Bytes of one goodput transfer of `tokens` (bench/transport.py's model), without building it."""
+    lay = loopback.layout()
+    fixed = sum(p.tensor.nbytes for p in loopback.pieces(lay, 0))
+    return fixed + (sum(p.tensor.nbytes for p in loopback.pieces(lay, 1)) - fixed) * tokens
+
+
 def goodput_tokens(rate_mbit: float, seconds: float) -> int:
     """Prompt length whose transfer (bench/transport.py's model) takes `seconds` at the rate."""
     lay = loopback.layout()
@@ -100,6 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Registers `--count` goodput transfers g-<i> and TTFT transfers t-<i>, then prints one JSON
     line per completed transfer: its id, CLOCK_MONOTONIC at completion, bytes."""
     from prfaas.rpc import new_server
+    from prfaas.rpc.serve import add_port
     from prfaas.transport.grpc_push import PushKvServicer, add_push_kv_only
     from prfaas.transport.receiver import KvReceiver, MemorySink
 
@@ -129,7 +139,7 @@ async def serve(args: argparse.Namespace) -> None:
     ]
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
-    server.add_insecure_port(args.serve)
+    add_port(server, args.serve)  # mutual TLS under PRFAAS_TLS_DIR, plaintext with PRFAAS_INSECURE=1
     await server.start()
     host, port = args.serve.rsplit(":", 1)
     from prfaas.transport.tcp import KvTcpServer
@@ -143,14 +153,16 @@ async def serve(args: argparse.Namespace) -> None:
 class Receiver:
     """The server process and a thread collecting its completion lines."""
 
-    def __init__(self, link: EmulatedLink, **opts: Any) -> None:
-        argv = [sys.executable, __file__, "--serve", f"{link.address('local')}:{SERVER_PORT}"]
+    def __init__(self, link: EmulatedLink, port: int = SERVER_PORT, env: dict[str, str] | None = None,
+                 **opts: Any) -> None:
+        argv = [sys.executable, __file__, "--serve", f"{link.address('local')}:{port}"]
         for k, v in opts.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
-        self.proc = link.run_in("local", argv, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, **(env or {"PRFAAS_INSECURE": "1"})}
+        self.proc = link.run_in("local", argv, stdout=subprocess.PIPE, text=True, env=env)
         read_ready_line(self.proc, 120)
         self.done: dict[str, dict[str, Any]] = {}
-        self.address = f"{link.address('local')}:{SERVER_PORT}"
+        self.address = f"{link.address('local')}:{port}"
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -183,20 +195,25 @@ def run_client(link: EmulatedLink, spec: dict[str, Any], timeout_s: float) -> li
 
 # --- the sender side, in the "prfaas" namespace --------------------------------------------------
 async def client_goodput(spec: dict[str, Any]) -> None:
+    from prfaas.security import tls
     from prfaas.transport.grpc_push import KvChannels
 
     lay = loopback.layout()
     ps = loopback.pieces(lay, spec["tokens"])
     nbytes = sum(p.tensor.nbytes for p in ps)
-    n = 0
+    counts: dict[bool, int] = {}
+    secure = tls.resolve(tls_dir=spec["tls_dir"], name="prefill-0", kind="worker") if spec.get("tls_dir") else None
     for path, address in spec["targets"].items():
+        is_tls = "TLS" in path  # each receiver counts its own transfer ids
+        tls.install(secure if is_tls and secure else tls.TlsConfig(insecure=True))
         for conns in spec["connections"]:
             pool = KvChannels(conns)
-            for rep in range(spec["reps"] + 1):  # the first run warms the connections
+            for rep in range(spec["reps"] + 1):  # the first run warms the connections (and handshakes)
+                n = counts[is_tls] = counts.get(is_tls, -1) + 1
                 tid = f"g-{n}"
-                n += 1
                 t0 = time.monotonic()
-                await loopback.run_grpc(address, lay, ps, spec["tokens"], tid, conns, 256 << 10, pool)
+                await loopback.run_grpc(address, lay, ps, spec["tokens"], tid, conns, 256 << 10, pool,
+                                        peer="decode-0" if is_tls else "")
                 if rep:
                     print(json.dumps({"path": path, "conns": conns, "tid": tid, "t0": t0, "bytes": nbytes}), flush=True)
             await pool.close()
@@ -274,21 +291,31 @@ def part_goodput(args: argparse.Namespace) -> list[str]:
         tokens = goodput_tokens(rate, args.transfer_s)
         say(f"[goodput] link {rate:.0f} Mbit/s; transfers of {tokens} tokens")
         with EmulatedLink(rate, delay_ms=args.delay_ms, name_prefix=NAME_PREFIX) as link:
-            recv = Receiver(link, goodput_tokens=tokens, count=64)
+            count = 4 * len(args.connections) * (args.reps + 1)
+            recv = Receiver(link, goodput_tokens=tokens, count=count)
             proxy = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT)
-            targets = {"0 ms": recv.address, f"{args.delay_ms:g} ms": proxy}
-            spec = {
-                "part": "goodput",
-                "tokens": tokens,
-                "targets": targets,
-                "connections": args.connections,
-                "reps": args.reps,
-            }
-            results = run_client(link, spec, timeout_s=600)
-            by_cfg: dict[tuple[str, int], list[float]] = {}
+            delayed = f"{args.delay_ms:g} ms"
+            targets = {"0 ms": recv.address, delayed: proxy}
+            receivers = {"0 ms": recv, delayed: recv}
+            spec: dict[str, Any] = {"part": "goodput", "tokens": tokens, "targets": targets,
+                                    "connections": args.connections, "reps": args.reps}
+            if args.tls:  # the same decode side under mutual TLS 1.3, beside it, in the same run
+                tls_env, _, _ = loopback.tls_pair()
+                recv_tls = Receiver(link, port=SERVER_PORT + 2, env=tls_env, goodput_tokens=tokens, count=count)
+                proxy_tls = link.start_delay_proxy("prfaas", 0, link.address("local"), SERVER_PORT + 2)
+                targets.update({"0 ms, TLS": recv_tls.address, f"{delayed}, TLS": proxy_tls})
+                receivers.update({"0 ms, TLS": recv_tls, f"{delayed}, TLS": recv_tls})
+                spec["tls_dir"] = tls_env["PRFAAS_TLS_DIR"]
+            results = run_client(link, spec, timeout_s=900)
+            by_cfg: dict[tuple[str, int | str], list[float]] = {}
             for r in results:
-                secs = recv.finished(r["tid"])["t"] - r["t0"]
+                secs = receivers[r["path"]].finished(r["tid"])["t"] - r["t0"]
                 by_cfg.setdefault((r["path"], r["conns"]), []).append(r["bytes"] * 8 / 1e6 / secs)
+            if args.mooncake:  # the anchor: the same bytes across the same link
+                for path, delayed in (("0 ms", False), (f"{args.delay_ms:g} ms", True)):
+                    rates = mooncake_anchor.link_gbps(link, transfer_bytes(tokens), delayed=delayed, reps=args.reps)
+                    for mode, runs in (rates or {}).items():
+                        by_cfg[(path, f"Mooncake TE, {mode}")] = [r * 8 / 1e6 for r in runs]
         for (path, conns), mbits in by_cfg.items():
             fr = [m / rate for m in mbits]
             rows.append(
@@ -470,6 +497,7 @@ async def part_loopback(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("PRFAAS_INSECURE", "1")  # plaintext unless a row asks for TLS (its own PKI)
     ok, why = link_supported()
     tables: dict[str, list[str]] = {}
     for part in args.parts:
@@ -511,6 +539,10 @@ if __name__ == "__main__":
         "--prefill-chunk", type=int, default=0, help="TTFT part: stream mode prefills in chunks of N tokens"
     )
     ap.add_argument("--rounds", type=int, default=3, help="TTFT: runs of each mode, alternated")
+    ap.add_argument("--no-mooncake", dest="mooncake", action="store_false",
+                    help="goodput part: skip Mooncake's engine beside the KvSender (skipped anyway without it)")
+    ap.add_argument("--no-tls", dest="tls", action="store_false",
+                    help="goodput part: skip the mutual-TLS rows beside the plaintext ones")
     ap.add_argument("--loopback-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=6)
     # internal: the two ends inside the namespaces

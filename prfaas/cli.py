@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
@@ -81,11 +80,14 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", required=True, help="the directory to write")
     add_train_args(tr)
     tr.set_defaults(fn=train_command)
-_SUBCOMMANDS = {
+
+
+SUBCOMMANDS = {
     "plan": ("prfaas.scheduling.commands", "plan_command"),
     "sim": ("prfaas.scheduling.commands", "sim_command"),
     "up": ("prfaas.cluster.local", "up_command"),
     "demo": ("prfaas.cluster.demo", "demo_command"),
+    "certs": ("prfaas.security.certs_cli", "certs_command"),
     "status": ("prfaas.cluster.status", "status_command"),
     "eval": ("prfaas.eval.cli", "eval_command"),
 }
@@ -98,9 +100,11 @@ def _dispatch(argv: list[str]) -> int:
         print(f"prfaas {__version__}")
         return 0
     # these subcommands parse their own flags
-    if argv and argv[0] in _SUBCOMMANDS:
-        module, fn = _SUBCOMMANDS[argv[0]]
-        return int(getattr(importlib.import_module(module), fn)(argv[1:]))
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module, function = SUBCOMMANDS[argv[0]]
+        return int(getattr(importlib.import_module(module), function)(argv[1:]))
 
     from prfaas import __version__
 
@@ -111,6 +115,7 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("up", help="start a local cluster on loopback (see `prfaas up --help`)")
     sub.add_parser("demo", help="send a demo workload to a router (see `prfaas demo --help`)")
     sub.add_parser("status", help="members of a cluster and their accounting (see `prfaas status --help`)")
+    sub.add_parser("certs", help="a cluster CA and per-node certificates (see `prfaas certs --help`)")
     sub.add_parser("plan", help="throughput planner (see `prfaas plan --help`)")
     sub.add_parser("sim", help="cluster simulator (see `prfaas sim --help`)")
     sub.add_parser("eval", help="the three deployments on the real services (see `prfaas eval --help`)")

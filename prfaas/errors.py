@@ -84,6 +84,12 @@ class Draining(PrfaasError):
     code = Code.UNAVAILABLE
 
 
+class NotPermitted(PrfaasError):
+    """The caller may not do this (an identity or membership check refused it)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class NotConvertible(PrfaasError):
     """A node asked to change its role that was not started convertible."""
 

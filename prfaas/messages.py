@@ -74,6 +74,7 @@ class PrefillJob:
     wire_dtype: str = ""          # the wire format the decode node chose ("" = exact)
     deadline_unix_s: float = 0.0  # the transfer's deadline
     skip_tokens: int = 0          # prompt KV the decode node already holds (its prefix hit): not sent
+    decode_node: str = ""         # the decode node's id: it must be a member, its certificate must name it
 
 
 @dataclass(frozen=True)

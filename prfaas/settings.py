@@ -115,11 +115,37 @@ def _common(p: _Parser, listen: str) -> None:
     p.flag("--metrics-port", "METRICS_PORT", 0, non_negative_int, "Prometheus /metrics port; 0 = none")
     p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level",
            choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _tls(p)
+
+
+def _tls(p: _Parser) -> None:
+    """Mutual TLS, on by default (prfaas/security/tls.py, docs/security.md)."""
+    p.flag("--tls-dir", "TLS_DIR", "", str,
+           "directory with ca.crt and this process's NAME.crt / NAME.key (prfaas certs makes them)")
+    p.flag("--ca", "CA", "", str, "the cluster CA certificate (PEM); default: TLS_DIR/ca.crt")
+    p.flag("--cert", "CERT", "", str, "this process's certificate (PEM); default: TLS_DIR/NAME.crt")
+    p.flag("--key", "KEY", "", str, "this process's private key (PEM); default: TLS_DIR/NAME.key")
+    p.switch("--insecure", "INSECURE", "turn TLS off (no identities are checked); refused on a non-loopback "
+             "listen address without --allow-insecure-remote")
+    p.switch("--allow-insecure-remote", "ALLOW_INSECURE_REMOTE",
+             "with --insecure: allow a non-loopback listen address anyway")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFlags:
+    """The TLS flags every service shares (mixed into each settings class)."""
+
+    tls_dir: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    insecure: bool = False
+    allow_insecure_remote: bool = False
 
 
 # --- worker nodes (prefill, decode, convertible) ---------------------------------------------------
 @dataclass(frozen=True)
-class NodeSettings:
+class NodeSettings(TlsFlags):
     node_id: str
     cluster: str  # "prfaas" or "local"
     listen: str  # host:port to bind; port 0 picks a free one
@@ -257,7 +283,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
 
 # --- router ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RouterSettings:
+class RouterSettings(TlsFlags):
     listen: str
     cachepool: str
     model: str  # for the tokenizer and the KV layout (sizes)
@@ -282,6 +308,9 @@ class RouterSettings:
     drain_timeout_s: float = 30.0
     kv_compression: str = "auto"  # off / auto / always: compress cross-cluster KV (services/router/wire.py)
     kv_compression_format: str = "int8"  # the compressed form: int8 or fp8
+    token_listen: str = ""  # a second port, server-only TLS, for clients with a bearer token
+    client_tokens: str = ""  # the token file; empty = certificates only
+    max_client_requests: int = 64  # per client identity at once; 0 = no limit
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
@@ -320,21 +349,29 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
            "near --link-gbps, retransmits), or always", choices=["off", "auto", "always"])
     p.flag("--kv-compression-format", "KV_COMPRESSION_FORMAT", "int8", str,
            "the compressed wire format (docs/compression.md)", choices=["int8", "fp8"])
+    p.flag("--token-listen", "TOKEN_LISTEN", "", host_port_or_empty,
+           "host:port of a second gRPC port, server-only TLS, for clients with a bearer token; empty = none")
+    p.flag("--client-tokens", "CLIENT_TOKENS", "", str,
+           "file of client bearer tokens (one a line, optionally name:token), re-read when it changes")
+    p.flag("--max-client-requests", "MAX_CLIENT_REQUESTS", 64, non_negative_int,
+           "requests one client identity may hold at once (RESOURCE_EXHAUSTED past it); 0 = no limit")
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
+    if a.token_listen and not a.client_tokens:
+        p.error("--token-listen needs --client-tokens (the tokens it accepts)")
     return RouterSettings(**{f: getattr(a, f) for f in RouterSettings.__dataclass_fields__})
 
 
 # --- cache pool ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CachePoolSettings:
-    listen: str
-    block_size: int
-    heartbeat_timeout_s: float
-    heartbeat_interval_s: float | None  # None: a third of the timeout
-    metrics_port: int
-    log_level: str
+class CachePoolSettings(TlsFlags):
+    listen: str = "127.0.0.1:50050"
+    block_size: int = 16
+    heartbeat_timeout_s: float = 10.0
+    heartbeat_interval_s: float | None = None  # None: a third of the timeout
+    metrics_port: int = 0
+    log_level: str = "INFO"
 
 
 def parse_cachepool_settings(argv: list[str] | None = None) -> CachePoolSettings:
@@ -346,21 +383,23 @@ def parse_cachepool_settings(argv: list[str] | None = None) -> CachePoolSettings
     p.flag("--heartbeat-interval-s", "HEARTBEAT_INTERVAL_S", 0.0, non_negative_float,
            "the interval nodes are told to heartbeat at; 0 = a third of the timeout")
     a = p.parse_args(argv)
-    return CachePoolSettings(a.listen, a.block_size, a.heartbeat_timeout_s, a.heartbeat_interval_s or None,
-                             a.metrics_port, a.log_level)
+    a.heartbeat_interval_s = a.heartbeat_interval_s or None
+    return CachePoolSettings(**{f: getattr(a, f) for f in CachePoolSettings.__dataclass_fields__})
 
 
 # --- front door (the OpenAI-compatible HTTP API) -----------------------------------------------------
 @dataclass(frozen=True)
-class FrontDoorSettings:
+class FrontDoorSettings(TlsFlags):
     listen: str  # host:port of the HTTP server; port 0 picks a free one
     router: str  # host:port of the router's gRPC API
     model: str  # the model directory (tokenizer, chat template, generation defaults)
     served_model_name: str  # the `model` clients name; empty = the model directory's name
     api_key: str  # clients must send `Authorization: Bearer KEY`; empty = no check
-    max_n: int
-    default_max_tokens: int
-    log_level: str
+    max_n: int = 8
+    default_max_tokens: int = 256
+    log_level: str = "INFO"
+    api_keys_file: str = ""  # one key a line, optionally name:key, re-read when it changes
+    max_client_requests: int = 64  # per API key at once; 429 past it; 0 = no limit
 
 
 def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings:
@@ -375,6 +414,11 @@ def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings
     p.flag("--default-max-tokens", "DEFAULT_MAX_TOKENS", 256, positive_int,
            "max_tokens when neither the request nor generation_config.json sets it")
     p.flag("--log-level", "LOG_LEVEL", "INFO", str.upper, "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.flag("--api-keys-file", "API_KEYS_FILE", "", str,
+           "file of API keys (one a line, optionally name:key), re-read when it changes; with --api-key: both")
+    p.flag("--max-client-requests", "MAX_CLIENT_REQUESTS", 64, non_negative_int,
+           "requests one API key may hold at once (HTTP 429 past it); 0 = no limit")
+    _tls(p)  # the front door's own certificate, for the router
     a = p.parse_args(argv)
     if not a.router:
         p.error("--router (or PRFAAS_ROUTER) is required")
@@ -396,6 +440,23 @@ class _Secret(str):
         return "***" if self else ""
 
     __repr__ = __str__
+
+
+def tls_flags(p: _Parser) -> None:
+    """The TLS flags, for a `prfaas` subcommand that calls a cluster (demo, status)."""
+    _tls(p)
+
+
+def tool_tls(a: Any, p: _Parser, name: str) -> None:
+    """Installs the TLS configuration of a `prfaas` subcommand from its parsed `tls_flags`, as the
+    identity `name` (`client` or `admin`); a bad configuration is a usage error."""
+    from prfaas.security import tls
+
+    try:
+        tls.install(tls.resolve(tls_dir=a.tls_dir, ca=a.ca, cert=a.cert, key=a.key, insecure=a.insecure,
+                                name=name, kind=name))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def command_parser(prog: str, description: str | None = None) -> _Parser:

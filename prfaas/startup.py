@@ -21,8 +21,27 @@ S = TypeVar("S")
 STARTUP_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TokenizerError, PrfaasError)
 
 
+def setup_tls(name: str, settings: object) -> None:
+    """The process's TLS configuration from its settings (prfaas/security/tls.py): a worker node is
+    the `worker` named by its node id, the router, cache pool and front door the kinds of their names."""
+    from prfaas.security import tls
+    from prfaas.settings import TlsFlags
+
+    if not isinstance(settings, TlsFlags):
+        return
+    node_id = getattr(settings, "node_id", None)
+    who, kind = (node_id, "worker") if node_id else (name, name)
+    cfg = tls.resolve(tls_dir=settings.tls_dir, ca=settings.ca, cert=settings.cert, key=settings.key,
+                      insecure=settings.insecure, name=who, kind=kind)
+    for listen in (getattr(settings, "listen", ""), getattr(settings, "token_listen", "")):
+        if listen:
+            tls.check_listen(listen, cfg, settings.allow_insecure_remote)
+    tls.install(cfg)
+
+
 def run_service(name: str, main: Callable[[S], Coroutine[Any, Any, None]], settings: S) -> None:
     try:
+        setup_tls(name, settings)
         asyncio.run(main(settings))
     except KeyboardInterrupt:
         pass

@@ -78,11 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def _generate(address: str, ids: list[int], max_tokens: int) -> tuple[list[int], Any, str]:
-    import grpc
-
+    from prfaas.rpc import channel
     from prfaas.v1 import router_pb2, router_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with channel(address, expect="router") as ch:  # mutual TLS, as the admin of compose's CA
         out: list[int] = []
         head, text = None, ""
         request = router_pb2.GenerateRequest(token_ids=ids, max_tokens=max_tokens, temperature=0.0)
@@ -178,6 +177,10 @@ def check_generate(compose: Compose, max_tokens: int) -> None:
     routers, pools = compose.by_module("router"), compose.by_module("cachepool")
     if len(routers) != 1 or len(pools) != 1:
         raise SmokeError(f"expected one router and one cache pool service, found {routers} and {pools}")
+    from prfaas.security import tls  # the certificates compose's certs-init made (compose.yaml)
+
+    certs = os.environ.get("PRFAAS_CERTS_DIR", str(ROOT / ".prfaas" / "compose-tls"))
+    tls.install(tls.resolve(tls_dir=certs, name="admin", kind="admin"))
     renv = compose.env_of(routers[0])
     nodes = compose.by_module("prefill") + compose.by_module("decode")
     asyncio.run(_wait_registered(compose.env_of(pools[0])["PRFAAS_LISTEN"], len(nodes), 120))

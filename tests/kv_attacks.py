@@ -191,12 +191,12 @@ async def timed_stream(router: str, prompt: list[int], max_tokens: int) -> tuple
     """One Generate call: its status, tokens and the longest gap between token messages."""
     import grpc
 
-    from prfaas.rpc import insecure_channel
+    from prfaas.rpc import channel
     from prfaas.v1 import router_pb2, router_pb2_grpc
 
     tokens: list[int] = []
     gaps, last = [0.0], None
-    async with insecure_channel(router) as ch:
+    async with channel(router, expect="router") as ch:
         req = router_pb2.GenerateRequest(token_ids=prompt, max_tokens=max_tokens, ignore_eos=True)
         try:
             async for msg in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=120):

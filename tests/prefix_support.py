@@ -64,15 +64,16 @@ class Clients:
         assert p is not None
         return p.prefill(job)
 
-    def import_prefix(self, address, request_id, prompt, hit, timeout_s):  # type: ignore[no-untyped-def]
+    def import_prefix(self, address, request_id, prompt, hit, timeout_s, node_id="", holder_node=""):  # type: ignore[no-untyped-def]
         mover = self.members[address].mover
         assert mover is not None
-        return mover.import_(request_id, prompt, hit, timeout_s)
+        return mover.import_(request_id, prompt, hit, timeout_s, holder=holder_node)
 
-    async def export_prefix(self, address, request_id, prompt, hit, transfer_id, dest, deadline):  # type: ignore[no-untyped-def]
+    async def export_prefix(self, address, request_id, prompt, hit, transfer_id, dest, deadline, node_id="",  # type: ignore[no-untyped-def]
+                            dest_node=""):
         mover = self.members[address].mover
         assert mover is not None
-        return await mover.export(request_id, prompt, hit, transfer_id, dest, 0, deadline)
+        return await mover.export(request_id, prompt, hit, transfer_id, dest, 0, deadline, dest_node=dest_node)
 
 
 class PrefixCluster:
@@ -114,7 +115,8 @@ class PrefixCluster:
         assert m.receiver is not None
         return MemoryPush(m.receiver, job, m.executor.layout)
 
-    def _move_push(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float):  # type: ignore[no-untyped-def]
+    def _move_push(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float,
+                   dest_node: str = ""):  # type: ignore[no-untyped-def]
         m = self.members[address]
         assert m.receiver is not None
         job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address)

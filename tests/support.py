@@ -79,10 +79,10 @@ class MemoryClients:
     def __init__(self, decode: DecodeNode, prefill: dict[str, PrefillNode]) -> None:
         self.decode, self.prefill_nodes = decode, prefill
 
-    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=()):  # type: ignore[no-untyped-def]
+    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=(), **_):  # type: ignore[no-untyped-def]
         return self.decode.admit(request_id, prompt, params, timeout_s, wire_dtypes)
 
-    def prefill(self, address, job):  # type: ignore[no-untyped-def]
+    def prefill(self, address, job, **_):  # type: ignore[no-untyped-def]
         return self.prefill_nodes[address].prefill(job)
 
 
@@ -105,12 +105,12 @@ async def stream(address: str, timeout_s: float = 120.0, **request: object) -> S
 
     import grpc
 
-    from prfaas.rpc import insecure_channel
+    from prfaas.rpc import channel as rpc_channel
     from prfaas.v1 import router_pb2, router_pb2_grpc
 
     t0 = time.monotonic()
     out = Streamed([], None, "OK")
-    async with insecure_channel(address) as ch:
+    async with rpc_channel(address) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(**request), timeout=timeout_s)
         try:
             async for msg in call:
@@ -122,3 +122,16 @@ async def stream(address: str, timeout_s: float = 120.0, **request: object) -> S
             out.trailing = {k: v for k, v in (e.trailing_metadata() or ())}
     out.done_at = time.monotonic() - t0
     return out
+
+
+def tls_as(name: str, kind: str = ""):  # type: ignore[no-untyped-def]
+    """A TLS configuration of the session's development PKI (tests/conftest.py) for `name`
+    (kind: `name` itself for the services' and tools' names, else a worker)."""
+    import os
+
+    from prfaas.security import tls
+
+    if os.environ.get("PRFAAS_INSECURE", "").lower() in ("1", "true", "yes", "on"):
+        return tls.TlsConfig(insecure=True)
+    kind = kind or (name if name in ("router", "cachepool", "frontdoor", "admin", "client") else "worker")
+    return tls.resolve(tls_dir=os.environ["PRFAAS_TLS_DIR"], name=name, kind=kind)

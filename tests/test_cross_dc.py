@@ -182,7 +182,7 @@ def test_prfaas_route_over_the_shaped_link_matches_in_process(cross_dc):
 # --- the client, run inside the local namespace ---------------------------------------------------
 async def _generate(args: argparse.Namespace) -> dict[str, object]:
     from prfaas.cluster.client import CachePoolClient
-    from prfaas.rpc import insecure_channel
+    from prfaas.rpc import channel as rpc_channel
     from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
     async with CachePoolClient(args.cachepool) as pool:
@@ -195,7 +195,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, object]:
     request = router_pb2.GenerateRequest(token_ids=prompt, max_tokens=args.max_tokens, route=common_pb2.PRFAAS)
     tokens: list[int] = []
     head = None
-    async with insecure_channel(args.router) as ch:
+    async with rpc_channel(args.router, expect="router") as ch:  # certificates name services, not link addresses
         async for msg in router_pb2_grpc.RouterStub(ch).Generate(request, timeout=120):
             head = head or msg
             tokens += list(msg.token_ids)

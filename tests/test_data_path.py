@@ -17,7 +17,7 @@ import torch
 
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.local import ClusterSpec, LocalCluster
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 transformers = pytest.importorskip("transformers")
@@ -85,7 +85,7 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
 async def generate(
     address: str, prompt: list[int], n: int, route: int
 ) -> tuple[list[int], router_pb2.GenerateResponse]:
-    async with insecure_channel(address) as ch:
+    async with rpc_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         out: list[int] = []
         head = None
@@ -145,7 +145,7 @@ def test_bad_requests_get_clear_status(cluster):
     c, _ = cluster
 
     async def call(**kw):
-        async with insecure_channel(c.router_address) as ch:
+        async with rpc_channel(c.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             async for _ in stub.Generate(router_pb2.GenerateRequest(**kw)):
                 pass
@@ -167,7 +167,7 @@ def test_client_cancel_frees_every_node(cluster):
     prompt = prompts([150], seed=5)[0]
 
     async def run():
-        async with insecure_channel(c.router_address) as ch:
+        async with rpc_channel(c.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             call = stub.Generate(router_pb2.GenerateRequest(token_ids=prompt, max_tokens=2000, route=common_pb2.PRFAAS))
             n = 0

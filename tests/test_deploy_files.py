@@ -72,7 +72,9 @@ def test_compose_services_env_and_healthchecks() -> None:
         assert not missing, f"{name} lacks {sorted(missing)}"
         assert svc["command"] == ["python", "-m", f"services.{module}"], name
         assert svc["image"] == "prfaas:local" and svc["build"]["dockerfile"] == "deploy/Dockerfile", name
-        assert "grpc_health" in " ".join(svc["healthcheck"]["test"]), name
+        assert svc["healthcheck"]["test"][-2:] == ["-m", "prfaas.rpc.probe"], name  # gRPC health over mutual TLS
+        assert env["PRFAAS_TLS_DIR"] == "/certs" and any(v.endswith(":/certs:ro") for v in svc["volumes"]), name
+        assert "PRFAAS_INSECURE" not in env, name
         if module in ("prefill", "decode"):
             assert env["PRFAAS_NODE_ID"] == name and env["PRFAAS_ADVERTISE"] == env["PRFAAS_LISTEN"]
             assert env["PRFAAS_ROLE"] == module and env["PRFAAS_CLUSTER"] == name.split("-")[1]
@@ -86,7 +88,7 @@ def test_compose_host_network_on_loopback() -> None:
     compose = _compose()
     services = compose["services"]
     assert "networks" not in compose
-    assert services["model-init"]["network_mode"] == "none"
+    assert services["model-init"]["network_mode"] == "none" and services["certs-init"]["network_mode"] == "none"
     ports: list[int] = []
     for name in SERVING:
         svc, env = services[name], _env(services[name])
@@ -98,7 +100,7 @@ def test_compose_host_network_on_loopback() -> None:
         ports += [int(env["PRFAAS_KV_TCP_PORT"])] if "PRFAAS_KV_TCP_PORT" in env else []
     assert len(ports) == len(set(ports)) and all(ports), f"ports must be distinct and fixed: {sorted(ports)}"
     assert _env(services["router"])["PRFAAS_LISTEN"] == "127.0.0.1:50052"
-    assert all("models:/models" in v for n in SERVING if n != "cachepool" for v in services[n]["volumes"])
+    assert all(any("models:/models" in v for v in services[n]["volumes"]) for n in SERVING if n != "cachepool")
     assert services["router"]["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
 
 
@@ -113,6 +115,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     import asyncio
 
     from prfaas.rpc import add_health_and_reflection, new_server
+    from prfaas.rpc.serve import add_port
 
     argv = _compose()["services"]["router"]["healthcheck"]["test"][1:]
     argv[0] = sys.executable
@@ -125,7 +128,7 @@ def test_compose_healthcheck_probe_talks_grpc_health() -> None:
     async def main() -> tuple[int, int]:
         server = new_server()
         health = add_health_and_reflection(server, [])
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = add_port(server, "127.0.0.1:0")
         await server.start()
         serving = await probe(port)
         health.set(False)
@@ -179,8 +182,17 @@ def test_k8s_manifests_shape() -> None:
             assert c["readinessProbe"]["httpGet"]["path"] == "/health", name
             assert c["ports"][0]["containerPort"] == port
             continue
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == port, f"{name} {probe}"
+        for probe in ("readinessProbe", "livenessProbe"):  # gRPC health over mutual TLS (the kubelet's is plaintext)
+            assert c[probe]["exec"]["command"] == ["python", "-m", "prfaas.rpc.probe"], f"{name} {probe}"
+    for dep in deployments.values():  # every pod mounts ca.crt and its own certificate and key, nothing else
+        spec = dep["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        node = next(e["value"] for e in c["env"] if e["name"] == "PRFAAS_NODE_ID")
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+        assert vol["secret"]["secretName"] == "prfaas-tls"
+        assert {i["key"] for i in vol["secret"]["items"]} == {"ca.crt", f"{node}.crt", f"{node}.key"}, node
+        assert {"name": "tls", "mountPath": "/certs", "readOnly": True} in c["volumeMounts"]
+    assert config["data"]["PRFAAS_TLS_DIR"] == "/certs"
 
 
 def test_k8s_manifests_validate() -> None:

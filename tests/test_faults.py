@@ -178,10 +178,10 @@ async def _count(c: LocalCluster, n: int) -> bool:
 def test_health_is_not_serving_until_registered_and_while_draining(model_dir, tmp_path, reference):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from prfaas.rpc import insecure_channel
+    from prfaas.rpc import channel as rpc_channel
 
     async def health(address: str) -> int:
-        async with insecure_channel(address) as ch:
+        async with rpc_channel(address) as ch:
             r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             return r.status
 

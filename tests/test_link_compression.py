@@ -120,7 +120,7 @@ def test_auto_compresses_while_the_link_is_saturated(shaped):
 # --- the client, run inside the local namespace ---------------------------------------------------
 async def _generate(args: argparse.Namespace) -> list[dict]:
     from prfaas.cluster.client import CachePoolClient
-    from prfaas.rpc import insecure_channel
+    from prfaas.rpc import channel
     from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
     async with CachePoolClient(args.cachepool) as pool:
@@ -141,7 +141,7 @@ async def _generate(args: argparse.Namespace) -> list[dict]:
         assert head is not None
         return {"tokens": tokens, "route": names.get(head.route, str(head.route))}
 
-    async with insecure_channel(args.router) as ch:
+    async with channel(args.router, expect="router") as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         return list(await asyncio.gather(*(one(stub, p) for p in json.loads(args.prompts))))
 

@@ -14,14 +14,15 @@ from prfaas.cluster.local import ClusterSpec, LocalCluster
 from prfaas.engine.llm import LLM, build_executor
 from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.v1 import common_pb2, common_pb2_grpc, router_pb2, router_pb2_grpc
+from tests.support import tls_as
 
 pytestmark = pytest.mark.slow
 
 
 async def set_role(address: str, role: int) -> common_pb2.SetRoleResponse:
-    async with insecure_channel(address) as ch:
+    async with rpc_channel(address, tls=tls_as("router")) as ch:  # only the router may SetRole
         return await common_pb2_grpc.NodeControlStub(ch).SetRole(common_pb2.SetRoleRequest(role=role))
 
 
@@ -51,7 +52,7 @@ def test_swap_roles_without_losing_requests(tmp_path):
         p0, d0 = c.address_of("local-p0"), c.address_of("local-d0")
 
         async def run() -> tuple[list[int], router_pb2.GenerateResponse, list[int], router_pb2.GenerateResponse]:
-            async with insecure_channel(c.router_address) as ch:
+            async with rpc_channel(c.router_address) as ch:
                 stub = router_pb2_grpc.RouterStub(ch)
                 call = stub.Generate(router_pb2.GenerateRequest(token_ids=long_prompt, max_tokens=120))
                 first = await call.read()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 
 import grpc
 import pytest
@@ -19,11 +20,11 @@ from prfaas.engine.llm import LLM, build_executor
 from prfaas.kv.kinds import KvKind
 from prfaas.messages import SamplingParams
 from prfaas.model.presets import write_preset
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.rpc.convert import sampling_to_pb
 from prfaas.transport.sender import KvSender
 from prfaas.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from tests.support import stream
+from tests.support import stream, tls_as
 from tests.test_data_path import wait_all_free
 
 SLOTS = 8  # decode slots (and batch): the burst is 4x this
@@ -118,9 +119,11 @@ def test_a_poisoned_sequence_ends_alone(cluster, model_dir, reference):
     others = [prompt_of(30, seed=600 + i) for i in range(4)]
 
     async def run():
-        async with insecure_channel(decode_address) as ch:
+        # as the router would (only it may Admit), naming this process's identity as the pushing node
+        async with rpc_channel(decode_address, tls=tls_as("router")) as ch:
             admit = decode_pb2_grpc.DecodeStub(ch).Admit(decode_pb2.AdmitRequest(
-                request_id="poisoned", sampling=sampling_to_pb(params), token_ids=poisoned_prompt))
+                request_id="poisoned", sampling=sampling_to_pb(params), token_ids=poisoned_prompt,
+                prefill_node=os.environ.get("PRFAAS_TLS_NAME", "")))
             events = aiter(admit)
             reserved = (await anext(events)).reserved
             normal = [asyncio.ensure_future(stream(cluster.router_address, token_ids=p, max_tokens=24,
@@ -174,7 +177,7 @@ def test_malformed_and_extreme_requests_get_the_right_status(cluster, req):
 
 def test_undecodable_bytes_are_invalid_argument_and_the_router_keeps_serving(cluster, reference):
     async def raw(data: bytes) -> grpc.aio.AioRpcError | None:
-        async with insecure_channel(cluster.router_address) as ch:
+        async with rpc_channel(cluster.router_address) as ch:
             call = ch.unary_stream("/prfaas.v1.Router/Generate", request_serializer=lambda b: b,
                                    response_deserializer=lambda b: b)(data)
             try:

@@ -25,7 +25,7 @@ from prfaas.cluster import (
     Role,
     UnknownNodeError,
 )
-from prfaas.rpc import channel_options
+from prfaas.rpc import channel
 from prfaas.rpc.convert import (
     cache_event_to_pb,
     match_from_pb,
@@ -34,6 +34,7 @@ from prfaas.rpc.convert import (
     node_status_from_pb,
     role_to_pb,
 )
+from prfaas.security.tls import TlsConfig
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
 
@@ -57,10 +58,10 @@ class CachePoolClient:
     """Async client of the cache pool at `address` (host:port). Every call has a deadline of
     `timeout_s`. Use as an async context manager, or call `close()`."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 5.0, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self._channel = channel(address, expect="cachepool", tls=tls)  # mutual TLS unless --insecure
         self._stub = pb_grpc.CachePoolStub(self._channel)
 
     async def close(self) -> None:

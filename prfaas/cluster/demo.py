@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from prfaas.rpc import insecure_channel
-from prfaas.settings import DEFAULT_MODEL, command_parser, host_port_or_empty, positive_int
+from prfaas.rpc import channel as open_channel
+from prfaas.settings import DEFAULT_MODEL, command_parser, host_port_or_empty, positive_int, tls_flags, tool_tls
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 ROUTE_NAMES = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
@@ -105,7 +105,7 @@ async def run_demo(
     address: str, requests: int = 12, concurrency: int = 4, max_tokens: int = 24, seed: int = 0, model: str = ""
 ) -> list[DemoResult]:
     prompts = workload(requests, seed, model)
-    channel = insecure_channel(address)
+    channel = open_channel(address, expect="router")
     stub = router_pb2_grpc.RouterStub(channel)
     sem = asyncio.Semaphore(concurrency)
 
@@ -158,9 +158,11 @@ def demo_command(argv: list[str]) -> int:
     p.flag("--model", "MODEL", DEFAULT_MODEL, str, "the cluster's model (its tokenizer makes the prompts); "
            "empty = random token ids")
     p.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    tls_flags(p)
     a = p.parse_args(argv)
     if not a.router:
         p.error("--router (or PRFAAS_ROUTER) is required")
+    tool_tls(a, p, "client")
     try:
         results = asyncio.run(run_demo(a.router, a.requests, a.concurrency, a.max_tokens, model=a.model))
     except grpc.aio.AioRpcError as e:

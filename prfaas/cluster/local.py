@@ -5,6 +5,11 @@ decode node in the "local" cluster, one router, and the OpenAI-compatible front 
 it. Every process binds port 0 and prints a JSON `listening` line that this launcher reads; each
 one also opens a Prometheus endpoint (the front door serves its own at /metrics). Ctrl-C (or the
 end of `--demo`) stops everything.
+
+Mutual TLS is on (`ClusterSpec.tls`): the cluster uses the development PKI in `tls_dir`
+(PRFAAS_TLS_DIR, else `tls` beside the log directory, else a temporary one), made on first use;
+every process issues its own certificate there as it starts (prfaas/security/pki.py).
+`cluster.tls_as(name, kind)` is a configuration to call the cluster as some identity.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from prfaas.model.presets import resolve_model
+
+if TYPE_CHECKING:
+    from prfaas.security.tls import TlsConfig
 
 
 @dataclass
@@ -43,6 +51,8 @@ class ClusterSpec:
     router_env: dict[str, str] = field(default_factory=dict)  # and for the router alone
     # and for the nodes of one cluster, "prfaas" or "local" (e.g. {"prfaas": {"PRFAAS_DTYPE": "bfloat16"}})
     cluster_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    tls: bool = True  # mutual TLS with a development PKI; False: every process --insecure
+    tls_dir: str = ""  # the development PKI; empty: PRFAAS_TLS_DIR, else beside the logs, else temporary
 
     @classmethod
     def from_toml(cls, path: str) -> ClusterSpec:
@@ -62,6 +72,7 @@ class Proc:
     module: str = ""
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    listening: dict[str, str] = field(default_factory=dict)  # its `listening` line (token_address...)
 
 
 class LocalCluster:
@@ -79,6 +90,38 @@ class LocalCluster:
         self.cachepool_address = ""
         self.frontdoor_url = ""  # http://HOST:PORT/v1 when the front door runs
         self.metrics_urls: dict[str, str] = {}  # process name -> its /metrics URL
+        self.tls_dir = self._pki_dir()
+
+    def _pki_dir(self) -> Path | None:
+        if not self.spec.tls:
+            return None
+        from prfaas.security.pki import ensure_dev_pki
+
+        where = self.spec.tls_dir or os.environ.get("PRFAAS_TLS_DIR", "")
+        if where:
+            path = Path(where)
+        elif self.log_dir is not None:
+            path = self.log_dir.parent / "tls"
+        else:
+            import tempfile
+
+            path = Path(tempfile.mkdtemp(prefix="prfaas-pki-"))
+        return ensure_dev_pki(path)
+
+    def tls_as(self, name: str, kind: str = "") -> TlsConfig:
+        """A TLS configuration to call the cluster as `name` (kind: `name` itself for router,
+        cachepool, frontdoor, admin and client, else a worker); insecure when the cluster is."""
+        from prfaas.security import tls
+
+        if self.tls_dir is None:
+            return tls.TlsConfig(insecure=True)
+        kind = kind or (name if name in ("router", "cachepool", "frontdoor", "admin", "client") else "worker")
+        return tls.resolve(tls_dir=str(self.tls_dir), name=name, kind=kind)
+
+    def _tls_env(self) -> dict[str, str]:
+        if self.tls_dir is None:
+            return {"PRFAAS_INSECURE": "1"}
+        return {"PRFAAS_TLS_DIR": str(self.tls_dir), "PRFAAS_INSECURE": "0"}
 
     def _metrics_args(self, name: str, port: int = 0) -> list[str]:
         """`--metrics-port` for a gRPC service (a free loopback port unless given)."""
@@ -92,7 +135,8 @@ class LocalCluster:
         if module in ("services.cachepool", "services.prefill", "services.decode") and "--metrics-port" not in args:
             args = [*args, *self._metrics_args(name)]
         launch, pythonpath = service_module(module)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **pythonpath, **self.spec.extra_env, **(env_extra or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **pythonpath, **self._tls_env(), **self.spec.extra_env,
+               **(env_extra or {})}
         stderr: IO[str] | int = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +185,7 @@ class LocalCluster:
             except json.JSONDecodeError:
                 continue
             if msg.get("event") == "listening":
-                proc.address = msg["address"]
+                proc.address, proc.listening = msg["address"], msg
                 return proc.address
         raise TimeoutError(f"{proc.name} did not start listening within {self.startup_timeout_s:.0f} s")
 
@@ -214,7 +258,7 @@ class LocalCluster:
     async def _wait_registered(self, n: int) -> None:
         from prfaas.cluster.client import CachePoolClient
 
-        client = CachePoolClient(self.cachepool_address)
+        client = CachePoolClient(self.cachepool_address, tls=self.tls_as("admin"))
         try:
             deadline = time.monotonic() + self.startup_timeout_s
             while time.monotonic() < deadline:
@@ -265,6 +309,7 @@ def up_command(argv: list[str]) -> int:
     p.add_argument("--demo", action="store_true", help="serve a demo workload, print the results and stop")
     p.add_argument("--demo-requests", type=positive_int, default=12, help="requests of the demo workload")
     p.add_argument("--log-dir", default=".prfaas/logs", help="one log file per process")
+    p.switch("--insecure", "INSECURE", "no TLS: every process --insecure (loopback only)")
     a = p.parse_args(argv)
     try:
         spec = ClusterSpec.from_toml(a.config) if a.config else ClusterSpec()
@@ -275,14 +320,23 @@ def up_command(argv: list[str]) -> int:
         f"{spec.local_prefill} local prefill, {spec.local_decode} local decode, router ...",
         flush=True,
     )
+    if a.insecure:
+        spec.tls = False
     cluster = LocalCluster(a.model, spec, log_dir=a.log_dir)
+    from prfaas.security import tls
+
+    tls.install(cluster.tls_as("client"))  # the demo's identity
     try:
         with cluster:
             ready = {"event": "ready", "router": cluster.router_address, "cachepool": cluster.cachepool_address,
-                     "openai": cluster.frontdoor_url, "metrics": cluster.metrics_urls}
+                     "openai": cluster.frontdoor_url, "metrics": cluster.metrics_urls,
+                     "tls_dir": str(cluster.tls_dir or "")}
             print(json.dumps(ready), flush=True)
             print(f"[prfaas up] router (gRPC) on {cluster.router_address}; OpenAI API at "
                   f"{cluster.frontdoor_url or '(front door off)'}; logs in {a.log_dir}/", flush=True)
+            print(f"[prfaas up] mutual TLS with the development CA in {cluster.tls_dir}/ (call the router "
+                  f"with --tls-dir {cluster.tls_dir})" if cluster.tls_dir else "[prfaas up] TLS off (--insecure)",
+                  flush=True)
             for name, url in cluster.metrics_urls.items():
                 print(f"[prfaas up]   metrics of {name}: {url}", flush=True)
             if a.demo:

@@ -17,14 +17,14 @@ from google.protobuf.json_format import MessageToDict
 
 from prfaas.cluster import Role
 from prfaas.cluster.client import CachePoolClient
-from prfaas.rpc import insecure_channel
-from prfaas.settings import command_parser, host_port_or_empty
+from prfaas.rpc import channel
+from prfaas.settings import command_parser, host_port_or_empty, tls_flags, tool_tls
 from prfaas.v1 import common_pb2, common_pb2_grpc
 
 
-async def node_stats(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
+async def node_stats(address: str, node_id: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
     """One worker node's `NodeControl.Stats`, as a dict (every field, zeros included)."""
-    async with insecure_channel(address) as ch:
+    async with channel(address, expect=node_id) as ch:
         reply = await common_pb2_grpc.NodeControlStub(ch).Stats(common_pb2.NodeStatsRequest(), timeout=timeout_s)
     return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
@@ -38,7 +38,7 @@ async def cluster_status(cachepool: str) -> list[dict[str, Any]]:
                                "last_heartbeat_age_s": round(m.last_heartbeat_age_s, 3)}
         if m.node.role in (Role.PREFILL, Role.DECODE):
             try:
-                row["stats"] = await node_stats(m.node.address)
+                row["stats"] = await node_stats(m.node.address, m.node.node_id)
             except grpc.aio.AioRpcError as e:
                 row["stats_error"] = f"{e.code().name}: {e.details()}"
         out.append(row)
@@ -49,9 +49,11 @@ def status_command(argv: list[str]) -> int:
     p = command_parser("prfaas status", __doc__.splitlines()[0])
     p.flag("--cachepool", "CACHEPOOL", "", host_port_or_empty, "host:port of the cache pool (required)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    tls_flags(p)
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")
+    tool_tls(a, p, "admin")
     rows = asyncio.run(cluster_status(a.cachepool))
     if a.json:
         print(json.dumps(rows, default=str))

@@ -82,6 +82,17 @@ class EvalCluster:
     nodes: list[NodePlan] = field(default_factory=list)
 
     @property
+    def tls_dir(self) -> Path:
+        """The deployment's development PKI: every process runs mutual TLS, as in production."""
+        from prfaas.security import pki
+
+        return pki.ensure_dev_pki(self.workdir / "tls")
+
+    @property
+    def tls_env(self) -> dict[str, str]:
+        return {"PRFAAS_TLS_DIR": str(self.tls_dir), "PRFAAS_INSECURE": "0"}
+
+    @property
     def deployment(self) -> Deployment:
         return self.setup.plans[self.kind].deployment
 
@@ -92,7 +103,7 @@ class EvalCluster:
 
     def _start(self, name: str, side: str, module: str, args: list[str]) -> Started:
         launch, pythonpath = service_module(module)
-        env = {**os.environ, **pythonpath, **NODE_ENV}
+        env = {**os.environ, **pythonpath, **NODE_ENV, **self.tls_env}
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         argv = [*self.topology.exec_prefix(side), sys.executable, "-m", launch, *args]
         popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)

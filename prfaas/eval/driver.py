@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from prfaas.cluster.client import CachePoolClient
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 ROUTES = {common_pb2.AUTO: "auto", common_pb2.LOCAL: "local", common_pb2.PRFAAS: "prfaas"}
@@ -98,11 +98,16 @@ async def wait_nodes(pool: CachePoolClient, n: int, timeout_s: float = 300.0) ->
 
 
 async def drive(spec: dict[str, Any]) -> dict[str, Any]:
+    from prfaas.security import tls
+
+    # mutual TLS with the deployment's development PKI, as its operator (the driver's identity)
+    tls.install(tls.resolve(tls_dir=spec["tls_dir"], name="admin", kind="admin") if spec.get("tls_dir")
+                else tls.TlsConfig(insecure=True))
     pool = CachePoolClient(spec["cachepool"])
     try:
         await wait_nodes(pool, spec["nodes"])
         await asyncio.sleep(spec.get("settle_s", 1.0))  # a heartbeat or two: the router sees every node
-        async with insecure_channel(spec["router"]) as ch:
+        async with channel(spec["router"], expect="router") as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             t0 = time.monotonic()
             print(json.dumps({"event": "started", "wall": time.time()}), flush=True)

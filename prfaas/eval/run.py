@@ -51,11 +51,11 @@ def run_driver(cluster: EvalCluster, requests: Sequence[EvalRequest], workdir: P
     [(t from the driver's start, bytes)]."""
     spec = {"router": cluster.router_address, "cachepool": cluster.cachepool_address,
             "router_metrics": cluster.router_metrics, "nodes": len(cluster.nodes),
-            "requests": [r.to_json() for r in requests], "sample_s": 1.0}
+            "requests": [r.to_json() for r in requests], "sample_s": 1.0, "tls_dir": str(cluster.tls_dir)}
     spec_path, out_path = workdir / f"{label}.spec.json", workdir / f"{label}.driver.json"
     spec_path.write_text(json.dumps(spec))
     _, pythonpath = service_module("services.router")
-    env = {**os.environ, **pythonpath, **NODE_ENV}
+    env = {**os.environ, **pythonpath, **NODE_ENV, **cluster.tls_env}
     argv = [*cluster.topology.exec_prefix("local"), sys.executable, "-m", "prfaas.eval.driver", str(spec_path),
             str(out_path)]
     with open(workdir / f"{label}.driver.log", "w") as err:

@@ -1,5 +1,6 @@
 """gRPC plumbing shared by every service: channel and server options, channels, health and
-reflection. `status` maps domain errors to status codes, `convert` maps records to messages,
+reflection. Every channel and server is mutual TLS unless the process runs --insecure
+(`prfaas.security`). `status` maps domain errors to status codes, `convert` maps records to messages,
 `serve` is the one bootstrap every server starts through.
 
 KV chunks and prompts can exceed gRPC's 4 MiB default, so both ends raise it; every server and
@@ -14,6 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prfaas.security.tls import TlsConfig
+from prfaas.security.tls import current as current_tls
+
 # the KV data plane's default max frame (64 MiB, prfaas/transport/limits.py) plus slack: a server
 # never takes a larger message (gRPC allocates it before any handler sees it)
 MAX_MESSAGE_BYTES = 65 * 1024 * 1024
@@ -26,9 +30,11 @@ OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.experimental.tcp_max_read_chunk_size", 8 << 20),
 )
 
-RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (  # a restarted peer is found again within ~2 s
+# A restarted peer is found again within ~2 s. Not `grpc.min_reconnect_backoff_ms`: gRPC also takes
+# it as the connection attempt's timeout, and a TLS handshake with a busy server can take longer
+# than 200 ms (the attempt then fails UNAVAILABLE, "timed out before receiving SETTINGS frame").
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
@@ -44,11 +50,27 @@ def channel_options(own_connection: int | None = None) -> list[tuple[str, int | 
 
 
 def insecure_channel(address: str, own_connection: int | None = None) -> grpc.aio.Channel:
+    """A plaintext channel: only for a peer started with --insecure (`channel` picks for you)."""
     return grpc.aio.insecure_channel(address, options=channel_options(own_connection))
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=list(OPTIONS))
+def channel(address: str, expect: str = "", own_connection: int | None = None,
+            tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """A channel to `address` under the process's TLS configuration (`prfaas.security.tls.current()`,
+    or `tls`): mutual TLS, the server's certificate verified against the cluster's CA and against
+    the name `expect` (a node id, `router`, `cachepool`; empty: the host of `address`).
+    Plaintext when the configuration is --insecure."""
+    cfg = tls or current_tls()
+    if cfg.insecure:
+        return insecure_channel(address, own_connection)
+    opts = channel_options(own_connection)
+    if expect:
+        opts.append(("grpc.ssl_target_name_override", expect))
+    return grpc.aio.secure_channel(address, cfg.channel_credentials(), options=opts)
+
+
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=list(OPTIONS), interceptors=list(interceptors))
 
 
 class Health:

@@ -7,6 +7,11 @@ Health says NOT_SERVING until `ready()` returns (a node: once registered with th
 and again from the stop signal on, while `drain()` lets the requests in flight finish; then the
 server stops. Once serving it prints one JSON line to stdout, `{"event": "listening", "address":
 "HOST:PORT"}` (with the real port when `listen` asked for port 0), which launchers parse.
+
+Every port is mutual TLS under the process's configuration (`prfaas.security.tls.current()`),
+plaintext only when it is --insecure; `authoriser` (default: the cluster's rules,
+`prfaas.security.authz.RULES`) checks each call. `token_listen` adds a port with server-only TLS,
+for API clients that authenticate with a bearer token instead of a certificate (the router's).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import grpc
 
 from prfaas.obs.log import get_logger
 from prfaas.rpc import Health, add_health_and_reflection, new_server
+from prfaas.security import tls
+from prfaas.security.authz import Authoriser
 
 log = get_logger(__name__)
 
@@ -30,18 +37,32 @@ def dialable(listen: str, port: int) -> str:
     return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
 
 
-async def start_server(
-    listen: str, add_servicers: Callable[[grpc.aio.Server], Sequence[str]], serving: bool = True
-) -> tuple[grpc.aio.Server, str, Health]:
-    """Builds, binds and starts a server (the servicers, health, reflection); returns it, the
-    address to dial, and its health."""
-    server = new_server()
-    names = add_servicers(server)
-    health = add_health_and_reflection(server, names, serving)
-    port = server.add_insecure_port(listen)
+def add_port(server: grpc.aio.Server, listen: str, cfg: tls.TlsConfig | None = None, client_certs: bool = True) -> int:
+    """Binds `listen`: mutual TLS under `cfg` (default: the process's), plaintext when --insecure."""
+    cfg = cfg or tls.current()
+    if cfg.insecure:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, cfg.server_credentials(require_client_auth=client_certs))
     if port == 0:
         raise OSError(f"could not bind {listen}")
+    return port
+
+
+async def start_server(
+    listen: str, add_servicers: Callable[[grpc.aio.Server], Sequence[str]], serving: bool = True,
+    authoriser: Authoriser | None = None, token_listen: str = "",
+) -> tuple[grpc.aio.Server, str, Health]:
+    """Builds, binds and starts a server (the servicers, health, reflection); returns it, the
+    address to dial, and its health. The token port's address, when asked for, is `server.token_address`."""
+    cfg = tls.current()
+    server = new_server([authoriser or Authoriser(cfg.domain, cfg.insecure)])
+    names = add_servicers(server)
+    health = add_health_and_reflection(server, names, serving)
+    port = add_port(server, listen, cfg)
+    token_port = add_port(server, token_listen, cfg, client_certs=False) if token_listen else 0
     await server.start()
+    server.token_address = dialable(token_listen, token_port) if token_listen else ""  # type: ignore[attr-defined]
     return server, dialable(listen, port), health
 
 
@@ -53,9 +74,12 @@ async def serve(
     metrics_port: int = 0,
     ready: Callable[[], Awaitable[None]] | None = None,
     drain: Callable[[], Awaitable[None]] | None = None,
+    authoriser: Authoriser | None = None,
+    token_listen: str = "",
 ) -> None:
     """Runs a server until SIGTERM/SIGINT, then drains it."""
-    server, address, health = await start_server(listen, add_servicers, serving=False)
+    server, address, health = await start_server(listen, add_servicers, serving=False, authoriser=authoriser,
+                                                 token_listen=token_listen)
     metrics = None
     if metrics_port:
         from prfaas.obs.metrics import start_metrics_server
@@ -77,8 +101,13 @@ async def serve(
             log.info("serving")
 
     readiness = asyncio.create_task(become_ready())
-    print(json.dumps({"event": "listening", "address": address}), flush=True)
-    log.info("listening", address=address, metrics_port=metrics.port if metrics else None)
+    listening = {"event": "listening", "address": address}
+    if token_listen:
+        listening["token_address"] = server.token_address  # type: ignore[attr-defined]
+    print(json.dumps(listening), flush=True)
+    log.info("listening", address=address, metrics_port=metrics.port if metrics else None,
+             tls="off (--insecure)" if tls.current().insecure else "mutual TLS 1.3",
+             token_address=listening.get("token_address"))
     await stop.wait()
     readiness.cancel()
     health.set(False)

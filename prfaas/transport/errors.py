@@ -17,6 +17,8 @@ TRANSFER_CODES = frozenset({
     Code.CANCELLED,          # cancelled by the decode side (request gone) or aborted by the sender
     Code.RESOURCE_EXHAUSTED, # the decode node's data port holds its limit of connections (in total or this peer's)
     Code.UNAVAILABLE,        # sender side: the connection failed
+    Code.PERMISSION_DENIED,  # a chunk from a peer the transfer does not take KV from; a server that is
+                             # not the node the sender expects (mutual TLS)
     Code.INTERNAL,           # anything else
 })
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from prfaas.errors import Code
 from prfaas.obs.log import get_logger
+from prfaas.security import tls
 from prfaas.transport.errors import TransferError
 from prfaas.transport.limits import HEADER_READ_BYTES, KvLimits
 from prfaas.transport.receiver import KvReceiver
@@ -138,6 +139,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         self._born = asyncio.get_running_loop().time()
         self.peer = self.gate.peer_id(transport)
+        cfg = tls.current()  # under TLS (after the handshake): the sender's verified node id
+        who = None if cfg.insecure else cfg.peer(transport.get_extra_info("peercert"))
+        self.identity: str | None = None if cfg.insecure else who.name if who else ""
         refused = self.gate.admit(self.peer)
         if refused is not None:
             self.gate.refused += 1
@@ -247,7 +251,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _accept(self, chunk: WireChunk) -> None:
         try:
-            self.bytes += self.gate.receiver.on_chunk(chunk)
+            self.bytes += self.gate.receiver.on_chunk(chunk, peer=self.identity)
         finally:
             self._free()
         self._seen.add(chunk.transfer_id)

@@ -20,8 +20,9 @@ from typing import Any
 import grpc
 
 from prfaas.errors import Code
-from prfaas.rpc import channel_options
+from prfaas.rpc import channel
 from prfaas.rpc.status import STATUS, code_of
+from prfaas.security.authz import caller
 from prfaas.transport.errors import TransferError
 from prfaas.transport.limits import DEFAULT_LIMITS, KvLimits
 from prfaas.transport.receiver import KvReceiver
@@ -42,12 +43,12 @@ class KvChannels:
         self.num_connections = num_connections
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
 
-    def get(self, address: str) -> list[grpc.aio.Channel]:
-        if address not in self._channels:
-            self._channels[address] = [
-                grpc.aio.insecure_channel(address, options=channel_options(i)) for i in range(self.num_connections)
-            ]
-        return self._channels[address]
+    def get(self, address: str, expect: str = "") -> list[grpc.aio.Channel]:
+        """The channels to `address`, whose server must present the certificate of `expect`."""
+        key = f"{expect}@{address}"
+        if key not in self._channels:
+            self._channels[key] = [channel(address, expect, own_connection=i) for i in range(self.num_connections)]
+        return self._channels[key]
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
@@ -179,7 +180,8 @@ class PushKvServicer:
         self.receiver.check_frame(chunk, chunk.nbytes)
         if chunk.nbytes >= self.limits.parallel_verify_bytes:
             chunk.crc = await asyncio.to_thread(chunk_crc, chunk)
-        return self.receiver.on_chunk(chunk)
+        who = caller()  # the pushing node's verified identity (None: --insecure)
+        return self.receiver.on_chunk(chunk, peer=who.name if who else None)
 
     def method_handler(self) -> grpc.RpcMethodHandler:
         """The zero-copy `PushKv` handler."""

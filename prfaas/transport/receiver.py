@@ -25,12 +25,15 @@ import torch
 from prfaas.errors import Code
 from prfaas.kv.kinds import KvKind
 from prfaas.kv.layout import KvLayout
+from prfaas.obs.log import get_logger
 from prfaas.transport.chunks import KvPiece
 from prfaas.transport.codec import is_valid
 from prfaas.transport.errors import TransferError
 from prfaas.transport.limits import HEADER_SLACK
 from prfaas.transport.parse import ChunkHeader
 from prfaas.transport.wire import WireChunk, decode_chunk, expected_bulk_bytes
+
+log = get_logger(__name__)
 
 __all__ = ["KvSink", "KvReceiver", "Transfer", "TransferError", "MemorySink"]
 
@@ -83,6 +86,7 @@ class Transfer:
     covered: dict[tuple[int, KvKind], int] = field(default_factory=dict)  # paged: tokens received
     states: set[tuple[int, KvKind]] = field(default_factory=set)  # states received
     timer: asyncio.TimerHandle | None = None
+    sender: str | None = None  # the only peer identity (node id) its chunks may come from; None: unchecked
     _registry: KvReceiver | None = field(default=None, repr=False)
 
     async def wait(self) -> int:
@@ -142,6 +146,7 @@ class KvReceiver:
         sink: KvSink,
         deadline_s: float,
         wire_dtype: str = "",
+        sender: str | None = None,
     ) -> Transfer:
         if transfer_id in self._transfers:
             raise TransferError(Code.ALREADY_EXISTS, f"transfer {transfer_id} is already expected")
@@ -153,7 +158,8 @@ class KvReceiver:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
-        t = Transfer(transfer_id, layout, prompt_tokens, skip_tokens, sink, wire_dtype, fut, _registry=self)
+        t = Transfer(transfer_id, layout, prompt_tokens, skip_tokens, sink, wire_dtype, fut, sender=sender,
+                     _registry=self)
         t.timer = loop.call_later(deadline_s, self._expire, transfer_id)
         self._transfers[transfer_id] = t
         return t
@@ -165,12 +171,17 @@ class KvReceiver:
         self._fail(t, TransferError(Code.CANCELLED, reason))
         return True
 
-    def on_chunk(self, chunk: WireChunk) -> int:
+    def on_chunk(self, chunk: WireChunk, peer: str | None = None) -> int:
         """Validates one chunk and writes it into its transfer's sink; returns the payload bytes.
-        Raises `TransferError`; any error but NOT_FOUND fails the transfer."""
+        `peer`: the sender's verified node id (mutual TLS). Raises `TransferError`; any error but
+        NOT_FOUND and PERMISSION_DENIED (a chunk from another peer: the transfer goes on) fails it."""
         t = self._transfers.get(chunk.transfer_id)
         if t is None:
             raise TransferError(Code.NOT_FOUND, f"transfer {chunk.transfer_id!r} is unknown, finished or expired")
+        if t.sender is not None and peer != t.sender:
+            log.warning("kv_from_the_wrong_peer", transfer_id=t.transfer_id, peer=peer, expected=t.sender)
+            raise TransferError(Code.PERMISSION_DENIED, f"transfer {t.transfer_id} takes KV from {t.sender} only, "
+                                f"not from {peer or 'an unidentified peer'}")
         try:
             self._accept(t, chunk)
         except TransferError as e:

@@ -101,7 +101,10 @@ class KvSender:
         timeout_s: float | None = None,
         channels: KvChannels | None = None,
         stats: LinkStats | None = GLOBAL,
+        peer: str = "",
     ) -> None:
+        """`peer`: the decode node's id, which its certificate must name (mutual TLS); empty: the
+        host of the address."""
         if not is_valid(wire_dtype):
             raise ValueError(f"unknown wire dtype {wire_dtype!r}")
         self.addresses = [address] if isinstance(address, str) else list(address)
@@ -114,6 +117,7 @@ class KvSender:
         self._own_channels = channels is None
         self._channels = channels or KvChannels(num_connections)
         self._stats = stats
+        self.peer = peer
         self._conns: list[_Connection] = []
         self._seq = 0
         self._bytes = self._wire_bytes = 0
@@ -129,7 +133,7 @@ class KvSender:
         return cls(job.decode_address, job.transfer_id, layout, prompt_tokens=len(job.prompt),
                    skip_tokens=job.skip_tokens, num_connections=job.num_connections or channels.num_connections,
                    wire_dtype=job.wire_dtype,
-                   timeout_s=timeout, channels=channels)
+                   timeout_s=timeout, channels=channels, peer=job.decode_node)
 
     async def __aenter__(self) -> KvSender:
         return self
@@ -228,9 +232,9 @@ class KvSender:
         for i in range(self.num_connections):
             address = self.addresses[i % len(self.addresses)]
             if is_tcp(address):  # the raw-TCP data plane (prfaas/transport/tcp.py)
-                call: PushCall = TcpPushCall(address, self.timeout_s, self._stats)
+                call: PushCall = TcpPushCall(address, self.timeout_s, self._stats, expect=self.peer)
             else:
-                channel = self._channels.get(address)[i % self._channels.num_connections]
+                channel = self._channels.get(address, self.peer)[i % self._channels.num_connections]
                 call = GrpcPushCall(channel, address, self.timeout_s)
             conn = _Connection(call, self.queue_chunks)
             conn.task = asyncio.create_task(self._write(conn))

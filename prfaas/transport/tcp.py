@@ -18,16 +18,26 @@ client streams cannot say.
 so the sender's chunking, striping and error rules apply as they are. It writes on a plain
 non-blocking socket with `sendmsg`, each chunk's header and payload as separate buffers: the
 payload is never joined or buffered in user space. `KvTcpServer` feeds a `KvReceiver`.
+
+Mutual TLS 1.3 by default (the process's `prfaas.security.tls` configuration; plaintext only with
+--insecure): the sender wraps each new connection in an `ssl` socket that verifies the decode
+node's certificate against the cluster CA and its node id (`expect`), and writes each buffer with
+`send` (an SSLSocket has no `sendmsg`; a write it could not finish is retried with the same
+buffer, as OpenSSL requires); the receiver is asyncio's TLS transport under the same
+BufferedProtocol, which reads the sender's node id from its verified certificate and hands it to
+`KvReceiver.on_chunk`: a chunk from any node but the one the router named is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 
 from prfaas.errors import Code
 from prfaas.obs.log import get_logger
+from prfaas.security import tls
 from prfaas.transport.errors import TransferError
 from prfaas.transport.frames import ACK as _ACK
 from prfaas.transport.frames import LEN as _LEN
@@ -36,6 +46,8 @@ from prfaas.transport.limits import DEFAULT_LIMITS, KvLimits
 from prfaas.transport.pool import loop_pool
 from prfaas.transport.receiver import KvReceiver
 from prfaas.transport.stats import LinkStats
+from prfaas.transport.tls_socket import send_tls, ssl_call, tls_connect
+from prfaas.transport.tls_socket import wait_ready as _writable
 
 log = get_logger(__name__)
 
@@ -63,28 +75,13 @@ def is_tcp(address: str) -> bool:
     return address.startswith(SCHEME)
 
 
-async def _writable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        if sock.fileno() == fd:  # still open, so the registration is ours (a closed fd may be reused)
-            loop.remove_writer(fd)
-
-
 async def send_buffers(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Sends the buffers back to back on a non-blocking socket with `sendmsg`, without joining
     them: the payload goes from the tensor's memory to the kernel in one copy (asyncio's transports
     join or buffer what the socket does not take at once, a second copy of every chunk)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        return await send_tls(sock, views)
     while views:
         try:
             sent = sock.sendmsg(views)
@@ -104,7 +101,10 @@ async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     out = bytearray()
     while len(out) < n:
-        got = await loop.sock_recv(sock, n - len(out))
+        if isinstance(sock, ssl.SSLSocket):
+            got = await ssl_call(sock, sock.recv, n - len(out))
+        else:
+            got = await loop.sock_recv(sock, n - len(out))
         if not got:
             raise ConnectionError(f"connection closed after {len(out)} of {n} bytes")
         out += got
@@ -115,8 +115,9 @@ class TcpPushCall:
     """One transfer's share of chunks on one TCP connection (a plain non-blocking socket), taken
     from (and, after a clean verdict, given back to) a per-address pool."""
 
-    def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None) -> None:
-        self.link = address
+    def __init__(self, address: str, timeout_s: float | None = None, stats: LinkStats | None = None,
+                 expect: str = "") -> None:
+        self.link, self.expect = address, expect
         self.stats, self.retransmits = stats, 0
         host, _, port = address.removeprefix(SCHEME).rpartition(":")
         self._host, self._port, self._timeout = host, int(port), timeout_s
@@ -141,6 +142,8 @@ class TcpPushCall:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(loop.sock_connect(sock, addr), self._timeout)
+            if not tls.current().insecure:
+                sock = await tls_connect(sock, self.expect or self._host, self._timeout)
         except BaseException:
             sock.close()
             raise
@@ -152,6 +155,9 @@ class TcpPushCall:
         return self._error
 
     def _broken(self, e: BaseException) -> TransferError:
+        if isinstance(e, ssl.SSLCertVerificationError):  # not the node it should be: never retry there
+            return self._fail(TransferError(Code.PERMISSION_DENIED, f"KV connection to {self._host}:{self._port}: "
+                                            f"{e.verify_message} (expected {self.expect or self._host})"))
         return self._fail(TransferError(Code.UNAVAILABLE, f"KV connection to {self._host}:{self._port}: {e!r}"))
 
     async def write(self, parts: list[bytes | memoryview]) -> None:
@@ -225,6 +231,7 @@ class TcpPushCall:
             self._count_retransmits()
             try:  # a writer waiting for room must not stay registered on a closed (reusable) fd
                 asyncio.get_running_loop().remove_writer(self._sock.fileno())
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
             except RuntimeError:
                 pass
             self._sock.close()
@@ -258,7 +265,10 @@ class KvTcpServer:
             self._conns.add(p)
             return p
 
-        self._server = await loop.create_server(make, host, port, reuse_address=True)
+        cfg = tls.current()
+        ctx = None if cfg.insecure else cfg.server_context()
+        self._server = await loop.create_server(make, host, port, reuse_address=True, ssl=ctx,
+                                                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if ctx else None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

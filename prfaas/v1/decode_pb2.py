@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/decode.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\xa0\x01\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x1a\n\x12transfer_timeout_s\x18\x04 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65pt_wire_dtypes\x18\x05 \x03(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05J\x04\x08\x02\x10\x03\"\x86\x01\n\nAdmitEvent\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.ReservedH\x00\x12#\n\x06tokens\x18\x02 \x01(\x0b\x32\x11.prfaas.v1.TokensH\x00\x12!\n\x05\x61live\x18\x03 \x01(\x0b\x32\x10.prfaas.v1.AliveH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x05\x41live\x12\x12\n\nkv_pending\x18\x01 \x01(\x08\"\x8b\x01\n\x08Reserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\x12\x1c\n\x14\x65xpected_chunks_hint\x18\x04 \x01(\x05\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x13\n\x0bskip_tokens\x18\x06 \x01(\x05\"]\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.prfaas.v1.TokenLogprob\"\xff\x01\n\x07KvChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x1f\n\x04kind\x18\x05 \x01(\x0e\x32\x11.prfaas.v1.KvKind\x12\x13\n\x0btoken_start\x18\x06 \x01(\x05\x12\x11\n\ttoken_end\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\x03\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\x07\x12\x0e\n\x06scales\x18\x0c \x01(\x0c\x12\x13\n\x0b\x66irst_token\x18\r \x01(\x05\"&\n\x05KvAck\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03*\x82\x01\n\x06KvKind\x12\x17\n\x13KV_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x46ULL_K\x10\x01\x12\n\n\x06\x46ULL_V\x10\x02\x12\x0f\n\x0b\x46ULL_LATENT\x10\x03\x12\x14\n\x10LINEAR_RECURRENT\x10\x04\x12\x0f\n\x0bLINEAR_CONV\x10\x05\x12\x0f\n\x0b\x46IRST_TOKEN\x10\x06\x32u\n\x06\x44\x65\x63ode\x12\x39\n\x05\x41\x64mit\x12\x17.prfaas.v1.AdmitRequest\x1a\x15.prfaas.v1.AdmitEvent0\x01\x12\x30\n\x06PushKv\x12\x12.prfaas.v1.KvChunk\x1a\x10.prfaas.v1.KvAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prfaas/v1/decode.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\xb6\x01\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x1a\n\x12transfer_timeout_s\x18\x04 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65pt_wire_dtypes\x18\x05 \x03(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x14\n\x0cprefill_node\x18\x07 \x01(\tJ\x04\x08\x02\x10\x03\"\x86\x01\n\nAdmitEvent\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.ReservedH\x00\x12#\n\x06tokens\x18\x02 \x01(\x0b\x32\x11.prfaas.v1.TokensH\x00\x12!\n\x05\x61live\x18\x03 \x01(\x0b\x32\x10.prfaas.v1.AliveH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x05\x41live\x12\x12\n\nkv_pending\x18\x01 \x01(\x08\"\x8b\x01\n\x08Reserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\x12\x1c\n\x14\x65xpected_chunks_hint\x18\x04 \x01(\x05\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x13\n\x0bskip_tokens\x18\x06 \x01(\x05\"]\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.prfaas.v1.TokenLogprob\"\xff\x01\n\x07KvChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x1f\n\x04kind\x18\x05 \x01(\x0e\x32\x11.prfaas.v1.KvKind\x12\x13\n\x0btoken_start\x18\x06 \x01(\x05\x12\x11\n\ttoken_end\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\x03\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\x07\x12\x0e\n\x06scales\x18\x0c \x01(\x0c\x12\x13\n\x0b\x66irst_token\x18\r \x01(\x05\"&\n\x05KvAck\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03*\x82\x01\n\x06KvKind\x12\x17\n\x13KV_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x46ULL_K\x10\x01\x12\n\n\x06\x46ULL_V\x10\x02\x12\x0f\n\x0b\x46ULL_LATENT\x10\x03\x12\x14\n\x10LINEAR_RECURRENT\x10\x04\x12\x0f\n\x0bLINEAR_CONV\x10\x05\x12\x0f\n\x0b\x46IRST_TOKEN\x10\x06\x32u\n\x06\x44\x65\x63ode\x12\x39\n\x05\x41\x64mit\x12\x17.prfaas.v1.AdmitRequest\x1a\x15.prfaas.v1.AdmitEvent0\x01\x12\x30\n\x06PushKv\x12\x12.prfaas.v1.KvChunk\x1a\x10.prfaas.v1.KvAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVKIND']._serialized_start=926
-  _globals['_KVKIND']._serialized_end=1056
+  _globals['_KVKIND']._serialized_start=948
+  _globals['_KVKIND']._serialized_end=1078
   _globals['_ADMITREQUEST']._serialized_start=62
-  _globals['_ADMITREQUEST']._serialized_end=222
-  _globals['_ADMITEVENT']._serialized_start=225
-  _globals['_ADMITEVENT']._serialized_end=359
-  _globals['_ALIVE']._serialized_start=361
-  _globals['_ALIVE']._serialized_end=388
-  _globals['_RESERVED']._serialized_start=391
-  _globals['_RESERVED']._serialized_end=530
-  _globals['_TOKENS']._serialized_start=532
-  _globals['_TOKENS']._serialized_end=625
-  _globals['_KVCHUNK']._serialized_start=628
-  _globals['_KVCHUNK']._serialized_end=883
-  _globals['_KVACK']._serialized_start=885
-  _globals['_KVACK']._serialized_end=923
-  _globals['_DECODE']._serialized_start=1058
-  _globals['_DECODE']._serialized_end=1175
+  _globals['_ADMITREQUEST']._serialized_end=244
+  _globals['_ADMITEVENT']._serialized_start=247
+  _globals['_ADMITEVENT']._serialized_end=381
+  _globals['_ALIVE']._serialized_start=383
+  _globals['_ALIVE']._serialized_end=410
+  _globals['_RESERVED']._serialized_start=413
+  _globals['_RESERVED']._serialized_end=552
+  _globals['_TOKENS']._serialized_start=554
+  _globals['_TOKENS']._serialized_end=647
+  _globals['_KVCHUNK']._serialized_start=650
+  _globals['_KVCHUNK']._serialized_end=905
+  _globals['_KVACK']._serialized_start=907
+  _globals['_KVACK']._serialized_end=945
+  _globals['_DECODE']._serialized_start=1080
+  _globals['_DECODE']._serialized_end=1197
 # @@protoc_insertion_point(module_scope)

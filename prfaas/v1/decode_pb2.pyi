@@ -26,18 +26,20 @@ LINEAR_CONV: KvKind
 FIRST_TOKEN: KvKind
 
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "sampling", "transfer_timeout_s", "accept_wire_dtypes", "token_ids")
+    __slots__ = ("request_id", "sampling", "transfer_timeout_s", "accept_wire_dtypes", "token_ids", "prefill_node")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _common_pb2.SamplingParams
     transfer_timeout_s: float
     accept_wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_timeout_s: _Optional[float] = ..., accept_wire_dtypes: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefill_node: str
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_timeout_s: _Optional[float] = ..., accept_wire_dtypes: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prefill_node: _Optional[str] = ...) -> None: ...
 
 class AdmitEvent(_message.Message):
     __slots__ = ("reserved", "tokens", "alive")

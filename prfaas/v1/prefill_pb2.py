@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from prfaas.v1 import common_pb2 as prfaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prfaas/v1/prefill.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"l\n\x13ImportPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12transfer_timeout_s\x18\x04 \x01(\x01\"z\n\x11ImportPrefixEvent\x12-\n\x08reserved\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefixReservedH\x00\x12-\n\x08imported\x18\x02 \x01(\x0b\x32\x19.prfaas.v1.PrefixImportedH\x00\x42\x07\n\x05\x65vent\"9\n\x0ePrefixReserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\"2\n\x0ePrefixImported\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\"\xad\x01\n\x13\x45xportPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65st_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\"H\n\x10\x45xportPrefixDone\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\"\xec\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x13\n\x0bskip_tokens\x18\t \x01(\x05\"\x9d\x01\n\x0cPrefillEvent\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefillStartedH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.prfaas.v1.PrefillDoneH\x00\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1a.prfaas.v1.PrefillProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x0fPrefillProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\x05\x12\x13\n\x0blayers_done\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x08\"8\n\x0ePrefillStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x05\"\x9b\x01\n\x0bPrefillDone\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\x12.\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x17.prfaas.v1.TokenLogprob2\xe7\x01\n\x07Prefill\x12?\n\x07Prefill\x12\x19.prfaas.v1.PrefillRequest\x1a\x17.prfaas.v1.PrefillEvent0\x01\x12N\n\x0cImportPrefix\x12\x1e.prfaas.v1.ImportPrefixRequest\x1a\x1c.prfaas.v1.ImportPrefixEvent0\x01\x12K\n\x0c\x45xportPrefix\x12\x1e.prfaas.v1.ExportPrefixRequest\x1a\x1b.prfaas.v1.ExportPrefixDoneb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prfaas/v1/prefill.proto\x12\tprfaas.v1\x1a\x16prfaas/v1/common.proto\"\x81\x01\n\x13ImportPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12transfer_timeout_s\x18\x04 \x01(\x01\x12\x13\n\x0bholder_node\x18\x05 \x01(\t\"z\n\x11ImportPrefixEvent\x12-\n\x08reserved\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefixReservedH\x00\x12-\n\x08imported\x18\x02 \x01(\x0b\x32\x19.prfaas.v1.PrefixImportedH\x00\x42\x07\n\x05\x65vent\"9\n\x0ePrefixReserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\"2\n\x0ePrefixImported\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\"\xc0\x01\n\x13\x45xportPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nhit_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65st_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\x12\x11\n\tdest_node\x18\x08 \x01(\t\"H\n\x10\x45xportPrefixDone\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\"\x81\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.prfaas.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_connections\x18\x06 \x01(\x05\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x13\n\x0bskip_tokens\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x63ode_node\x18\n \x01(\t\"\x9d\x01\n\x0cPrefillEvent\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.prfaas.v1.PrefillStartedH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.prfaas.v1.PrefillDoneH\x00\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1a.prfaas.v1.PrefillProgressH\x00\x42\x07\n\x05\x65vent\"K\n\x0fPrefillProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\x05\x12\x13\n\x0blayers_done\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x08\"8\n\x0ePrefillStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x05\"\x9b\x01\n\x0bPrefillDone\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\x12.\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x17.prfaas.v1.TokenLogprob2\xe7\x01\n\x07Prefill\x12?\n\x07Prefill\x12\x19.prfaas.v1.PrefillRequest\x1a\x17.prfaas.v1.PrefillEvent0\x01\x12N\n\x0cImportPrefix\x12\x1e.prfaas.v1.ImportPrefixRequest\x1a\x1c.prfaas.v1.ImportPrefixEvent0\x01\x12K\n\x0c\x45xportPrefix\x12\x1e.prfaas.v1.ExportPrefixRequest\x1a\x1b.prfaas.v1.ExportPrefixDoneb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prfaas.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMPORTPREFIXREQUEST']._serialized_start=62
-  _globals['_IMPORTPREFIXREQUEST']._serialized_end=170
-  _globals['_IMPORTPREFIXEVENT']._serialized_start=172
-  _globals['_IMPORTPREFIXEVENT']._serialized_end=294
-  _globals['_PREFIXRESERVED']._serialized_start=296
-  _globals['_PREFIXRESERVED']._serialized_end=353
-  _globals['_PREFIXIMPORTED']._serialized_start=355
-  _globals['_PREFIXIMPORTED']._serialized_end=405
-  _globals['_EXPORTPREFIXREQUEST']._serialized_start=408
-  _globals['_EXPORTPREFIXREQUEST']._serialized_end=581
-  _globals['_EXPORTPREFIXDONE']._serialized_start=583
-  _globals['_EXPORTPREFIXDONE']._serialized_end=655
-  _globals['_PREFILLREQUEST']._serialized_start=658
-  _globals['_PREFILLREQUEST']._serialized_end=894
-  _globals['_PREFILLEVENT']._serialized_start=897
-  _globals['_PREFILLEVENT']._serialized_end=1054
-  _globals['_PREFILLPROGRESS']._serialized_start=1056
-  _globals['_PREFILLPROGRESS']._serialized_end=1131
-  _globals['_PREFILLSTARTED']._serialized_start=1133
-  _globals['_PREFILLSTARTED']._serialized_end=1189
-  _globals['_PREFILLDONE']._serialized_start=1192
-  _globals['_PREFILLDONE']._serialized_end=1347
-  _globals['_PREFILL']._serialized_start=1350
-  _globals['_PREFILL']._serialized_end=1581
+  _globals['_IMPORTPREFIXREQUEST']._serialized_start=63
+  _globals['_IMPORTPREFIXREQUEST']._serialized_end=192
+  _globals['_IMPORTPREFIXEVENT']._serialized_start=194
+  _globals['_IMPORTPREFIXEVENT']._serialized_end=316
+  _globals['_PREFIXRESERVED']._serialized_start=318
+  _globals['_PREFIXRESERVED']._serialized_end=375
+  _globals['_PREFIXIMPORTED']._serialized_start=377
+  _globals['_PREFIXIMPORTED']._serialized_end=427
+  _globals['_EXPORTPREFIXREQUEST']._serialized_start=430
+  _globals['_EXPORTPREFIXREQUEST']._serialized_end=622
+  _globals['_EXPORTPREFIXDONE']._serialized_start=624
+  _globals['_EXPORTPREFIXDONE']._serialized_end=696
+  _globals['_PREFILLREQUEST']._serialized_start=699
+  _globals['_PREFILLREQUEST']._serialized_end=956
+  _globals['_PREFILLEVENT']._serialized_start=959
+  _globals['_PREFILLEVENT']._serialized_end=1116
+  _globals['_PREFILLPROGRESS']._serialized_start=1118
+  _globals['_PREFILLPROGRESS']._serialized_end=1193
+  _globals['_PREFILLSTARTED']._serialized_start=1195
+  _globals['_PREFILLSTARTED']._serialized_end=1251
+  _globals['_PREFILLDONE']._serialized_start=1254
+  _globals['_PREFILLDONE']._serialized_end=1409
+  _globals['_PREFILL']._serialized_start=1412
+  _globals['_PREFILL']._serialized_end=1643
 # @@protoc_insertion_point(module_scope)

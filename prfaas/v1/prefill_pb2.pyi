@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImportPrefixRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_timeout_s")
+    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_timeout_s", "holder_node")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_NODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hit_tokens: int
     transfer_timeout_s: float
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_timeout_s: _Optional[float] = ...) -> None: ...
+    holder_node: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_timeout_s: _Optional[float] = ..., holder_node: _Optional[str] = ...) -> None: ...
 
 class ImportPrefixEvent(_message.Message):
     __slots__ = ("reserved", "imported")
@@ -44,7 +46,7 @@ class PrefixImported(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class ExportPrefixRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_id", "dest_address", "num_connections", "deadline_unix_s")
+    __slots__ = ("request_id", "token_ids", "hit_tokens", "transfer_id", "dest_address", "num_connections", "deadline_unix_s", "dest_node")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class ExportPrefixRequest(_message.Message):
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    DEST_NODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hit_tokens: int
@@ -59,7 +62,8 @@ class ExportPrefixRequest(_message.Message):
     dest_address: str
     num_connections: int
     deadline_unix_s: float
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., dest_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    dest_node: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hit_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., dest_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., dest_node: _Optional[str] = ...) -> None: ...
 
 class ExportPrefixDone(_message.Message):
     __slots__ = ("tokens", "kv_bytes", "transfer_s")
@@ -72,7 +76,7 @@ class ExportPrefixDone(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "token_ids", "sampling", "decode_address", "num_connections", "wire_dtype", "deadline_unix_s", "skip_tokens")
+    __slots__ = ("request_id", "transfer_id", "token_ids", "sampling", "decode_address", "num_connections", "wire_dtype", "deadline_unix_s", "skip_tokens", "decode_node")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,7 @@ class PrefillRequest(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -91,7 +96,8 @@ class PrefillRequest(_message.Message):
     wire_dtype: str
     deadline_unix_s: float
     skip_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
+    decode_node: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., skip_tokens: _Optional[int] = ..., decode_node: _Optional[str] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("started", "done", "progress")

@@ -19,6 +19,7 @@ from prfaas.rpc.convert import (
 )
 from prfaas.rpc.handlers import add_service
 from prfaas.rpc.status import mapped
+from prfaas.security.authz import require_self
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
 
@@ -35,12 +36,14 @@ class CachePoolServicer(pb_grpc.CachePoolServicer):
     async def Register(self, request: pb.RegisterRequest, context: Ctx) -> pb.RegisterResponse:
         if not request.HasField("node"):
             raise InvalidArgumentError("node must be set")
+        require_self(request.node.node_id, "register")
         r = await self._core.register(node_info_from_pb(request.node))
         return pb.RegisterResponse(heartbeat_interval_s=r.heartbeat_interval_s,
                                    heartbeat_timeout_s=r.heartbeat_timeout_s)
 
     @mapped
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        require_self(request.node_id, "heartbeat")
         load, role = node_load_from_pb(request.load), role_from_pb(request.role)
         known = await self._core.heartbeat(request.node_id, load, role, request.draining)
         return pb.HeartbeatResponse(known=known)
@@ -54,6 +57,7 @@ class CachePoolServicer(pb_grpc.CachePoolServicer):
     async def Publish(self, request_iterator: AsyncIterator[pb.CacheEvent], context: Ctx) -> pb.PublishAck:
         applied = 0
         async for event in request_iterator:
+            require_self(event.node_id, "publish cache events")
             applied += await self._core.publish([cache_event_from_pb(event)])
         return pb.PublishAck(events=applied)
 

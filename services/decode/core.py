@@ -69,6 +69,7 @@ class DecodeNode:
         self.prefix = prefix  # the node's prefix cache, decode side (None: it keeps nothing)
         self._compute = compute_lock  # shared with a prefill core on a convertible node
         self.kv_address = ""  # set when the node also serves the raw-TCP KV data port
+        self.verify_sender = False  # mutual TLS: a transfer's KV only from the prefill node Admit named
         self.node_id, self.executor, self.receiver = node_id, executor, receiver
         self.max_batch, self.transfer_timeout_s = max_batch, transfer_timeout_s
         # one request may hold at most this many blocks (prompt + output): none takes the pool
@@ -126,7 +127,9 @@ class DecodeNode:
         params: SamplingParams,
         transfer_timeout_s: float = 0.0,
         wire_dtypes: tuple[str, ...] = (),
+        prefill_node: str = "",
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
+        """`prefill_node`: the identity the KV must come from, when `verify_sender` (mutual TLS)."""
         ex = self.executor
         self._check_admissible(prompt, params)
         # raises InvalidRequest / OutOfCapacity
@@ -139,7 +142,7 @@ class DecodeNode:
         try:
             transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=skip,
                                             sink=_ExecutorSink(ex, seq), deadline_s=self._timeout(transfer_timeout_s),
-                                            wire_dtype=wire)
+                                            wire_dtype=wire, sender=prefill_node if self.verify_sender else None)
             self._pending += 1
             try:
                 yield Reserved(transfer_id, self.node_id, wire, self.kv_address, skip)

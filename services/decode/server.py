@@ -34,6 +34,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 sampling_from_pb(request.sampling),
                 request.transfer_timeout_s,
                 tuple(request.accept_wire_dtypes),
+                prefill_node=request.prefill_node,
             )
             async with contextlib.aclosing(stream):
                 async for ev in stream:

@@ -59,9 +59,9 @@ def build(s: FrontDoorSettings, router: GrpcRouter) -> FrontDoor:
     )
     tokenizer = load_tokenizer(model_dir, config.vocab_size)
     template = load_chat_template(model_dir)
-    auth = BearerToken(s.api_key) if s.api_key else AllowAll()
+    auth = BearerToken(s.api_key, s.api_keys_file) if s.api_key or s.api_keys_file else AllowAll()
     log.info("model", model_dir=str(model_dir), served_model_name=served_name(s), chat_template=template is not None,
-             tokenizer=type(tokenizer).__name__, defaults=str(defaults), api_key=bool(s.api_key))
+             tokenizer=type(tokenizer).__name__, defaults=str(defaults), api_key=bool(s.api_key or s.api_keys_file))
     return FrontDoor(router, tokenizer, served_name(s), template, defaults, auth)
 
 
@@ -70,7 +70,8 @@ async def main(s: FrontDoorSettings) -> None:
     metrics.install("frontdoor")
     router = GrpcRouter(s.router)
     door = build(s, router)
-    runner = web.AppRunner(make_app(door, router.healthy), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(make_app(door, router.healthy, s.max_client_requests), handler_cancellation=True,
+                           access_log=None)
     await runner.setup()
     host, port = s.listen.rsplit(":", 1)
     site = web.TCPSite(runner, host.strip("[]"), int(port))

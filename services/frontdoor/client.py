@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel
 from prfaas.rpc.convert import logprob_from_pb
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -71,7 +71,7 @@ def to_pb(req: RouterRequest) -> router_pb2.GenerateRequest:
 class GrpcRouter:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = insecure_channel(address)
+        self._channel = channel(address, expect="router")  # as the front door's identity
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def generate(self, req: RouterRequest) -> AsyncGenerator[RouterChunk, None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -26,6 +27,7 @@ from prfaas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from prfaas.messages import TokenLogprob
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
+from prfaas.security.tokens import TokenFile
 
 from . import protocol
 from .protocol import BadRequest, Defaults, ModelNotFound, Prepared, Unauthorized
@@ -65,26 +67,34 @@ class RouterApi(Protocol):
 
 
 class Authenticator(Protocol):
-    """The seam for client authentication (issue 10 adds TLS client certificates here): raises
+    """Client authentication: the client's name (what the per-client limit counts), or
     `Unauthorized` for a request that may not be served."""
 
-    def check(self, authorization: str | None) -> None: ...
+    def check(self, authorization: str | None) -> str: ...
 
 
 class AllowAll:
-    def check(self, authorization: str | None) -> None:
-        pass
+    def check(self, authorization: str | None) -> str:
+        return "anonymous"
 
 
 class BearerToken:
-    """`Authorization: Bearer KEY` with the one configured key (as vLLM's --api-key)."""
+    """`Authorization: Bearer KEY` with the one configured key (as vLLM's --api-key) and/or the
+    keys of a key file (`name:key` lines, re-read when it changes: rotation without restart)."""
 
-    def __init__(self, key: str) -> None:
-        self._expected = f"Bearer {key}"
+    def __init__(self, key: str = "", key_file: str = "") -> None:
+        self._expected = f"Bearer {key}" if key else None
+        self._file = TokenFile(key_file) if key_file else None
 
-    def check(self, authorization: str | None) -> None:
-        if authorization != self._expected:
+    def check(self, authorization: str | None) -> str:
+        if self._expected is not None and authorization is not None and hmac.compare_digest(
+                authorization.encode(), self._expected.encode()):
+            return "api-key"
+        text = authorization or ""
+        name = self._file.lookup(text[7:].strip()) if self._file and text[:7].lower() == "bearer " else None
+        if name is None:
             raise Unauthorized("a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+        return name
 
 
 @dataclass

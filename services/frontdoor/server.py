@@ -20,16 +20,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
+from prfaas.security.tokens import ClientLimiter
 
 from . import responses
 from .core import ChoiceDelta, FrontDoor, Usage
-from .protocol import ApiError, BadRequest, Prepared
+from .protocol import ApiError, BadRequest, Prepared, RateLimited
 
 log = get_logger(__name__)
 
 Healthy = Callable[[], Awaitable[bool]]
 _DOOR: web.AppKey[FrontDoor] = web.AppKey("door", FrontDoor)
 _HEALTHY: web.AppKey[Healthy] = web.AppKey("healthy", object)  # type: ignore[arg-type]
+_LIMIT: web.AppKey[ClientLimiter] = web.AppKey("limit", ClientLimiter)
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -43,9 +45,16 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
                   ) -> web.StreamResponse:
     endpoint = request.path if request.path in _ENDPOINTS else "other"
     try:
+        client = None
         if request.path.startswith("/v1/"):
-            request.app[_DOOR].auth.check(request.headers.get("Authorization"))
-        resp = await handler(request)
+            client = request.app[_DOOR].auth.check(request.headers.get("Authorization"))
+            if not request.app[_LIMIT].try_acquire(client):
+                raise RateLimited(f"{client} already has {request.app[_LIMIT].max} requests in flight "
+                                  "(the per-client limit)", retry_after_s=1)
+        try:
+            resp = await handler(request)
+        finally:
+            request.app[_LIMIT].release(client)
     except ApiError as e:
         if e.status >= 500:
             log.warning("request_failed", path=request.path, status=e.status, error=e.message)
@@ -147,9 +156,10 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(door: FrontDoor, healthy: Healthy) -> web.Application:
+def make_app(door: FrontDoor, healthy: Healthy, max_client_requests: int = 0) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
     app[_DOOR] = door
+    app[_LIMIT] = ClientLimiter(max_client_requests)
     app[_HEALTHY] = healthy
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

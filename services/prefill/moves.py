@@ -25,6 +25,7 @@ from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
 from prfaas.messages import PrefixMoved, PrefixReserved, SamplingParams
 from prfaas.obs.log import get_logger
+from prfaas.security import tls
 
 from .core import KvPush
 
@@ -43,8 +44,8 @@ class PrefixGone(PrfaasError):
     code = Code.FAILED_PRECONDITION
 
 
-# (address, transfer_id, prefix tokens, num_connections, deadline_unix_s) -> a push
-MoveSenderFactory = Callable[[str, str, int, int, float], KvPush]
+# (address, transfer_id, prefix tokens, num_connections, deadline_unix_s, the importer's node id) -> a push
+MoveSenderFactory = Callable[[str, str, int, int, float, str], KvPush]
 
 
 class _Sink:
@@ -76,14 +77,16 @@ class PrefixMover:
 
     # --- the holder ---------------------------------------------------------------------------------
     async def export(self, request_id: str, tokens: list[int], hit: int, transfer_id: str, address: str,
-                     num_connections: int = 0, deadline_unix_s: float = 0.0) -> PrefixMoved:
+                     num_connections: int = 0, deadline_unix_s: float = 0.0, dest_node: str = "") -> PrefixMoved:
+        """Pushes the cached prefix to the importer at `address`, whose certificate must name
+        `dest_node` (mutual TLS; the servicer has checked that it is a registered member)."""
         hashes = self._check(tokens, hit)
         ids, slot = self.cache.lookup(hashes, len(hashes))
         if len(ids) != len(hashes) or slot is None:
             raise PrefixGone(f"node {self.node_id} holds {len(ids) * self.bs} of the {hit} tokens asked for")
         view = SeqState(request_id, tokens[:hit], SamplingParams(), list(ids), slot, num_cached=hit)
         layers = [self.executor.read_layer(view, i, 0, hit) for i in range(self.executor.layout.num_layers)]
-        push = self.sender_factory(address, transfer_id, hit, num_connections, deadline_unix_s)
+        push = self.sender_factory(address, transfer_id, hit, num_connections, deadline_unix_s, dest_node)
         try:
             for lk in layers:
                 await push.push_layer(lk)
@@ -104,11 +107,16 @@ class PrefixMover:
             self.publish(self.cache.evict(self.executor.layout.blocks_for(len(prefix)), 1))
             return self.executor.add(request_id, prefix, params)
 
-    async def import_(self, request_id: str, tokens: list[int], hit: int,
-                      timeout_s: float = 30.0) -> AsyncGenerator[PrefixReserved | PrefixMoved, None]:
+    async def import_(self, request_id: str, tokens: list[int], hit: int, timeout_s: float = 30.0,
+                      holder: str = "") -> AsyncGenerator[PrefixReserved | PrefixMoved, None]:
         """`PrefixReserved`, then `PrefixMoved` once the prefix is in this node's cache. Closed early
-        (the router gave up), it frees what it reserved."""
+        (the router gave up), it frees what it reserved. Under mutual TLS the KV is taken only from
+        `holder` (the node the router will ask to export), as a decode node takes a prefill's KV
+        only from the prefill node named in Admit."""
         hashes = self._check(tokens, hit)
+        secure = not tls.current().insecure
+        if secure and not holder:
+            raise InvalidRequest("ImportPrefix names no holder_node: under mutual TLS the KV is taken only from it")
         if not self.kv_address:
             raise PrfaasError(f"node {self.node_id} has no KV data port to import into")
         seq = self._reserve(request_id, tokens[:hit])
@@ -116,7 +124,8 @@ class PrefixMover:
         cached = False
         try:
             transfer = self.receiver.expect(transfer_id, self.executor.layout, prompt_tokens=hit, skip_tokens=0,
-                                            sink=_Sink(self.executor, seq), deadline_s=max(timeout_s, 0.1))
+                                            sink=_Sink(self.executor, seq), deadline_s=max(timeout_s, 0.1),
+                                            sender=None if secure is False else holder)
             try:
                 yield PrefixReserved(transfer_id, self.kv_address)
                 t0 = time.monotonic()

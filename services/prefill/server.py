@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from structlog.contextvars import bind_contextvars
@@ -18,8 +18,12 @@ from .moves import PrefixGone, PrefixMover
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, node: PrefillNode, mover: PrefixMover | None = None) -> None:
+    def __init__(self, node: PrefillNode, mover: PrefixMover | None = None,
+                 check_destination: Callable[[PrefillJob], Awaitable[None]] | None = None,
+                 check_member: Callable[[str, str, str], Awaitable[None]] | None = None) -> None:
         self.node, self.mover = node, mover
+        self.check_destination = check_destination  # a prefill node pushes KV only to members
+        self.check_member = check_member  # and a prefix move only to a member node
 
     def _mover(self) -> PrefixMover:
         if self.mover is None:
@@ -32,7 +36,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         bind_contextvars(request_id=request.request_id)
         async with grpc_errors(context):
             stream = self._mover().import_(request.request_id, list(request.token_ids), request.hit_tokens,
-                                           request.transfer_timeout_s or 30.0)
+                                           request.transfer_timeout_s or 30.0, holder=request.holder_node)
             async with contextlib.aclosing(stream):
                 async for ev in stream:
                     if isinstance(ev, PrefixMoved):
@@ -47,9 +51,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.ExportPrefixDone:
         bind_contextvars(request_id=request.request_id, transfer_id=request.transfer_id)
         async with grpc_errors(context):
-            st = await self._mover().export(request.request_id, list(request.token_ids), request.hit_tokens,
-                                            request.transfer_id, request.dest_address, request.num_connections,
-                                            request.deadline_unix_s)
+            mover = self._mover()
+            if self.check_member is not None:  # KV goes only to a registered member (no request forgery)
+                await self.check_member(request.dest_node, request.dest_address, f"prefix for {request.request_id}")
+            st = await mover.export(request.request_id, list(request.token_ids), request.hit_tokens,
+                                    request.transfer_id, request.dest_address, request.num_connections,
+                                    request.deadline_unix_s, dest_node=request.dest_node)
             return prefill_pb2.ExportPrefixDone(tokens=st.tokens, kv_bytes=st.kv_bytes, transfer_s=st.seconds)
         raise AssertionError("unreachable")  # grpc_errors aborts the call
 
@@ -68,7 +75,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.wire_dtype,
                 request.deadline_unix_s,
                 request.skip_tokens,
+                request.decode_node,
             )
+            if self.check_destination is not None:
+                await self.check_destination(job)  # NotPermitted: PERMISSION_DENIED, before any work
             async with contextlib.aclosing(self.node.prefill(job)) as stream:
                 async for ev in stream:
                     if isinstance(ev, Progress):

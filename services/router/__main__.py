@@ -12,11 +12,14 @@ from prfaas.model.config import ModelConfig
 from prfaas.model.presets import resolve_model
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel
 from prfaas.rpc.convert import role_to_pb
 from prfaas.rpc.handlers import add_service
 from prfaas.rpc.serve import serve
 from prfaas.scheduling.policy import RouteDecision, make_policy
+from prfaas.security import tls
+from prfaas.security.authz import Authoriser
+from prfaas.security.tokens import TokenFile
 from prfaas.settings import RouterSettings, parse_router_settings
 from prfaas.startup import run_service
 from prfaas.transport.formats import transfer_bytes
@@ -36,7 +39,7 @@ GBPS = 1e9 / 8
 
 async def set_role(node: Node, role: str) -> None:
     """NodeControl.SetRole on a local node (FAILED_PRECONDITION if it was not started convertible)."""
-    async with insecure_channel(node.address) as ch:
+    async with channel(node.address, expect=node.node_id) as ch:
         request = common_pb2.SetRoleRequest(role=role_to_pb(Role(role)))
         await common_pb2_grpc.NodeControlStub(ch).SetRole(request, timeout=5)
 
@@ -128,7 +131,11 @@ async def main(s: RouterSettings) -> None:
         await clients.close()
         await pool.close()
 
-    await serve(s.listen, add, started, stopping, s.metrics_port, drain=lambda: router.drain(s.drain_timeout_s))
+    cfg = tls.current()  # clients: a certificate of kind client, or a bearer token from the token file
+    tokens = TokenFile(s.client_tokens) if s.client_tokens else None
+    authoriser = Authoriser(cfg.domain, cfg.insecure, tokens=tokens, max_per_client=s.max_client_requests)
+    await serve(s.listen, add, started, stopping, s.metrics_port, drain=lambda: router.drain(s.drain_timeout_s),
+                authoriser=authoriser, token_listen=s.token_listen)
 
 
 if __name__ == "__main__":

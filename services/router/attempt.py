@@ -46,9 +46,14 @@ class NodeClients(Protocol):
     def admit(
         self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
         wire_dtypes: tuple[str, ...] = (),
-    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]: ...
+        node_id: str = "", prefill_node: str = "",
+    ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
+        """`node_id`: the decode node's (its certificate must name it); `prefill_node`: the only
+        node it may take this request's KV from."""
+        ...
 
-    def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]: ...
+    def prefill(self, address: str, job: PrefillJob,
+                node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]: ...
 
 
 @dataclass
@@ -112,7 +117,8 @@ class Attempt:
     async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
         d = self.p.decision
         admit = self.clients.admit(self.p.decode.address, self.request_id, self.prompt, self.params,
-                                   self.transfer_timeout_s, wire_dtypes=(self.wire_dtype,))
+                                   self.transfer_timeout_s, wire_dtypes=(self.wire_dtype,),
+                                   node_id=d.decode_node, prefill_node=d.prefill_node)
         async with contextlib.aclosing(admit):
             reserved = await self._decode_event(admit)
             self._mark("reserved")
@@ -120,7 +126,8 @@ class Attempt:
                 raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "tokens before a reservation")
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
                              reserved.kv_address or self.p.decode.address, self.num_connections,
-                             reserved.wire_dtype, self.deadline_unix_s, reserved.skip_tokens)
+                             reserved.wire_dtype, self.deadline_unix_s, reserved.skip_tokens,
+                             decode_node=d.decode_node)
             self.skip_tokens = reserved.skip_tokens
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
@@ -165,7 +172,7 @@ class Attempt:
 
     async def _prefill(self, job: PrefillJob) -> Done:
         node, done = self.p.decision.prefill_node, None
-        stream = self.clients.prefill(self.p.prefill.address, job)
+        stream = self.clients.prefill(self.p.prefill.address, job, node_id=node)
         async with contextlib.aclosing(stream):
             while True:
                 try:

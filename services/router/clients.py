@@ -20,7 +20,7 @@ from prfaas.messages import (
     Started,
     TokenBatch,
 )
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel
 from prfaas.rpc.convert import logprob_from_pb, sampling_to_pb
 from prfaas.rpc.status import code_of
 from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -28,12 +28,13 @@ from prfaas.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 class GrpcNodeClients:
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
+    def _channel(self, address: str, node_id: str = "") -> grpc.aio.Channel:
+        """The channel to a node, which must present the certificate of `node_id`."""
+        ch = self._channels.get((address, node_id))
         if ch is None:
-            ch = self._channels[address] = insecure_channel(address)
+            ch = self._channels[(address, node_id)] = channel(address, expect=node_id)
         return ch
 
     async def close(self) -> None:
@@ -44,8 +45,9 @@ class GrpcNodeClients:
     async def admit(
         self, address: str, request_id: str, prompt: list[int], params: SamplingParams, timeout_s: float,
         wire_dtypes: tuple[str, ...] = (),
+        node_id: str = "", prefill_node: str = "",
     ) -> AsyncGenerator[Reserved | TokenBatch | Alive, None]:
-        stub = decode_pb2_grpc.DecodeStub(self._channel(address))
+        stub = decode_pb2_grpc.DecodeStub(self._channel(address, node_id))
         call = stub.Admit(
             decode_pb2.AdmitRequest(
                 request_id=request_id,
@@ -53,6 +55,7 @@ class GrpcNodeClients:
                 transfer_timeout_s=timeout_s,
                 token_ids=prompt,
                 accept_wire_dtypes=list(wire_dtypes),
+                prefill_node=prefill_node,  # the only identity the decode node takes this KV from
             )
         )
         try:
@@ -72,8 +75,9 @@ class GrpcNodeClients:
         finally:
             call.cancel()
 
-    async def prefill(self, address: str, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
-        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+    async def prefill(self, address: str, job: PrefillJob,
+                      node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address, node_id))
         call = stub.Prefill(
             prefill_pb2.PrefillRequest(
                 request_id=job.request_id,
@@ -85,6 +89,7 @@ class GrpcNodeClients:
                 wire_dtype=job.wire_dtype,
                 deadline_unix_s=job.deadline_unix_s,
                 skip_tokens=job.skip_tokens,
+                decode_node=job.decode_node,
             )
         )
         try:
@@ -106,11 +111,15 @@ class GrpcNodeClients:
 
     # --- cross-cluster prefix moves -------------------------------------------------------------
     async def import_prefix(
-        self, address: str, request_id: str, prompt: list[int], hit: int, timeout_s: float
+        self, address: str, request_id: str, prompt: list[int], hit: int, timeout_s: float,
+        node_id: str = "", holder_node: str = "",
     ) -> AsyncGenerator[PrefixReserved | PrefixMoved, None]:
-        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+        """`node_id`: the importer's (its certificate must name it); `holder_node`: the only node it
+        may take the prefix's KV from."""
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address, node_id))
         call = stub.ImportPrefix(prefill_pb2.ImportPrefixRequest(
-            request_id=request_id, token_ids=prompt, hit_tokens=hit, transfer_timeout_s=timeout_s))
+            request_id=request_id, token_ids=prompt, hit_tokens=hit, transfer_timeout_s=timeout_s,
+            holder_node=holder_node))
         try:
             async for ev in call:
                 if ev.WhichOneof("event") == "reserved":
@@ -123,12 +132,13 @@ class GrpcNodeClients:
             call.cancel()
 
     async def export_prefix(self, address: str, request_id: str, prompt: list[int], hit: int, transfer_id: str,
-                            dest: str, deadline_unix_s: float) -> PrefixMoved:
-        stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
+                            dest: str, deadline_unix_s: float, node_id: str = "", dest_node: str = "") -> PrefixMoved:
+        """`node_id`: the holder's; `dest_node`: the importer's, a member the holder checks."""
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(address, node_id))
         try:
             r = await stub.ExportPrefix(prefill_pb2.ExportPrefixRequest(
                 request_id=request_id, token_ids=prompt, hit_tokens=hit, transfer_id=transfer_id,
-                dest_address=dest, deadline_unix_s=deadline_unix_s))
+                dest_address=dest, deadline_unix_s=deadline_unix_s, dest_node=dest_node))
         except grpc.aio.AioRpcError as e:
             raise RemoteError(code_of(e.code()), e.details() or "") from e
         return PrefixMoved(r.tokens, r.kv_bytes, r.transfer_s)

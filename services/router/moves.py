@@ -31,11 +31,15 @@ log = get_logger(__name__)
 
 
 class MoveClients(Protocol):
-    def import_prefix(self, address: str, request_id: str, prompt: list[int], hit: int,
-                      timeout_s: float) -> AsyncGenerator[PrefixReserved | PrefixMoved, None]: ...
+    def import_prefix(
+        self, address: str, request_id: str, prompt: list[int], hit: int, timeout_s: float,
+        node_id: str = "", holder_node: str = "",
+    ) -> AsyncGenerator[PrefixReserved | PrefixMoved, None]: ...
 
-    async def export_prefix(self, address: str, request_id: str, prompt: list[int], hit: int, transfer_id: str,
-                            dest: str, deadline_unix_s: float) -> PrefixMoved: ...
+    async def export_prefix(
+        self, address: str, request_id: str, prompt: list[int], hit: int, transfer_id: str,
+        dest: str, deadline_unix_s: float, node_id: str = "", dest_node: str = "",
+    ) -> PrefixMoved: ...
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,15 @@ async def _move(clients: MoveClients, request_id: str, prompt: list[int], p: Pla
                 timeout_s: float) -> MoveOutcome:
     try:
         async with asyncio.timeout(timeout_s):
-            imp = clients.import_prefix(p.prefill.address, request_id, prompt, hit, timeout_s)
+            imp = clients.import_prefix(p.prefill.address, request_id, prompt, hit, timeout_s,
+                                        node_id=p.prefill.node_id, holder_node=holder.node_id)
             async with contextlib.aclosing(imp):
                 reserved = await anext(imp)
                 if not isinstance(reserved, PrefixReserved):
                     raise RuntimeError("the importer answered without a reservation")
                 sent = await clients.export_prefix(holder.address, request_id, prompt, hit, reserved.transfer_id,
-                                                   reserved.kv_address, time.time() + timeout_s)
+                                                   reserved.kv_address, time.time() + timeout_s,
+                                                   node_id=holder.node_id, dest_node=p.prefill.node_id)
                 got = await anext(imp)
                 if not isinstance(got, PrefixMoved) or got.kv_bytes != sent.kv_bytes:
                     raise RuntimeError(f"the importer got {got}, the holder sent {sent}")

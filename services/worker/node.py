@@ -37,6 +37,7 @@ from ..decode.core import DecodeNode
 from ..decode.prefix import DecodePrefix
 from ..prefill.core import PrefillNode
 from ..prefill.moves import PrefixMover
+from .destinations import Destinations
 
 log = get_logger(__name__)
 
@@ -111,15 +112,19 @@ class WorkerNode:
             self.decode = DecodeNode(s.node_id, self.executor, self.receiver, s.max_batch, s.transfer_timeout_s, lock,
                                      max_request_blocks=cap, emulator=self.emulator, prefix=prefix)
             self.decode.wire_accept = wire_accept(s.kv_wire_accept)
+        self.destinations = Destinations(pool)  # a prefill node pushes KV only to registered members
         self.agent: MembershipAgent | None = None  # set once the node registers
         self._rate_at, self._egress_bytes, self._tokens = time.monotonic(), 0, 0
 
     def sender_for(self, job: PrefillJob) -> KvSender:
         return KvSender.for_job(job, self.executor.layout, self.channels)
 
-    def move_sender(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float) -> KvSender:
-        """A prefix move's push to the importing node (the data plane of a prefill's KV)."""
-        job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address, connections, "", deadline)
+    def move_sender(self, address: str, transfer_id: str, tokens: int, connections: int, deadline: float,
+                    dest_node: str = "") -> KvSender:
+        """A prefix move's push to the importing node (the data plane of a prefill's KV), whose
+        certificate must name `dest_node`."""
+        job = PrefillJob("", transfer_id, [0] * tokens, SamplingParams(), address, connections, "", deadline,
+                         decode_node=dest_node)
         return KvSender.for_job(job, self.executor.layout, self.channels)
 
     # --- the cache pool ---------------------------------------------------------------------------

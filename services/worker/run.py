@@ -16,6 +16,7 @@ from prfaas.cluster.membership import MembershipAgent
 from prfaas.obs import metrics
 from prfaas.obs.log import configure, get_logger
 from prfaas.rpc.serve import serve
+from prfaas.security import tls
 from prfaas.settings import NodeSettings
 from prfaas.transport import pool as kv_pool
 from prfaas.transport.limits import limits_from_settings
@@ -37,6 +38,7 @@ async def run_node(s: NodeSettings, role: Role) -> None:
     kv_tcp = KvTcpServer(node.receiver, limits)  # the raw-TCP data port, when the node decodes
     kv_pool.configure(limits.pool_per_address, limits.pool_idle_s)  # the prefill side's idle connections
     if node.decode:
+        node.decode.verify_sender = not tls.current().insecure  # KV only from the node Admit names
         node.decode.start()
 
     async def started(address: str) -> None:

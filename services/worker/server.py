@@ -43,7 +43,9 @@ DECODE = decode_pb2.DESCRIPTOR.services_by_name["Decode"]
 def add_servicers(node: WorkerNode, server: grpc.aio.Server) -> list[str]:
     names = [add_service(server, NodeControlServicer(node), CONTROL)]
     if node.prefill:
-        names.append(add_service(server, PrefillServicer(node.prefill, node.mover), PREFILL))
+        names.append(add_service(server, PrefillServicer(node.prefill, node.mover, node.destinations.check,
+                                                          node.destinations.check_member),
+                                 PREFILL))
     if node.decode:
         servicer = DecodeServicer(node.decode)  # PushKv without a protobuf copy of the payload
         servicer.push.limits = limits_from_settings(node.settings)  # the data plane's limits (issue 10)

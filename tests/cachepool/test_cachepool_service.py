@@ -29,12 +29,16 @@ from prfaas.cluster import (
 from prfaas.cluster.client import CachePoolClient
 from prfaas.cluster.membership import MembershipAgent
 from prfaas.kv.prefix import block_hashes
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
+from prfaas.security.tls import TlsConfig
 from prfaas.v1 import cachepool_pb2 as pb
 from prfaas.v1 import cachepool_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 BS = 16
+# The pool's own behaviour, one client playing many nodes: --insecure (which keeps that mode
+# covered); tests/test_security.py checks identities against a pool under mutual TLS.
+INSECURE = TlsConfig(insecure=True)
 
 
 def free_port() -> int:
@@ -45,7 +49,7 @@ def free_port() -> int:
 
 def start_pool(*args: str, log: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cachepool", "--block-size", str(BS), *args],
+        [sys.executable, "-m", "services.cachepool", "--block-size", str(BS), "--insecure", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
     )
     assert proc.stdout is not None
@@ -86,7 +90,7 @@ def info(node_id: str, cluster: str = "prfaas", role: Role = Role.PREFILL) -> No
 
 
 async def test_health_reports_serving(pool: tuple[str, int]) -> None:
-    async with insecure_channel(pool[0]) as ch:
+    async with rpc_channel(pool[0], tls=INSECURE) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for service in ("", "prfaas.v1.CachePool"):
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -102,7 +106,7 @@ def test_reflection_lists_the_services(pool: tuple[str, int]) -> None:
 async def test_register_heartbeat_list_publish_match(pool: tuple[str, int]) -> None:
     prompt = list(range(1000, 1000 + 4 * BS + 5))
     h = block_hashes(prompt, BS)
-    async with CachePoolClient(pool[0]) as client:
+    async with CachePoolClient(pool[0], tls=INSECURE) as client:
         r = await client.register(info("flow-p"))
         assert r.heartbeat_timeout_s == 10.0
         await client.register(info("flow-d", "local", Role.DECODE))
@@ -141,7 +145,7 @@ async def test_register_heartbeat_list_publish_match(pool: tuple[str, int]) -> N
 
 
 async def test_bad_input_gets_status_codes_with_messages(pool: tuple[str, int]) -> None:
-    async with insecure_channel(pool[0]) as ch:
+    async with rpc_channel(pool[0], tls=INSECURE) as ch:
         stub = pb_grpc.CachePoolStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Register(pb.RegisterRequest(), timeout=5)
@@ -154,7 +158,7 @@ async def test_bad_input_gets_status_codes_with_messages(pool: tuple[str, int]) 
             await stub.Publish(events(), timeout=5)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "bad-ghost" in (e.value.details() or "")
 
-    async with CachePoolClient(pool[0]) as client:
+    async with CachePoolClient(pool[0], tls=INSECURE) as client:
         with pytest.raises(InvalidArgumentError, match="node_id"):
             await client.register(NodeInfo("", "local", Role.PREFILL, "127.0.0.1:1"))
         with pytest.raises(InvalidArgumentError, match="address"):
@@ -171,7 +175,7 @@ async def test_silent_node_is_dropped_and_agent_stays(tmp_path: Path) -> None:
     try:
         prompt = list(range(BS))
         (h,) = block_hashes(prompt, BS)
-        async with CachePoolClient(address) as client:
+        async with CachePoolClient(address, tls=INSECURE) as client:
             agent = MembershipAgent(client, info("alive"), NodeLoad, interval_s=0.05)
             await agent.start()
             await agent.wait_registered(5)
@@ -190,7 +194,7 @@ async def test_silent_node_is_dropped_and_agent_stays(tmp_path: Path) -> None:
 
 async def test_agent_waits_for_a_pool_that_starts_late(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    async with CachePoolClient(address, timeout_s=1.0) as client:
+    async with CachePoolClient(address, timeout_s=1.0, tls=INSECURE) as client:
         agent = MembershipAgent(client, info("early"), NodeLoad, interval_s=0.1)
         await agent.start()
         await asyncio.sleep(0.3)

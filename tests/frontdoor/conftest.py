@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from prfaas.engine.tokenizer import Tokenizer, load_tokenizer
-from prfaas.rpc import insecure_channel
+from prfaas.rpc import channel as rpc_channel
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.frontdoor.model_files import write_tokenizer
 
@@ -55,7 +55,7 @@ class RouterResult:
 def router_generate(address: str, prompt: list[int], max_tokens: int, route: int = common_pb2.AUTO,
                     logprobs: int | None = None) -> RouterResult:
     async def run() -> RouterResult:
-        async with insecure_channel(address) as ch:
+        async with rpc_channel(address) as ch:
             req = router_pb2.GenerateRequest(token_ids=prompt, max_tokens=max_tokens, route=route)
             if logprobs is not None:
                 req.logprobs = logprobs

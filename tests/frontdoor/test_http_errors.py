@@ -11,11 +11,13 @@ import grpc
 import pytest
 
 from prfaas.rpc import new_server
+from prfaas.rpc.serve import add_port
 from prfaas.v1 import router_pb2_grpc
 from services.frontdoor.client import GrpcRouter
 from services.frontdoor.core import BearerToken, FrontDoor
 from services.frontdoor.server import make_app
 from tests.frontdoor.model_files import write_tokenizer
+from tests.support import tls_as
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
@@ -42,7 +44,7 @@ async def door(tmp_path, monkeypatch):
     servicer = Refusing()
     server = new_server()
     router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_port(server, "127.0.0.1:0", tls_as("router"))  # the front door expects the router's certificate
     await server.start()
     router = GrpcRouter(f"127.0.0.1:{port}")
     tok = load_tokenizer(write_tokenizer(tmp_path), 300)

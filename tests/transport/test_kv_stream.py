@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from prfaas.kv.kinds import KvKind
-from prfaas.rpc import insecure_channel, new_server
+from prfaas.rpc import channel as rpc_channel
+from prfaas.rpc import new_server
+from prfaas.rpc.serve import add_port
 from prfaas.transport.chunks import WIRE_INT8, KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.grpc_push import PUSH_KV, PushKvServicer, add_push_kv_only
@@ -27,7 +29,7 @@ async def decode_node():
     receiver = KvReceiver()
     server = new_server()
     add_push_kv_only(server, PushKvServicer(receiver))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_port(server, "127.0.0.1:0")
     await server.start()
     yield receiver, f"127.0.0.1:{port}"
     await server.stop(None)
@@ -41,7 +43,7 @@ def assert_same(layout, sink: MemorySink, pieces: list[KvPiece]) -> None:
 
 async def raw_push(address: str, chunks: list[bytes]) -> None:
     """One PushKv stream of pre-encoded chunks; raises AioRpcError on a bad status."""
-    async with insecure_channel(address, own_connection=99) as ch:
+    async with rpc_channel(address, own_connection=99) as ch:
         call = ch.stream_unary(PUSH_KV, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
         for c in chunks:
             await call.write(c)

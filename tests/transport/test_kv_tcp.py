@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from prfaas.kv.kinds import KvKind
+from prfaas.security import tls
 from prfaas.transport.chunks import KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver, MemorySink
 from prfaas.transport.sender import KvSender
 from prfaas.transport.tcp import KvTcpServer, send_buffers
+from prfaas.transport.tls_socket import ssl_call
 from tests.transport.conftest import make_layout, make_pieces
 from tests.transport.test_kv_stream import assert_same
 
@@ -141,9 +143,15 @@ async def test_send_buffers_survives_partial_sends():
     assert got == expected
 
 
-async def test_abort_while_blocked_on_a_full_socket():
-    """A receiver that accepts and never reads: the sender's writer waits for room in the socket;
-    abort() ends it promptly, closes the connection, and leaves no writer registered on the loop."""
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
+async def test_abort_while_blocked_on_a_full_socket(secure, monkeypatch):
+    """A receiver that accepts (and, under TLS, completes the handshake) and never reads: the
+    sender's writer waits for room in the socket; abort() ends it promptly, closes the connection,
+    and leaves no writer registered on the loop."""
+    if not secure:
+        monkeypatch.setattr(tls, "_current", tls.TlsConfig(insecure=True))
+    elif tls.current().insecure:
+        pytest.skip("the suite runs --insecure")
     lsock = socket.create_server(("127.0.0.1", 0))
     lsock.setblocking(False)
     port = lsock.getsockname()[1]
@@ -153,6 +161,10 @@ async def test_abort_while_blocked_on_a_full_socket():
     async def accept() -> None:
         conn, _ = await loop.sock_accept(lsock)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if secure:
+            conn.setblocking(False)
+            conn = tls.current().server_context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            await ssl_call(conn, conn.do_handshake)
         accepted.append(conn)
 
     acceptor = asyncio.ensure_future(accept())
