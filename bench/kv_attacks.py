@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     # windows cover them; a checkout without these settings ignores the variables
     env = {"PRFAAS_KV_BLOCKS": "512", "PRFAAS_STATE_SLOTS": "16", "PRFAAS_KV_READ_TIMEOUT_S": "5",
            "PRFAAS_KV_IDLE_TIMEOUT_S": "5"}
-    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64,
+    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64, tls=False,
                        convertible_local=False, frontdoor=False, metrics=False, extra_env=env)
     prompt = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(3)).tolist()
     import prfaas

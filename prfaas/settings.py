@@ -13,54 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from prfaas.dtypes import CACHE_DTYPES
+from prfaas.settings_kv import kv_limit_flags, wire_accept_list
+from prfaas.validators import boolean, host_port, non_negative_float, non_negative_int, positive_float, positive_int
 
 # the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
 DEFAULT_MODEL = "builtin:qwen3_next-small"
 
-
-# --- value types ---------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise ValueError(f"must be a positive integer, got {text}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise ValueError(f"must be >= 0, got {text}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0 or v == float("inf"):
-        raise ValueError(f"must be a positive finite number, got {text}")
-    return v
-
-
-def non_negative_float(text: str) -> float:
-    v = float(text)
-    if not v >= 0 or v == float("inf"):
-        raise ValueError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def boolean(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"must be true or false, got {text!r}")
-
-
-def host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"must be HOST:PORT, got {text!r}")
-    return text
+__all__ = ["boolean", "host_port", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,37 +147,6 @@ class NodeSettings(TlsFlags):
     prefix_states: int = 0  # state slots the prefix cache may hold; 0 = half the slots
 
 
-def _wire_accept(text: str) -> str:
-    """--kv-wire-accept (prfaas.transport.codec.wire_accept reads it; checked here without torch)."""
-    bad = [w for w in (w.strip() for w in text.split(",")) if w and w not in ("int8", "fp8", "convert")]
-    if bad:
-        raise ValueError(f"unknown wire format {bad[0]!r}: use int8, fp8 and/or convert, comma-separated")
-    return text
-
-
-def _kv_limit_flags(p: _Parser) -> None:
-    mib = 1 << 20
-    p.flag("--kv-max-frame-bytes", "KV_MAX_FRAME_BYTES", 64 * mib, positive_int,
-           "the largest KV frame a peer may declare (raised to the layout's largest state)")
-    p.flag("--kv-max-inflight-bytes", "KV_MAX_INFLIGHT_BYTES", 1024 * mib, positive_int,
-           "KV frames being received at once on the node; more wait (must be >= the max frame)")
-    p.flag("--kv-max-connections", "KV_MAX_CONNECTIONS", 1024, positive_int, "KV data-plane connections in total")
-    p.flag("--kv-max-connections-per-peer", "KV_MAX_CONNECTIONS_PER_PEER", 256, positive_int,
-           "KV data-plane connections per peer (source address)")
-    p.flag("--kv-read-timeout-s", "KV_READ_TIMEOUT_S", 15.0, positive_float,
-           "a KV frame that has started must be complete within this")
-    p.flag("--kv-idle-timeout-s", "KV_IDLE_TIMEOUT_S", 10.0, positive_float,
-           "close a KV connection that has carried no accepted chunk this long after connecting")
-    p.flag("--kv-pooled-idle-timeout-s", "KV_POOLED_IDLE_TIMEOUT_S", 300.0, positive_float,
-           "close a KV connection that has carried chunks after this long without a frame")
-    p.flag("--kv-parallel-verify-bytes", "KV_PARALLEL_VERIFY_BYTES", mib, positive_int,
-           "KV frames this large are checksummed in a worker thread, off the event loop")
-    p.flag("--kv-pool-per-address", "KV_POOL_PER_ADDRESS", 16, positive_int,
-           "prefill side: idle pooled KV connections kept per decode address")
-    p.flag("--kv-pool-idle-s", "KV_POOL_IDLE_S", 120.0, positive_float,
-           "prefill side: close a pooled KV connection idle this long (keep it below the decode side's pooled idle)")
-
-
 def _power_of_two_or_zero(text: str) -> int:
     v = non_negative_int(text)
     if v & (v - 1):
@@ -257,10 +185,10 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "decode nodes: the most KV blocks one request (prompt + output) may hold; 0 = half the pool")
     p.flag("--drain-timeout-s", "DRAIN_TIMEOUT_S", 30.0, non_negative_float,
            "on SIGTERM: how long the requests in flight may take to finish")
-    p.flag("--kv-wire-accept", "KV_WIRE_ACCEPT", "int8,fp8,convert", _wire_accept,
+    p.flag("--kv-wire-accept", "KV_WIRE_ACCEPT", "int8,fp8,convert", wire_accept_list,
            "decode nodes: KV wire formats taken, comma-separated: int8, fp8 (compressed), convert (KV "
            "from a node of another cache dtype); empty = exact in its own dtype only")
-    _kv_limit_flags(p)
+    kv_limit_flags(p)
     p.flag("--emulate", "EMULATE", "", str,
            "an emulated accelerator profile (JSON; docs/evaluation.md): compute for real, hold results until "
            "the profile's time; empty = real time")

@@ -192,11 +192,12 @@ async def timed_stream(router: str, prompt: list[int], max_tokens: int) -> tuple
     import grpc
 
     from prfaas.rpc import channel
+    from prfaas.security.tls import TlsConfig  # the attacked cluster runs --insecure: the attacks reach the parser
     from prfaas.v1 import router_pb2, router_pb2_grpc
 
     tokens: list[int] = []
     gaps, last = [0.0], None
-    async with channel(router, expect="router") as ch:
+    async with channel(router, expect="router", tls=TlsConfig(insecure=True)) as ch:
         req = router_pb2.GenerateRequest(token_ids=prompt, max_tokens=max_tokens, ignore_eos=True)
         try:
             async for msg in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=120):

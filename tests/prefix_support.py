@@ -54,7 +54,7 @@ class Clients:
     def __init__(self, members: dict[str, Member]) -> None:
         self.members = members
 
-    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=()):  # type: ignore[no-untyped-def]
+    def admit(self, address, request_id, prompt, params, timeout_s, wire_dtypes=(), **_):  # type: ignore[no-untyped-def]
         d = self.members[address].decode
         assert d is not None
         return d.admit(request_id, prompt, params, timeout_s, wire_dtypes)
@@ -64,7 +64,7 @@ class Clients:
         assert p is not None
         return p.prefill(job)
 
-    def import_prefix(self, address, request_id, prompt, hit, timeout_s, node_id="", holder_node=""):  # type: ignore[no-untyped-def]
+    def import_prefix(self, address, request_id, prompt, hit, timeout_s, node_id="", holder_node="", **_):  # type: ignore[no-untyped-def]
         mover = self.members[address].mover
         assert mover is not None
         return mover.import_(request_id, prompt, hit, timeout_s, holder=holder_node)

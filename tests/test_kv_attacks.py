@@ -28,7 +28,7 @@ RSS_BOUND_MIB = 150  # before: 8 x 256 MiB frames took the node from 476 to 2,52
 def attacked_cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("attacks")
     model = write_preset(root / "model", "qwen3_next", "tiny", seed=5)
-    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64,
+    spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, threshold_tokens=64, tls=False,
                        convertible_local=False, frontdoor=False, metrics=False, extra_env=NODE_ENV)
     with LocalCluster(str(model), spec, log_dir=str(root / "logs")) as c:
         target = kv_port_of(Path(root / "logs" / "local-d0.log"))

@@ -37,6 +37,19 @@ FUZZ = settings(max_examples=60, deadline=timedelta(seconds=10), derandomize=Tru
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 CODE_NAMES = {c.value for c in TRANSFER_CODES}
 
+@pytest.fixture(scope="module", autouse=True)
+def _plaintext_plane():  # type: ignore[no-untyped-def]
+    """These attacks speak the frame protocol itself, so the data plane runs without TLS here. Under
+    TLS (the default) a peer without a certificate of the cluster never reaches the parser
+    (tests/security); the limits are what is left for a peer that has one."""
+    from prfaas.security import tls
+
+    saved = tls._current
+    tls._current = tls.TlsConfig(insecure=True)
+    yield
+    tls._current = saved
+
+
 
 @settings(max_examples=400, deadline=timedelta(seconds=5), derandomize=True)
 @given(chunk_bytes())

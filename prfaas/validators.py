@@ -1,0 +1,50 @@
+"""Value types of the configuration flags (prfaas/settings.py): each parses one flag's text or
+raises ValueError with a message naming what was wrong."""
+
+from __future__ import annotations
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise ValueError(f"must be a positive integer, got {text}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise ValueError(f"must be >= 0, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def boolean(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    return text
+
+
