@@ -59,7 +59,7 @@ class Clients:
         assert d is not None
         return d.admit(request_id, prompt, params, timeout_s, wire_dtypes)
 
-    def prefill(self, address, job):  # type: ignore[no-untyped-def]
+    def prefill(self, address, job, **_):  # type: ignore[no-untyped-def]
         p = self.members[address].prefill
         assert p is not None
         return p.prefill(job)

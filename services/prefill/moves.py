@@ -25,7 +25,6 @@ from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
 from prfaas.messages import PrefixMoved, PrefixReserved, SamplingParams
 from prfaas.obs.log import get_logger
-from prfaas.security import tls
 
 from .core import KvPush
 
@@ -65,6 +64,7 @@ class PrefixMover:
         self.node_id, self.executor, self.cache, self.receiver = node_id, executor, cache, receiver
         self.sender_factory, self.publish = sender_factory, publish
         self.kv_address = ""  # set when the node serves the raw-TCP KV data port
+        self.verify_sender = False  # mutual TLS: an imported prefix's KV only from the holder the router named
         self.bs = executor.layout.block_size
         self._ids = itertools.count()
         self.imported_bytes = self.exported_bytes = 0
@@ -114,7 +114,7 @@ class PrefixMover:
         `holder` (the node the router will ask to export), as a decode node takes a prefill's KV
         only from the prefill node named in Admit."""
         hashes = self._check(tokens, hit)
-        secure = not tls.current().insecure
+        secure = self.verify_sender
         if secure and not holder:
             raise InvalidRequest("ImportPrefix names no holder_node: under mutual TLS the KV is taken only from it")
         if not self.kv_address:
@@ -125,7 +125,7 @@ class PrefixMover:
         try:
             transfer = self.receiver.expect(transfer_id, self.executor.layout, prompt_tokens=hit, skip_tokens=0,
                                             sink=_Sink(self.executor, seq), deadline_s=max(timeout_s, 0.1),
-                                            sender=None if secure is False else holder)
+                                            sender=holder if secure else None)
             try:
                 yield PrefixReserved(transfer_id, self.kv_address)
                 t0 = time.monotonic()

@@ -37,6 +37,8 @@ async def run_node(s: NodeSettings, role: Role) -> None:
     limits = limits_from_settings(s)
     kv_tcp = KvTcpServer(node.receiver, limits)  # the raw-TCP data port, when the node decodes
     kv_pool.configure(limits.pool_per_address, limits.pool_idle_s)  # the prefill side's idle connections
+    if node.mover is not None:
+        node.mover.verify_sender = not tls.current().insecure  # a moved prefix only from the named holder
     if node.decode:
         node.decode.verify_sender = not tls.current().insecure  # KV only from the node Admit names
         node.decode.start()
