@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from prfaas.engine.executor import Executor, SeqState
+from prfaas.engine.sink import ExecutorSink
 from prfaas.errors import Draining, InvalidRequest, ModelFault
 from prfaas.eval.emulate import Emulator
 from prfaas.messages import Alive, Reserved, SamplingParams, TokenBatch
@@ -29,26 +30,11 @@ from prfaas.transport.formats import accepted_formats
 from .prefix import DecodePrefix
 
 if TYPE_CHECKING:  # the receiver parses wire chunks; the core only hands it a sink
-    from prfaas.transport.chunks import KvPiece
     from prfaas.transport.receiver import KvReceiver
 
 log = get_logger(__name__)
 
 MIN_TRANSFER_TIMEOUT_S = 0.1
-
-
-class _ExecutorSink:
-    """Writes received chunks straight into the executor's pool for one sequence. Freeing is the
-    admit generator's job (it outlives the transfer), so `release` has nothing to do."""
-
-    def __init__(self, executor: Executor, seq: SeqState) -> None:
-        self.executor, self.seq = executor, seq
-
-    def write(self, piece: KvPiece) -> None:
-        self.executor.write_kv(self.seq, piece.layer, piece.kind, piece.token_start, piece.token_end, piece.tensor)
-
-    def release(self) -> None:
-        pass
 
 
 class DecodeNode:
@@ -141,7 +127,7 @@ class DecodeNode:
         queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
         try:
             transfer = self.receiver.expect(transfer_id, ex.layout, prompt_tokens=len(prompt), skip_tokens=skip,
-                                            sink=_ExecutorSink(ex, seq), deadline_s=self._timeout(transfer_timeout_s),
+                                            sink=ExecutorSink(ex, seq), deadline_s=self._timeout(transfer_timeout_s),
                                             wire_dtype=wire, sender=prefill_node if self.verify_sender else None)
             self._pending += 1
             try:

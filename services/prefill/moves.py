@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from prfaas.engine.executor import Executor, SeqState
+from prfaas.engine.sink import ExecutorSink
 from prfaas.errors import Code, InvalidRequest, OutOfCapacity, PrfaasError
 from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
@@ -29,7 +30,6 @@ from prfaas.obs.log import get_logger
 from .core import KvPush
 
 if TYPE_CHECKING:
-    from prfaas.transport.chunks import KvPiece
     from prfaas.transport.receiver import KvReceiver
 
 log = get_logger(__name__)
@@ -45,17 +45,6 @@ class PrefixGone(PrfaasError):
 
 # (address, transfer_id, prefix tokens, num_connections, deadline_unix_s, the importer's node id) -> a push
 MoveSenderFactory = Callable[[str, str, int, int, float, str], KvPush]
-
-
-class _Sink:
-    def __init__(self, executor: Executor, seq: SeqState) -> None:
-        self.executor, self.seq = executor, seq
-
-    def write(self, piece: KvPiece) -> None:
-        self.executor.write_kv(self.seq, piece.layer, piece.kind, piece.token_start, piece.token_end, piece.tensor)
-
-    def release(self) -> None:
-        pass
 
 
 class PrefixMover:
@@ -124,7 +113,7 @@ class PrefixMover:
         cached = False
         try:
             transfer = self.receiver.expect(transfer_id, self.executor.layout, prompt_tokens=hit, skip_tokens=0,
-                                            sink=_Sink(self.executor, seq), deadline_s=max(timeout_s, 0.1),
+                                            sink=ExecutorSink(self.executor, seq), deadline_s=max(timeout_s, 0.1),
                                             sender=holder if secure else None)
             try:
                 yield PrefixReserved(transfer_id, self.kv_address)

@@ -66,3 +66,16 @@ def make_pieces(layout: KvLayout, prompt_tokens: int, skip_tokens: int = 0, seed
 @pytest.fixture(params=["qwen3_next", "kimi_linear"])
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def plaintext_plane():  # type: ignore[no-untyped-def]
+    """These attacks speak the frame protocol itself, so the data plane runs without TLS here. Under
+    TLS (the default) a peer without a certificate of the cluster never reaches the parser
+    (tests/security); the limits are what is left for a peer that has one."""
+    from prfaas.security import tls
+
+    saved = tls._current
+    tls._current = tls.TlsConfig(insecure=True)
+    yield
+    tls._current = saved

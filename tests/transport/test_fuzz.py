@@ -30,6 +30,8 @@ from tests.transport.conftest import make_pieces
 from tests.transport.fuzz_support import LAYOUT, LoopThread, chunk_bytes, expect_live, largest_chunk_bytes
 from tests.transport.test_kv_stream import assert_same
 
+pytestmark = pytest.mark.usefixtures("plaintext_plane")  # frames in the clear (tests/transport/conftest.py)
+
 LEN = struct.Struct("<I")
 LIMITS = KvLimits(read_timeout_s=0.25, idle_timeout_s=5.0, max_frame_bytes=1 << 20, max_inflight_bytes=4 << 20,
                   parallel_verify_bytes=2048)
@@ -37,17 +39,6 @@ FUZZ = settings(max_examples=60, deadline=timedelta(seconds=10), derandomize=Tru
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 CODE_NAMES = {c.value for c in TRANSFER_CODES}
 
-@pytest.fixture(scope="module", autouse=True)
-def _plaintext_plane():  # type: ignore[no-untyped-def]
-    """These attacks speak the frame protocol itself, so the data plane runs without TLS here. Under
-    TLS (the default) a peer without a certificate of the cluster never reaches the parser
-    (tests/security); the limits are what is left for a peer that has one."""
-    from prfaas.security import tls
-
-    saved = tls._current
-    tls._current = tls.TlsConfig(insecure=True)
-    yield
-    tls._current = saved
 
 
 

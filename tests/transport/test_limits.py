@@ -23,18 +23,9 @@ from prfaas.transport.wire import encode_chunk
 from tests.transport.conftest import make_layout, make_pieces
 from tests.transport.test_kv_stream import assert_same
 
-LEN = struct.Struct("<I")
-@pytest.fixture(scope="module", autouse=True)
-def _plaintext_plane():  # type: ignore[no-untyped-def]
-    """These attacks speak the frame protocol itself, so the data plane runs without TLS here. Under
-    TLS (the default) a peer without a certificate of the cluster never reaches the parser
-    (tests/security); the limits are what is left for a peer that has one."""
-    from prfaas.security import tls
+pytestmark = pytest.mark.usefixtures("plaintext_plane")  # frames in the clear (tests/transport/conftest.py)
 
-    saved = tls._current
-    tls._current = tls.TlsConfig(insecure=True)
-    yield
-    tls._current = saved
+LEN = struct.Struct("<I")
 
 
 FAST = KvLimits(read_timeout_s=0.5, idle_timeout_s=0.5, pooled_idle_timeout_s=5.0, max_connections=64,
