@@ -26,30 +26,34 @@ from compose_project import Compose  # noqa: E402
 def _project() -> Compose:
     """The script's view of compose.yaml, read with PyYAML here rather than `podman-compose config`."""
     compose = Compose(Path("podman-compose"), ROOT / "compose.yaml", "t", {}, Path("/nonexistent"))
-    compose.services = dict(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+    services = dict(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+    compose.services = {n: s for n, s in services.items() if not s.get("profiles")}  # as `load` keeps them
     return compose
 
 
 def test_waves_follow_depends_on() -> None:
     compose = _project()
     waves = compose.waves()
-    assert waves[0] == ["cachepool", "model-init"]
-    assert sorted(waves[1]) == sorted(set(compose.services) - set(waves[0]))
+    assert waves[0] == ["certs-init", "model-init"]  # the one-shot jobs: certificates and the checkpoint
+    assert waves[1] == ["cachepool"]
+    nodes = {"decode-local-0", "prefill-local-0", "prefill-prfaas-0", "prefill-prfaas-1", "router"}
+    assert set(waves[2]) == nodes and waves[3] == ["frontdoor"]  # the front door waits for the router
     assert compose.depends("router") == {"cachepool": "service_healthy", "model-init": "service_completed_successfully"}
-    assert [n for n in compose.services if not compose.has_healthcheck(n)] == ["model-init"]
+    assert sorted(n for n in compose.services if not compose.has_healthcheck(n)) == ["certs-init", "model-init"]
 
 
 def test_every_port_is_a_variable_the_script_moves() -> None:
     """Each PRFAAS_LISTEN, metrics and KV port is a ${NAME_PORT:-default} variable, one per port."""
     compose = _project()
     names = compose.port_variables()
-    per_service = {n: compose.env_of(n) for n in compose.services if n != "model-init"}
-    for name, env in per_service.items():
-        for key in ("PRFAAS_LISTEN", "PRFAAS_METRICS_PORT"):
+    per_service = {n: compose.env_of(n) for n in compose.services if n not in ("model-init", "certs-init")}
+    for name, env in per_service.items():  # the front door serves its /metrics on its HTTP port
+        for key in ("PRFAAS_LISTEN",) + (("PRFAAS_METRICS_PORT",) if name != "frontdoor" else ()):
             assert "_PORT:-" in env[key], f"{name} {key}={env[key]} is not a port variable"
     used = {v.split("${", 1)[1].split(":-", 1)[0] for env in per_service.values() for k, v in env.items()
             if k in ("PRFAAS_LISTEN", "PRFAAS_METRICS_PORT", "PRFAAS_KV_TCP_PORT")}
-    assert used == names and len(names) == 2 * len(per_service) + 1
+    # every port the script moves, plus Prometheus's (in the monitoring profile, which it leaves out)
+    assert used | {"PROMETHEUS_PORT"} == names and len(used) == 2 * len(per_service)
     assert compose.by_module("router") == ["router"] and len(compose.by_module("prefill")) == 3
 
 

@@ -160,8 +160,11 @@ class DecodeNode:
         finally:
             log.info("request_done", output_tokens=len(seq.output), finish_reason=seq.finish_reason or "aborted")
             self._running.pop(transfer_id, None)
-            if self.prefix:
-                self.prefix.finish(seq)  # a finished request's prefix stays cached
+            try:
+                if self.prefix:
+                    self.prefix.finish(seq)  # a finished request's prefix stays cached
+            except Exception:  # the cache is an optimisation: never a reason to keep the request's blocks
+                log.exception("prefix_finish_failed")
             if id(seq) in self._stepping:
                 seq.finish_reason = seq.finish_reason or "cancelled"
                 self._deferred_free.append(seq)  # its blocks are in use by the worker thread

@@ -98,6 +98,8 @@ class DecodePrefix:
         if marks is None:
             return
         points = [m for m in (marks.first, marks.latest) if m is not None]
+        if not points:  # no slot was free for a checkpoint: nothing to keep
+            return
         if seq.finish_reason not in ("stop", "length") or seq.slot < 0:
             for _, slot in points:
                 self.executor.slots.free(slot)

@@ -316,3 +316,16 @@ def test_bad_step_inputs_are_refused(model_dir):
         dec.step([1], [pos], [seq.slot], [[*table[:-1], 10_000]])
     with pytest.raises(ValueError, match="one token"):
         dec.step([1, 2], [pos], [seq.slot], [table])
+
+
+def test_block_table_width_follows_the_tables_not_the_batch_changes():
+    """The padded tables grow with the longest table only: a continuous batch changes size at every
+    admission and completion, and its width must not grow with those changes."""
+    from prfaas.model.fast_decode import _Tables
+
+    t = _Tables(num_blocks=1000)
+    for step in range(200):
+        b = 1 + step % 7  # the batch size changes at every step
+        rows = t.update([[i * 10 + j for j in range(3)] for i in range(b)])
+        assert rows.shape == (b, 8)
+    assert t.update([list(range(20))]).shape == (1, 20)

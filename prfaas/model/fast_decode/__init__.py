@@ -43,7 +43,10 @@ class _Tables:
     def update(self, tables: list[list[int]]) -> np.ndarray:
         b, width = len(tables), max(len(t) for t in tables)
         if b != self.rows.shape[0] or width > self.rows.shape[1]:
-            grown = np.zeros((b, max(width, 2 * self.rows.shape[1], 8)), dtype=np.int32)
+            # the width doubles only when a table outgrows it (a new batch size alone keeps it: the
+            # width used to double on every batch change, 2^30 columns after a few dozen changes)
+            have = self.rows.shape[1]
+            grown = np.zeros((b, have if width <= have else max(width, 2 * have, 8)), dtype=np.int32)
             self.rows, self.lens = grown, [0] * b
         rows, lens = self.rows, self.lens
         for i, t in enumerate(tables):
