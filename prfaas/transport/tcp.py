@@ -124,6 +124,7 @@ class TcpPushCall:
         self._sock: socket.socket | None = None
         self._retrans_base = 0
         self._error: TransferError | None = None
+        self._busy = False  # inside write or finish (see cancel)
 
     async def _connect(self) -> None:
         if self._sock is not None:
@@ -162,29 +163,48 @@ class TcpPushCall:
 
     async def write(self, parts: list[bytes | memoryview]) -> None:
         """One frame: a chunk as the buffers of `encode_chunk_parts`, sent unjoined."""
+        self._busy = True
         try:
             await self._connect()
+            self._check()
             assert self._sock is not None
             await send_buffers(self._sock, [_LEN.pack(sum(len(p) for p in parts)), *parts])
         except (OSError, TimeoutError) as e:
             await self._read_verdict()  # the receiver may have said why it closed
             raise self._broken(e) from e
+        finally:
+            self._settle()
 
     async def finish(self) -> int:
         """Ends this connection's share (the end frame) and returns the bytes the receiver
         acknowledged; raises the receiver's `TransferError`."""
-        await self._connect()
-        assert self._sock is not None
+        self._busy = True
         try:
-            await send_buffers(self._sock, [_LEN.pack(0)])
-        except OSError as e:
-            await self._read_verdict()
-            raise self._broken(e) from e
-        acked = await self._read_verdict()
-        if acked is None:
-            assert self._error is not None
+            await self._connect()
+            self._check()
+            assert self._sock is not None
+            try:
+                await send_buffers(self._sock, [_LEN.pack(0)])
+            except OSError as e:
+                await self._read_verdict()
+                raise self._broken(e) from e
+            acked = await self._read_verdict()
+            if acked is None:
+                assert self._error is not None
+                raise self._error
+            return acked
+        finally:
+            self._settle()
+
+    def _check(self) -> None:
+        if self._error is not None:  # cancelled (or failed) while connecting
             raise self._error
-        return acked
+
+    def _settle(self) -> None:
+        """After each I/O call: a connection that was cancelled during it is closed now."""
+        self._busy = False
+        if self._error is not None:
+            self._close()
 
     async def _read_verdict(self) -> int | None:
         """The receiver's verdict: acknowledged bytes, or None after recording its error."""
@@ -237,8 +257,19 @@ class TcpPushCall:
             self._sock.close()
 
     def cancel(self) -> None:
-        self._close()
+        """Stops this connection's share. An I/O call waiting on the socket (for room to write, or
+        for the verdict) must wake: shutting the socket down makes it readable and writable, the
+        call fails and closes it (`_settle`). Closing at once would drop its registration with the
+        loop and leave it waiting for ever."""
         self._fail(TransferError(Code.CANCELLED, "the sender cancelled the transfer"))
+        sock = self._sock
+        if self._busy and sock is not None and sock.fileno() != -1:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # below TLS: the ssl object stays as it is
+                return
+            except OSError:
+                pass
+        self._close()
 
     async def error(self, cause: BaseException) -> TransferError:
         if self._error is not None:

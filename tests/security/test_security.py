@@ -115,17 +115,32 @@ def test_clients_need_a_certificate_or_a_token_which_rotates(secured, tmp_path):
 
 
 def test_a_client_holds_at_most_its_limit(secured):  # type: ignore[no-untyped-def]
+    """PRFAAS_MAX_CLIENT_REQUESTS=1: while the client's first stream is open (it has had a token
+    and is held there, unread) a second is refused; once the first has ended the next one runs."""
     c, _ = secured
 
-    async def two() -> list[tuple[str, list[int]]]:
-        first = asyncio.ensure_future(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client")),
-                                               max_tokens=400))
-        await asyncio.sleep(0.5)  # the first is in flight (PRFAAS_MAX_CLIENT_REQUESTS=1)
-        second = await generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client")))
-        return [await first, second]
+    def open_channel() -> grpc.aio.Channel:
+        return channel(c.router_address, "router", tls=c.tls_as("client"))
 
-    first, second = asyncio.run(two())
-    assert first[0] == "OK" and second[0] == "RESOURCE_EXHAUSTED"
+    async def run() -> tuple[str, str, str]:
+        ch = open_channel()
+        req = router_pb2.GenerateRequest(token_ids=PROMPT, max_tokens=1900, ignore_eos=True, route=common_pb2.PRFAAS)
+        call = router_pb2_grpc.RouterStub(ch).Generate(req, timeout=60)
+        try:
+            await call.read()  # the first is in flight for certain
+            second = (await generate(open_channel))[0]
+            call.cancel()
+        finally:
+            await ch.close()
+        for _ in range(100):  # the router frees the client's slot when it sees the cancel
+            third = (await generate(open_channel))[0]
+            if third != "RESOURCE_EXHAUSTED":
+                break
+            await asyncio.sleep(0.1)
+        return "OK", second, third
+
+    first, second, third = asyncio.run(run())
+    assert (first, second, third) == ("OK", "RESOURCE_EXHAUSTED", "OK")
 
 
 def _http(url: str, key: str | None) -> int:

@@ -14,7 +14,7 @@ from prfaas.transport.chunks import KvPiece
 from prfaas.transport.errors import TransferError
 from prfaas.transport.receiver import KvReceiver, MemorySink
 from prfaas.transport.sender import KvSender
-from prfaas.transport.tcp import KvTcpServer, send_buffers
+from prfaas.transport.tcp import KvTcpServer, TcpPushCall, send_buffers
 from prfaas.transport.tls_socket import ssl_call
 from tests.transport.conftest import make_layout, make_pieces
 from tests.transport.test_kv_stream import assert_same
@@ -192,3 +192,30 @@ async def test_abort_while_blocked_on_a_full_socket(secure, monkeypatch):
 async def _push_all(sender: KvSender, pieces) -> None:
     for p in pieces:
         await sender.push(p)
+
+
+@pytest.mark.parametrize("waiting_in", ["write", "verdict"])
+async def test_a_cancel_wakes_a_call_waiting_on_its_socket(monkeypatch, waiting_in):
+    """One stream of a transfer fails and the sender cancels the others: a stream blocked on a full
+    socket (a receiver that stopped reading) or waiting for its verdict must end at once, not at
+    its deadline (here: none). Before, the cancel closed the socket under the waiting call and
+    dropped its registration with the loop, and the transfer hung for ever."""
+    monkeypatch.setattr(tls, "_current", tls.TlsConfig(insecure=True))
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts into its backlog; never reads
+    listener.setblocking(False)
+    call = TcpPushCall(f"tcp://127.0.0.1:{listener.getsockname()[1]}", timeout_s=None)
+    try:
+        if waiting_in == "write":
+            big = bytes(64 << 20)  # more than both socket buffers hold
+            task = asyncio.ensure_future(call.write([big]))
+        else:
+            await call.write([b"x" * 100])
+            task = asyncio.ensure_future(call.finish())
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        call.cancel()
+        with pytest.raises(TransferError) as e:
+            await asyncio.wait_for(task, 5)
+        assert e.value.code == "CANCELLED"
+    finally:
+        listener.close()
