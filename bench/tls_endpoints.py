@@ -33,6 +33,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from prfaas.transport.tcp import send_buffers
+from prfaas.transport.tls_socket import ssl_call, wait_ready
+
 try:
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # identical values, slower
@@ -52,49 +55,12 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-# --- waiting on a file descriptor ------------------------------------------------------------------
-async def ready(sock: socket.socket, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    add(fd, wake)
-    try:
-        await fut
-    finally:
-        remove(fd)
+# --- waiting on a file descriptor, TLS calls, sendmsg: the library's own ------------------------
+def ready(sock: socket.socket, write: bool) -> Any:
+    return wait_ready(sock, read=not write)
 
 
-async def tls_call(sock: ssl.SSLSocket, fn: Any, *args: Any) -> Any:
-    """Calls an SSLSocket method until it does not want to read or write."""
-    while True:
-        try:
-            return fn(*args)
-        except ssl.SSLWantReadError:
-            await ready(sock, False)
-        except ssl.SSLWantWriteError:
-            await ready(sock, True)
-
-
-async def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
-    """`sendmsg` of the buffers, unjoined, as prfaas/transport/tcp.py does."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        try:
-            sent = sock.sendmsg(views)
-        except (BlockingIOError, InterruptedError):
-            await ready(sock, True)
-            continue
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0], sent = views[0][sent:], 0
+tls_call = ssl_call
 
 
 # --- the sender --------------------------------------------------------------------------------------

@@ -64,6 +64,23 @@ class ClusterSpec:
         return cls(**raw)
 
 
+def stop_processes(popens: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM to each (the last started first: the router before the nodes it calls), then up to
+    `timeout_s` in all for them to drain and exit; a process still running is killed."""
+    for popen in reversed(popens):
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for popen in popens:
+        try:
+            popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+        if popen.stdout:
+            popen.stdout.close()
+
+
 @dataclass
 class Proc:
     name: str
@@ -270,18 +287,7 @@ class LocalCluster:
             await client.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for p in reversed(self.procs):
-            if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
-            if p.popen.stdout:
-                p.popen.stdout.close()
+        stop_processes([p.popen for p in self.procs], timeout_s)
         self.procs.clear()
 
     def address_of(self, name: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from prfaas.cluster.local import service_module
+from prfaas.cluster.local import service_module, stop_processes
 from prfaas.eval.emulate import EmulatedProfile
 from prfaas.eval.scale import Setup
 from prfaas.eval.topology import LoopbackTopology, NetnsTopology
@@ -195,18 +194,8 @@ class EvalCluster:
         return out
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for p in reversed(self.procs):
-            if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        stop_processes([p.popen for p in self.procs], timeout_s)
         for p in self.procs:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
-            if p.popen.stdout:
-                p.popen.stdout.close()
             p.log.close()
         self.procs.clear()
 

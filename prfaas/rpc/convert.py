@@ -41,20 +41,21 @@ def role_from_pb(value: int) -> Role:
 
 
 # --- sampling ------------------------------------------------------------------------------------
+def sampling_fields(p: object) -> dict[str, object]:
+    """The sampling fields of `p` (a `SamplingParams` or anything with the same attributes, as the
+    front door's router request) as keyword arguments for `common_pb2.SamplingParams` or the flat
+    `GenerateRequest`, which share their names; the optional ones only when set."""
+    names = ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")
+    fields: dict[str, object] = {n: getattr(p, n) for n in names}
+    fields["stop_token_ids"] = list(p.stop_token_ids)
+    for name in ("seed", "logprobs"):
+        if getattr(p, name) is not None:
+            fields[name] = getattr(p, name)
+    return fields
+
+
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        max_tokens=p.max_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-    )
-    if p.seed is not None:
-        msg.seed = p.seed
-    if p.logprobs is not None:
-        msg.logprobs = p.logprobs
-    return msg
+    return common_pb2.SamplingParams(**sampling_fields(p))
 
 
 def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prfaas.rpc import channel
-from prfaas.rpc.convert import logprob_from_pb
+from prfaas.rpc.convert import logprob_from_pb, sampling_fields
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 from . import protocol
@@ -51,21 +51,7 @@ def api_error(e: grpc.aio.AioRpcError) -> protocol.ApiError:
 
 
 def to_pb(req: RouterRequest) -> router_pb2.GenerateRequest:
-    msg = router_pb2.GenerateRequest(
-        request_id=req.request_id,
-        token_ids=req.token_ids,
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        stop_token_ids=list(req.stop_token_ids),
-        ignore_eos=req.ignore_eos,
-    )
-    if req.seed is not None:
-        msg.seed = req.seed
-    if req.logprobs is not None:
-        msg.logprobs = req.logprobs
-    return msg
+    return router_pb2.GenerateRequest(request_id=req.request_id, token_ids=req.token_ids, **sampling_fields(req))
 
 
 class GrpcRouter:

@@ -295,6 +295,77 @@ def test_prefill_pushes_only_to_members(secured):  # type: ignore[no-untyped-def
     assert code == "PERMISSION_DENIED" and "prefill node" in details
 
 
+def test_a_moved_prefix_only_from_its_holder_and_only_to_members(secured):  # type: ignore[no-untyped-def]
+    """Prefix moves (ImportPrefix / ExportPrefix) under the same rules as a request's KV: the
+    importer names the holder and takes KV from no other node (a worker certificate of the cluster
+    naming another node is refused, naming the holder), nor without one named; ExportPrefix is the
+    router's alone, and pushes only to a registered member; the refused import frees what it held."""
+    c, _ = secured
+    node = c.address_of("prfaas-p0")
+    hit = 32  # two blocks of PROMPT's 40 tokens
+
+    async def stats() -> common_pb2.NodeStats:
+        async with channel(node, "prfaas-p0", tls=c.tls_as("admin")) as ch:
+            return await common_pb2_grpc.NodeControlStub(ch).Stats(common_pb2.NodeStatsRequest(), timeout=10)
+
+    def export(holder: str, dest_node: str, dest_address: str) -> prefill_pb2.ExportPrefixRequest:
+        return prefill_pb2.ExportPrefixRequest(request_id=f"mv-{holder}", token_ids=PROMPT, hit_tokens=hit,
+                                               transfer_id="prfaas-p0/move/x", dest_address=dest_address,
+                                               deadline_unix_s=time.time() + 30, dest_node=dest_node)
+
+    async def run() -> dict[str, object]:
+        out: dict[str, object] = {"before": await stats()}
+        async with channel(node, "prfaas-p0", tls=c.tls_as("router")) as ch:
+            stub = prefill_pb2_grpc.PrefillStub(ch)
+            out["no holder"] = await _code(stub.ImportPrefix(prefill_pb2.ImportPrefixRequest(
+                request_id="mv-0", token_ids=PROMPT, hit_tokens=hit, transfer_timeout_s=30)))
+            call = stub.ImportPrefix(prefill_pb2.ImportPrefixRequest(
+                request_id="mv-1", token_ids=PROMPT, hit_tokens=hit, transfer_timeout_s=60, holder_node="local-p7"))
+            reserved = (await call.read()).reserved
+            out["during"] = await stats()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "tests" / "security" / "inject_kv.py"), reserved.transfer_id,
+                reserved.kv_address, node, "prfaas-p0", stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PRFAAS_TLS_KIND": "worker", "PRFAAS_TLS_NAME": "local-p9"})
+            out["inject"] = json.loads((await proc.communicate())[0])
+            try:  # the refused chunk did not end the import: it still waits for its holder
+                await asyncio.wait_for(call.read(), 0.5)
+                out["import"] = "ended"
+            except TimeoutError:
+                out["import"] = "waiting"
+            call.cancel()
+            out["to a ghost"] = await _call(stub.ExportPrefix(export("r", "ghost", "tcp://127.0.0.1:9"), timeout=10))
+        async with channel(node, "prfaas-p0", tls=c.tls_as("local-p7", "worker")) as ch:
+            out["as a worker"] = await _call(prefill_pb2_grpc.PrefillStub(ch).ExportPrefix(
+                export("w", "prfaas-p0", reserved.kv_address), timeout=10))
+        for _ in range(100):  # the node frees the reservation when it sees the cancel
+            out["after"] = await stats()
+            if out["after"].free_blocks == out["before"].free_blocks:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.1)
+        return out
+
+    out = asyncio.run(run())
+    assert out["no holder"] == "INVALID_ARGUMENT"
+    tcp = out["inject"]["tcp"]  # type: ignore[index]
+    assert tcp.startswith("PERMISSION_DENIED") and "local-p7" in tcp, out["inject"]
+    assert out["import"] == "waiting"
+    assert out["during"].free_blocks == out["before"].free_blocks - hit // 16  # type: ignore[attr-defined]
+    code, details = out["to a ghost"]  # type: ignore[misc]
+    assert code == "PERMISSION_DENIED" and "not a registered member" in details
+    assert out["as a worker"][0] == "PERMISSION_DENIED"  # type: ignore[index]
+    after, before = out["after"], out["before"]
+    assert (after.free_blocks, after.free_slots) == (before.free_blocks, before.free_slots)  # type: ignore[attr-defined]
+
+
+async def _call(call) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    try:
+        await call
+        return "OK", ""
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, e.details() or ""
+
+
 def test_insecure_is_refused_on_a_non_loopback_address():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for listen in ("0.0.0.0:0", "[::]:0", "192.0.2.1:0"):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from prfaas.kv.kinds import KvKind
 from prfaas.transport.chunks import KvPiece
+from prfaas.transport.wire import _varint as varint
 from prfaas.transport.wire import encode_chunk, encode_first_token
 from tests.transport.conftest import make_layout
 
@@ -21,15 +22,6 @@ T = TypeVar("T")
 LAYOUT = make_layout("qwen3_next")
 PROMPT = 64
 LIVE = "live"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @st.composite
