@@ -95,8 +95,11 @@ FAMILIES: tuple[Family, ...] = (
     F("kv_received_bytes", "prfaas_kv_received_bytes", "counter", "KV bytes a decode node received.",
       ("decode",), (), (), ""),
     F("link_utilisation", "prfaas_link_utilisation", "gauge",
-      "Measured egress of the PrfaaS cluster over the configured link capacity (0 to 1).",
+      "Egress of the PrfaaS cluster over the link's estimated capacity (0 to 1; 1 while transfers wait for it).",
       ("router",), ("link",), (), ""),
+    F("link_capacity", "prfaas_link_capacity_bytes_per_second", "gauge",
+      "The link's capacity as the control loop estimates it from completed transfers (the configured rate "
+      "until transfers show less).", ("router",), ("link",), (), ""),
     # --- routing -------------------------------------------------------------------------------------
     F("threshold", "prfaas_threshold_tokens", "gauge", "The routing threshold t on uncached prompt length.",
       ("router",), (), (), ""),

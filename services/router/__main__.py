@@ -94,7 +94,7 @@ async def main(s: RouterSettings) -> None:
     control = None
     if s.control_interval_s > 0:
         control = ControlLoop(router, policy, kv_bytes, s.link_gbps * GBPS, set_role, s.control_interval_s,
-                              s.role_interval_s)
+                              s.role_interval_s, waiting=router.waiting_uncached)
         router.observers.append(control.on_decision)
         router.prefill_observers.append(control.on_prefill)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -62,6 +62,10 @@ class AdmissionQueue(Generic[P]):
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def __iter__(self) -> Iterator[Waiting[P]]:
+        """The waiting requests, oldest first (a snapshot)."""
+        return iter(list(self._queue))
 
     def push(self, request_id: str, prompt_tokens: int, ask: Any = None, front: bool = False) -> Waiting[P]:
         if not front and (len(self._queue) >= self.max_waiting

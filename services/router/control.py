@@ -1,11 +1,14 @@
 """The router's control loop: the paper's two timescales on the live system.
 
-Every `interval_s` the short-term controller sees the PrfaaS egress (bytes the PrfaaS prefill nodes
-report sending) against the configured link capacity and the PrfaaS queue, and may move the policy's
-threshold `t`. Every `long_interval_s` the long-term controller sees the local prefill and decode
-stages and may convert a local node between prefill and decode (through `RoleSetter`). Both use the
-same controller objects as the simulator. Profiles come from the live system: `S_kv(l)` from the KV
-layout, `T_prefill(l)` learned from the prefill nodes' reported prefill times.
+Every `interval_s` the short-term controller sees the PrfaaS egress against the link's capacity as
+measured from the completed PrfaaS transfers (prfaas/scheduling/link_meter.py: the configured rate
+until transfers show less; while they wait for the link, it is saturated) and the PrfaaS backlog
+(the nodes' queues and the requests waiting in the router's admission queue that `t` sends there),
+and may move the policy's threshold `t`. Every `long_interval_s` the long-term controller sees the
+local prefill and decode stages, their backlog in the admission queue included, and may convert a
+local node between prefill and decode (through `RoleSetter`). Both use the same controller objects
+as the simulator. Profiles come from the live system: `S_kv(l)` from the KV layout, `T_prefill(l)`
+learned from the prefill nodes' reported prefill times.
 
 Beside the long-term controller, every tick: when no live local decode node is left (one died or
 stalled), a convertible local prefill node becomes a decode node at once, and goes back to prefill
@@ -27,6 +30,7 @@ from prfaas.scheduling.controller import (
     ShortTermController,
     StageObservation,
 )
+from prfaas.scheduling.link_meter import LinkMeter
 from prfaas.scheduling.model import Deployment, SystemProfile
 from prfaas.scheduling.online import OnlinePrefillProfile
 from prfaas.scheduling.policy import NodeView, RouteDecision
@@ -53,11 +57,16 @@ class ControlLoop:
         short: ShortTermController | None = None,
         long: LongTermController | None = None,
         congestion_retransmits: int = 50,
+        waiting: Callable[[], Sequence[int]] | None = None,
+        link_meter: LinkMeter | None = None,
     ) -> None:
         self.directory, self.policy, self.set_role = directory, policy, set_role
         self.link_bytes_per_s, self.interval_s, self.long_interval_s = link_bytes_per_s, interval_s, long_interval_s
         self.prefill_times = {"prfaas": OnlinePrefillProfile(), "local": OnlinePrefillProfile()}
         self.kv_profile = Profile.from_callable(lambda x: float(kv_bytes(int(x))), KV_GRID)
+        # uncached lengths of the requests waiting in the router's admission queue (the backlog)
+        self.waiting = waiting or (lambda: ())
+        self.link = link_meter or LinkMeter(link_bytes_per_s, window_s=max(10.0, 5 * interval_s))
         self.short = short
         if self.short is None and hasattr(policy, "threshold"):
             self.short = ShortTermController(
@@ -79,7 +88,7 @@ class ControlLoop:
             kv_bytes=self.kv_profile,
             prfaas_prefill_s=self.prefill_times["prfaas"].profile(),
             local_prefill_s=self.prefill_times["local"].profile(),
-            link_bytes_per_s=self.link_bytes_per_s,
+            link_bytes_per_s=self.link.estimate,
         )
 
     # --- fed by the router ------------------------------------------------------------------------
@@ -87,9 +96,14 @@ class ControlLoop:
         if self.short is not None:
             self.short.record(time.monotonic(), decision.uncached_tokens)
 
-    def on_prefill(self, cluster: str, tokens: int, prefill_s: float) -> None:
+    def on_prefill(self, cluster: str, tokens: int, prefill_s: float, kv_bytes: int = 0,
+                   transfer_s: float = 0.0) -> None:
+        """A prefill's result; on the PrfaaS route its KV crossed the link (`kv_bytes` in `transfer_s`,
+        the decode node's last acknowledgement included)."""
         if cluster in self.prefill_times:
             self.prefill_times[cluster].record(tokens, prefill_s)
+        if cluster == "prfaas":
+            self.link.record(time.monotonic(), kv_bytes, prefill_s, transfer_s)
 
     # --- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,33 +126,48 @@ class ControlLoop:
         nodes = list(await self.directory.nodes())
         prfaas = [n for n in nodes if n.cluster == "prfaas" and n.role == "prefill"]
         local = [n for n in nodes if n.cluster == "local"]
+        waiting = list(self.waiting())
         if self.short is not None:
-            self.short.system = self._system()
-            self.short.deployment = Deployment(
-                max(len(prfaas), 1),
-                max(sum(n.role == "prefill" for n in local), 1),
-                max(sum(n.role == "decode" for n in local), 1),
-            )
-            retransmits = self._new_retransmits(prfaas)
-            egress = sum(n.egress_bytes_per_s for n in prfaas)
-            metrics.current().link_utilisation.labels(link="prfaas->local").set(egress / self.link_bytes_per_s)
-            change = self.short.observe(
-                LinkObservation(
-                    now,
-                    egress * self.interval_s,
-                    self.link_bytes_per_s,
-                    sum(n.queue_depth for n in prfaas),
-                    congested=retransmits >= self.congestion_retransmits,
-                )
-            )
-            if change is not None:
-                metrics.current().threshold.set(change.new)
-                log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason)
+            await self._short_term(now, prfaas, local, waiting)
         if await self._stand_in(local):
             return
         if now - self._last_long >= self.long_interval_s:
             self._last_long = now
-            await self._long_term(now, local)
+            await self._long_term(now, local, waiting)
+
+    async def _short_term(self, now: float, prfaas: Sequence[Node], local: Sequence[Node],
+                          waiting: Sequence[int]) -> None:
+        assert self.short is not None
+        link = self.link.read(now)
+        self.short.system = self._system()
+        self.short.deployment = Deployment(
+            max(len(prfaas), 1),
+            max(sum(n.role == "prefill" for n in local), 1),
+            max(sum(n.role == "decode" for n in local), 1),
+        )
+        retransmits = self._new_retransmits(prfaas)
+        capacity = link.capacity_bytes_per_s
+        egress = sum(n.egress_bytes_per_s for n in prfaas)
+        if link.link_bound:  # transfers wait for the link: it is full, whatever the senders' counters say
+            egress = max(egress, capacity)
+        t = float(getattr(self.policy, "threshold", 0.0))
+        backlog = sum(length > t for length in waiting)
+        m = metrics.current()
+        m.link_utilisation.labels(link="prfaas->local").set(min(egress / capacity, 1.0))
+        m.link_capacity.labels(link="prfaas->local").set(capacity)
+        change = self.short.observe(
+            LinkObservation(
+                now,
+                egress * self.interval_s,
+                capacity,
+                sum(n.queue_depth for n in prfaas) + backlog,
+                congested=retransmits >= self.congestion_retransmits,
+            )
+        )
+        if change is not None:
+            m.threshold.set(change.new)
+            log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason,
+                     link_capacity=round(capacity), link_bound=link.link_bound, backlog=backlog)
 
     async def _stand_in(self, local: Sequence[Node]) -> bool:
         """No decode capacity left: a convertible prefill node stands in; back when a decode node is."""
@@ -178,16 +207,20 @@ class ControlLoop:
             self._retransmits[n.node_id] = n.kv_retransmits
         return total
 
-    async def _long_term(self, now: float, local: Sequence[Node]) -> None:
+    async def _long_term(self, now: float, local: Sequence[Node], waiting: Sequence[int]) -> None:
         pre = [n for n in local if n.role == "prefill"]
         dec = [n for n in local if n.role == "decode"]
         if not pre or not dec:
             return
+        # the backlog waits in the router, not on the nodes: requests `t` keeps local wait for a local
+        # prefill node; while every decode node is full, every waiting request waits for decode too
+        t = float(getattr(self.policy, "threshold", float("inf")))
+        decode_full = all(n.capacity_slots and n.running >= n.capacity_slots for n in dec)
         obs = StageObservation(
             now,
-            prefill_queue=sum(n.queue_depth for n in pre),
+            prefill_queue=sum(n.queue_depth for n in pre) + sum(length <= t for length in waiting),
             prefill_utilisation=sum(min(1.0, float(n.running)) for n in pre) / len(pre),
-            decode_queue=sum(n.queue_depth for n in dec),
+            decode_queue=sum(n.queue_depth for n in dec) + (len(waiting) if decode_full else 0),
             decode_utilisation=sum(min(1.0, n.running / max(n.capacity_slots, 1)) for n in dec) / len(dec),
         )
         views = [

@@ -134,7 +134,8 @@ class Router:
         self.draining = False
         self.active = 0  # generate calls in progress, queued or serving
         self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # (decision, prompt, ttft)
-        self.prefill_observers: list[Callable[[str, int, float], None]] = []  # (cluster, tokens, prefill_s)
+        # (cluster, uncached tokens, prefill_s, kv_bytes, transfer_s): each prefill's result
+        self.prefill_observers: list[Callable[[str, int, float, int, float], None]] = []
         self.queue_observers: list[Callable[[float], None]] = []  # seconds each request waited
         self._wake = asyncio.Event()
         self._nodes: list[Node] = []
@@ -271,7 +272,7 @@ class Router:
                 self._wake.set()
             if done is not None:
                 for obs in self.prefill_observers:
-                    obs(d.route, d.uncached_tokens, done.prefill_s)
+                    obs(d.route, d.uncached_tokens, done.prefill_s, done.kv_bytes, done.transfer_s)
 
         lim = self.limits
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
@@ -339,6 +340,10 @@ class Router:
         """The members the router would route to now: usable (not failed, stale or draining)."""
         nodes = await self.directory.nodes()
         return [n for n in nodes if self.liveness.usable(n, self.directory.degraded)]
+
+    def waiting_uncached(self) -> list[int]:
+        """Per request waiting in the admission queue: its prompt less its best known prefix hit."""
+        return [w.ask.prompt_tokens - max((hit for _, hit in w.ask.hits), default=0) for w in self.queue]
 
     def _try_place(self, w: Waiting[Placement]) -> Placement | None:
         ask: Ask = w.ask

@@ -107,6 +107,8 @@ def test_every_process_exports_its_roles_families(served):
     assert not problems, "\n".join(problems)
     router = parsed(scrape(urls["router"]))
     assert any(s.labels == {"link": "prfaas->local"} for s in router["prfaas_link_utilisation"])
+    capacity = router["prfaas_link_capacity_bytes_per_second"]
+    assert any(s.labels == {"link": "prfaas->local"} and s.value > 0 for s in capacity)
     pool = parsed(scrape(urls["cachepool"]))
     assert sum(s.value for s in pool["prfaas_cluster_nodes"]) == 3
 

@@ -83,3 +83,104 @@ async def test_tcp_retransmits_read_from_a_live_socket():
     assert tcp_retransmits(None) == 0
     writer.close()
     server.close()
+
+
+def _prfaas_cluster(egress: float = 0.0, queue: int = 0) -> Directory:
+    return Directory([Node("pf0", "prfaas", "prefill", "a", queue_depth=queue, egress_bytes_per_s=egress),
+                      Node("lp0", "local", "prefill", "b"), Node("ld0", "local", "decode", "c")])
+
+
+def test_link_meter_measures_the_link_from_its_transfers():
+    from prfaas.scheduling.link_meter import LinkMeter
+
+    meter = LinkMeter(1e6, window_s=10.0)
+    assert meter.read(0.0).capacity_bytes_per_s == 1e6, "no transfer yet: the configured rate"
+    # a cut link: each 200 KB transfer needs 2 s where its compute took 0.2 s, one after another
+    for i in range(4):
+        meter.record(2.0 * (i + 1), 200_000, 0.2, 2.0)
+    r = meter.read(8.0)
+    assert r.link_bound and r.bound == 4 and abs(r.capacity_bytes_per_s - 1e5) < 1
+    assert meter.read(30.0).capacity_bytes_per_s == r.capacity_bytes_per_s, "no news is not a restored link"
+    # restored: transfers end with their compute; the estimate goes back toward the configured rate
+    for i in range(4):
+        meter.record(31.0 + i, 200_000, 0.5, 0.52)
+    r = meter.read(35.0)
+    assert not r.link_bound and 1e5 < r.capacity_bytes_per_s < 1e6
+    for k in range(20):
+        r = meter.read(35.0 + k * 0.1)
+    assert r.capacity_bytes_per_s > 0.99e6
+    # two transfers sharing the link at once: bytes over the time either was in flight
+    both = LinkMeter(1e9)
+    both.record(10.0, 1_000_000, 1.0, 4.0)  # in flight [6, 10]
+    both.record(12.0, 1_000_000, 1.0, 4.0)  # in flight [8, 12]
+    assert abs(both.read(12.0).busy_rate_bytes_per_s - 2e6 / 6.0) < 1
+
+
+async def test_a_cut_link_raises_the_threshold_and_a_restored_one_relaxes_it():
+    """The link cut to a tenth: the PrfaaS node's own egress counter still looks idle against the
+    configured rate (what the controller used to compare), but its transfers end long after their
+    compute. The measured capacity says the link is full and t goes up; once transfers end with their
+    compute again, t comes back to the plan's."""
+    policy = PrfaasPolicy(threshold=100)
+    link = 1e6
+    directory = _prfaas_cluster(egress=0.05 * link)
+    loop = ControlLoop(directory, policy, kv_bytes, link, interval_s=1.0, long_interval_s=1e9)
+    for i in range(60):
+        n = 100 + 10 * i
+        loop.on_decision(RouteDecision("prfaas", "pf0", "ld0", 0, n, "test"), n, 0.1)
+        loop.on_prefill("local", n, 0.001 * n)
+    await loop.tick(1.0)
+    await loop.tick(2.0)
+    assert policy.threshold == 100, "an idle link at its configured rate: t holds"
+    # the cut: 400 KB transfers one after another, each 4 s (0.1 MB/s) behind 0.4 s of compute
+    for end in (-5.0, -1.0, 3.0):
+        loop.link.record(end, 400_000, 0.4, 4.0)
+    await loop.tick(3.0)
+    raised = policy.threshold
+    assert raised > 100 and loop.short is not None
+    assert abs(loop.link.estimate - 1e5) < 1e4, loop.link.estimate
+    # restored: prompt transfers end with their compute
+    for k in range(6):
+        loop.link.record(3.5 + 0.1 * k, 400_000, 0.4, 0.41)
+    for k in range(12):
+        await loop.tick(4.0 + k)
+    assert policy.threshold < raised
+    assert loop.link.estimate > 0.9 * link
+
+
+async def test_the_admission_backlog_counts_as_the_prfaas_queue():
+    """The router keeps the nodes' own queues near empty (it holds the backlog in its admission
+    queue): long prompts waiting there are the PrfaaS queue the controller must see."""
+    policy = PrfaasPolicy(threshold=100)
+    link = 1e6
+    waiting: list[int] = []
+    loop = ControlLoop(_prfaas_cluster(egress=0.6 * link), policy, kv_bytes, link, interval_s=1.0,
+                       long_interval_s=1e9, waiting=lambda: waiting)
+    for i in range(60):
+        n = 100 + 10 * i
+        loop.on_decision(RouteDecision("prfaas", "pf0", "ld0", 0, n, "test"), n, 0.1)
+        loop.on_prefill("prfaas", n, 0.001 * n)
+    await loop.tick(1.0)
+    await loop.tick(2.0)
+    assert policy.threshold == 100, "no backlog, link at 0.6: t holds"
+    waiting += [700] * 20 + [50] * 30  # 20 wait for the PrfaaS cluster (above t), 30 for local prefill
+    await loop.tick(3.0)
+    assert policy.threshold > 100
+    assert loop.short is not None and "prfaas queue 20" in loop.short.history[-1].reason
+
+
+async def test_a_local_backlog_in_the_router_converts_a_decode_node():
+    changes: list[tuple[str, str]] = []
+
+    async def set_role(node: Node, role: str) -> None:
+        changes.append((node.node_id, role))
+
+    nodes = [Node("lp0", "local", "prefill", "a", running=1),
+             Node("ld0", "local", "decode", "b", running=1, capacity_slots=64),
+             Node("ld1", "local", "decode", "c", running=0, capacity_slots=64)]
+    long = LongTermController(LongTermConfig(window_s=10.0, cooldown_s=10.0))
+    loop = ControlLoop(Directory(nodes), PrfaasPolicy(threshold=100), kv_bytes, 1e9, set_role,
+                       interval_s=1.0, long_interval_s=1.0, long=long, waiting=lambda: [50] * 10)
+    for t in range(1, 14):
+        await loop.tick(float(t))
+    assert changes == [("ld1", "prefill")]

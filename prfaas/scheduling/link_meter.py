@@ -1,0 +1,92 @@
+"""What the cross-datacenter link delivers, measured from the transfers themselves.
+
+The short-term controller needs the link's capacity now, not the one it was configured with: after
+a cut the PrfaaS egress falls with the link, and against the configured rate a saturated link reads
+as an idle one. Nor do the senders' own byte counters say it (their writes land in socket and
+proxy buffers long before the far side has them). What does say it is each PrfaaS transfer's
+outcome, which the prefill node reports when the decode node has acknowledged every chunk:
+`kv_bytes` delivered over `transfer_s`, against `prefill_s` of compute. KV streams layer by layer
+while the prefill runs, so on a link with room a transfer ends about when its compute does; a
+transfer that ends well after (`transfer_s - prefill_s` over `tail_fraction` of the compute and
+over `min_tail_s`) waited for the link.
+
+Over a sliding window of completed transfers:
+- `link_bound`: most of them waited for the link, and at least `min_bound` did;
+- the busy rate: their bytes over the time at least one of them was in flight (the union of their
+  [end - transfer_s, end] intervals). While the link is the bottleneck it is busy whenever a
+  transfer is in flight, so this is its capacity; otherwise it only bounds the capacity from below.
+`capacity()` is the busy rate while link-bound (never above the configured rate); otherwise it
+moves back toward the configured rate by `relax` of the gap each reading (and never below the busy
+rate). A window with no transfer keeps the last estimate: no news is not a restored link.
+Plain Python, no I/O; the router's control loop reads it once a tick.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinkReading:
+    capacity_bytes_per_s: float  # the estimate
+    busy_rate_bytes_per_s: float  # bytes over busy time in the window (0: no transfer in it)
+    link_bound: bool
+    transfers: int  # in the window
+    bound: int  # of them, those that waited for the link
+
+
+class LinkMeter:
+    def __init__(
+        self,
+        configured_bytes_per_s: float,
+        window_s: float = 10.0,
+        tail_fraction: float = 0.25,
+        min_tail_s: float = 0.05,
+        min_bound: int = 2,
+        relax: float = 0.5,
+    ) -> None:
+        if configured_bytes_per_s <= 0:
+            raise ValueError(f"the configured link rate must be > 0 bytes/s, got {configured_bytes_per_s}")
+        self.configured = configured_bytes_per_s
+        self.window_s, self.tail_fraction, self.min_tail_s = window_s, tail_fraction, min_tail_s
+        self.min_bound, self.relax = min_bound, relax
+        self.estimate = configured_bytes_per_s
+        self._done: deque[tuple[float, float, int, bool]] = deque()  # (end, transfer_s, bytes, bound)
+
+    def record(self, now: float, kv_bytes: int, prefill_s: float, transfer_s: float) -> None:
+        """One transfer across the link, acknowledged at `now`."""
+        if kv_bytes <= 0 or transfer_s <= 0:
+            return
+        tail = transfer_s - max(prefill_s, 0.0)
+        bound = tail > max(self.min_tail_s, self.tail_fraction * max(prefill_s, 0.0))
+        self._done.append((now, transfer_s, kv_bytes, bound))
+
+    def read(self, now: float) -> LinkReading:
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._done.popleft()
+        done = list(self._done)
+        if not done:
+            return LinkReading(self.estimate, 0.0, False, 0, 0)
+        bound = sum(b for *_, b in done)
+        rate = sum(n for _, _, n, _ in done) / _busy_s(done)
+        link_bound = bound >= self.min_bound and 2 * bound > len(done)
+        if link_bound:
+            self.estimate = min(rate, self.configured)
+        else:
+            relaxed = self.estimate + (self.configured - self.estimate) * self.relax
+            self.estimate = max(relaxed, min(rate, self.configured))
+        return LinkReading(self.estimate, rate, link_bound, len(done), bound)
+
+
+def _busy_s(done: list[tuple[float, float, int, bool]]) -> float:
+    """The length of the union of the transfers' [end - transfer_s, end] intervals."""
+    spans = sorted((end - s, end) for end, s, _, _ in done)
+    total, start, stop = 0.0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > stop:
+            total += stop - start
+            start, stop = a, b
+        else:
+            stop = max(stop, b)
+    return max(total + stop - start, 1e-9)
