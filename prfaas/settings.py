@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prfaas.dtypes import CACHE_DTYPES
+from prfaas.security.tls import is_loopback
 from prfaas.settings_kv import kv_limit_flags, wire_accept_list
 from prfaas.validators import boolean, host_port, non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -328,6 +329,9 @@ class FrontDoorSettings(TlsFlags):
     log_level: str = "INFO"
     api_keys_file: str = ""  # one key a line, optionally name:key, re-read when it changes
     max_client_requests: int = 64  # per API key at once; 429 past it; 0 = no limit
+    https_cert: str = ""  # serve HTTPS with this certificate chain (PEM) and https_key
+    https_key: str = ""
+    allow_plain_http: bool = False  # plain HTTP on a non-loopback address (a TLS proxy in front)
 
 
 def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings:
@@ -346,10 +350,19 @@ def parse_frontdoor_settings(argv: list[str] | None = None) -> FrontDoorSettings
            "file of API keys (one a line, optionally name:key), re-read when it changes; with --api-key: both")
     p.flag("--max-client-requests", "MAX_CLIENT_REQUESTS", 64, non_negative_int,
            "requests one API key may hold at once (HTTP 429 past it); 0 = no limit")
+    p.flag("--https-cert", "HTTPS_CERT", "", str, "serve HTTPS with this certificate chain (PEM), with --https-key")
+    p.flag("--https-key", "HTTPS_KEY", "", str, "the private key (PEM) of --https-cert")
+    p.switch("--allow-plain-http", "ALLOW_PLAIN_HTTP", "serve plain HTTP on a non-loopback address (prompts and "
+             "API keys in clear: only behind a proxy that terminates TLS)")
     _tls(p)  # the front door's own certificate, for the router
     a = p.parse_args(argv)
     if not a.router:
         p.error("--router (or PRFAAS_ROUTER) is required")
+    if bool(a.https_cert) != bool(a.https_key):
+        p.error("--https-cert and --https-key go together")
+    if not a.https_cert and not a.allow_plain_http and not is_loopback(a.listen.rsplit(":", 1)[0].strip("[]")):
+        p.error(f"--listen {a.listen} is not a loopback address: plain HTTP there carries prompts and API keys in "
+                "clear; give --https-cert and --https-key, or --allow-plain-http behind a proxy that terminates TLS")
     a.api_key = str.__str__(a.api_key)  # a plain string from here on
     return FrontDoorSettings(**{f: getattr(a, f) for f in FrontDoorSettings.__dataclass_fields__})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -65,6 +66,18 @@ def build(s: FrontDoorSettings, router: GrpcRouter) -> FrontDoor:
     return FrontDoor(router, tokenizer, served_name(s), template, defaults, auth)
 
 
+def https_context(s: FrontDoorSettings) -> ssl.SSLContext | None:
+    """TLS 1.2 or later with the operator's certificate chain (clients verify it as any HTTPS
+    server's: a public CA's, or the cluster CA handed to them); None for plain HTTP (loopback, or
+    --allow-plain-http behind a proxy that terminates TLS: prfaas/settings.py checks which)."""
+    if not s.https_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(s.https_cert, s.https_key)
+    return ctx
+
+
 async def main(s: FrontDoorSettings) -> None:
     configure("frontdoor", s.log_level)
     metrics.install("frontdoor")
@@ -74,7 +87,7 @@ async def main(s: FrontDoorSettings) -> None:
                            access_log=None)
     await runner.setup()
     host, port = s.listen.rsplit(":", 1)
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=https_context(s))
     await site.start()
     bound = runner.addresses[0]
     address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound[1]}"
@@ -82,8 +95,9 @@ async def main(s: FrontDoorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "listening", "address": address, "url": f"http://{address}/v1"}), flush=True)
-    log.info("listening", address=address, router=s.router)
+    scheme = "https" if s.https_cert else "http"
+    print(json.dumps({"event": "listening", "address": address, "url": f"{scheme}://{address}/v1"}), flush=True)
+    log.info("listening", address=address, router=s.router, https=bool(s.https_cert))
     await stop.wait()
     log.info("stopping")
     await runner.cleanup()
