@@ -249,16 +249,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:qwen3_next-tiny")
     ap.add_argument("--seconds", type=float, default=180.0)
-    ap.add_argument("--load", type=float, default=3.0, help="arrival rate as a multiple of the measured capacity")
+    ap.add_argument("--load", type=float, default=None,
+                    help="arrival rate as a multiple of the measured capacity (default 3; --quick: 2)")
     ap.add_argument("--cancel", type=float, default=0.2, help="fraction of requests their client cancels")
     ap.add_argument("--hold-s", type=float, default=8.0, help="how long each fault lasts")
-    ap.add_argument("--quick", action="store_true", help="a short form (CI): 40 s, faults of 4 s")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short form (CI): 40 s at 2x, faults of 4 s (3x left twice the backlog to drain)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.hold_s = 40.0, 4.0
+    if a.load is None:
+        a.load = 2.0 if a.quick else 3.0
     with tempfile.TemporaryDirectory() as logs:
         print("[soak] starting the cluster ...", flush=True)
         with LocalCluster(a.model, SPEC, log_dir=logs) as c:

@@ -107,6 +107,7 @@ class Done:
     transfer_s: float
     chunks: int
     first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    drain_s: float = 0.0  # end of compute to the last ack (KV that waited for the link)
 
 
 # --- decode node -> router -----------------------------------------------------------------------

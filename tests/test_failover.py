@@ -108,6 +108,8 @@ async def test_chunked_streaming_prefill_sends_states_once_and_matches(model_dir
                           planner=PrefillPlanner(prefill_ex.layout.block_size, chunk_tokens=128))
     nodes = [Node("p0", "local", "prefill", "p0"), Node("d0", "local", "decode", "d0")]
     router = Router(Directory(nodes), MemoryClients(decode, {"p0": chunked}), PrfaasPolicy(threshold=1e9))
+    results: list[tuple] = []
+    router.prefill_observers.append(lambda *result: results.append(result))  # what the control loop is told
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(3)).tolist()  # 3 chunks
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     try:
@@ -117,6 +119,9 @@ async def test_chunked_streaming_prefill_sends_states_once_and_matches(model_dir
     expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
     assert [t for o in outs for t in o.token_ids] == expected
     assert router.stats.retries == 0
+    [(route, tokens, prefill_s, kv_bytes, transfer_s, drain_s)] = results
+    assert (route, tokens) == ("local", 300) and kv_bytes > 0 and transfer_s >= 0  # in memory: no wire time
+    assert prefill_s > 0 and 0 <= drain_s < prefill_s, "the drain: from the end of the compute to the last ack"
     assert decode_ex.blocks.num_free == decode_ex.blocks.num_blocks
 
 

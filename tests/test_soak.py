@@ -1,4 +1,4 @@
-"""The soak's short form (bench/soak.py --quick): at 3x capacity, with cancellations and one fault
+"""The soak's short form (bench/soak.py --quick): at 2x capacity, with cancellations and one fault
 of each kind in turn, nothing is lost and every error is explained."""
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from prfaas.scheduling.profiles import Profile
 
 Topology = LoopbackTopology | NetnsTopology
 NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# the services' log level (their logs land in the run's directory); INFO logs every request and threshold change
+LOG_LEVEL = os.environ.get("PRFAAS_EVAL_LOG_LEVEL", "WARNING")
 
 
 @dataclass
@@ -134,7 +136,7 @@ class EvalCluster:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ep = self.topology.endpoint("local", reach_from_other=True)
-        cp = self._start("cachepool", "local", "services.cachepool", ["--listen", ep.listen, "--log-level", "WARNING"])
+        cp = self._start("cachepool", "local", "services.cachepool", ["--listen", ep.listen, "--log-level", LOG_LEVEL])
         self.cachepool_address = ep.advertise or self._wait(cp)
         if ep.advertise:
             self._wait(cp)
@@ -156,7 +158,7 @@ class EvalCluster:
         args = ["--node-id", n.name, "--cluster", n.cluster, "--listen", ep.listen, "--cachepool",
                 self.cachepool_address, "--model", self.model, "--hardware", n.hardware, "--emulate", str(emu),
                 "--state-slots", str(bs + spare), "--max-batch", str(bs), "--kv-blocks", "4096",
-                "--transfer-timeout-s", "600", "--log-level", "WARNING"]
+                "--transfer-timeout-s", "600", "--log-level", LOG_LEVEL]
         if ep.advertise:
             args += ["--advertise", ep.advertise]
         if ep.kv_port:
@@ -179,7 +181,7 @@ class EvalCluster:
                 "--control-interval-s", str(interval), "--role-interval-s", str(self.role_interval_s),
                 "--prefill-inflight", "1", "--stall-timeout-s", "120", "--transfer-timeout-s", "600",
                 "--max-queue", "100000", "--max-queue-tokens", str(1 << 30), "--max-queue-wait-s", "3600",
-                "--max-head-wait-s", "3600", "--metrics-port", metrics_port, "--log-level", "WARNING"]
+                "--max-head-wait-s", "3600", "--metrics-port", metrics_port, "--log-level", LOG_LEVEL]
         router = self._start("router", "local", "services.router", args)
         address = self._wait(router)
         self.router_address = ep.advertise or address

@@ -5,10 +5,11 @@ a cut the PrfaaS egress falls with the link, and against the configured rate a s
 as an idle one. Nor do the senders' own byte counters say it (their writes land in socket and
 proxy buffers long before the far side has them). What does say it is each PrfaaS transfer's
 outcome, which the prefill node reports when the decode node has acknowledged every chunk:
-`kv_bytes` delivered over `transfer_s`, against `prefill_s` of compute. KV streams layer by layer
-while the prefill runs, so on a link with room a transfer ends about when its compute does; a
-transfer that ends well after (`transfer_s - prefill_s` over `tail_fraction` of the compute and
-over `min_tail_s`) waited for the link.
+`kv_bytes` delivered over `transfer_s`, and `drain_s`, the part of it after the compute ended
+(`prefill_s`). KV streams layer by layer while the prefill runs, so on a link with room the last
+acknowledgement follows the compute by about a round trip; a transfer whose drain is longer (over
+`tail_fraction` of its compute and over `min_tail_s`) waited for the link. (Measured in an emulated
+cut to a tenth: drains of 0.5-1.5 s behind 3-7 s of compute, against ~0 before the cut.)
 
 Over a sliding window of completed transfers:
 - `link_bound`: most of them waited for the link, and at least `min_bound` did;
@@ -41,8 +42,8 @@ class LinkMeter:
         self,
         configured_bytes_per_s: float,
         window_s: float = 10.0,
-        tail_fraction: float = 0.25,
-        min_tail_s: float = 0.05,
+        tail_fraction: float = 0.1,
+        min_tail_s: float = 0.1,
         min_bound: int = 2,
         relax: float = 0.5,
     ) -> None:
@@ -54,12 +55,11 @@ class LinkMeter:
         self.estimate = configured_bytes_per_s
         self._done: deque[tuple[float, float, int, bool]] = deque()  # (end, transfer_s, bytes, bound)
 
-    def record(self, now: float, kv_bytes: int, prefill_s: float, transfer_s: float) -> None:
+    def record(self, now: float, kv_bytes: int, prefill_s: float, transfer_s: float, drain_s: float) -> None:
         """One transfer across the link, acknowledged at `now`."""
         if kv_bytes <= 0 or transfer_s <= 0:
             return
-        tail = transfer_s - max(prefill_s, 0.0)
-        bound = tail > max(self.min_tail_s, self.tail_fraction * max(prefill_s, 0.0))
+        bound = drain_s > max(self.min_tail_s, self.tail_fraction * max(prefill_s, 0.0))
         self._done.append((now, transfer_s, kv_bytes, bound))
 
     def read(self, now: float) -> LinkReading:

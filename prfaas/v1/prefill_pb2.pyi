@@ -128,17 +128,19 @@ class PrefillStarted(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., queue_wait_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("first_token", "kv_bytes", "prefill_s", "transfer_s", "chunks", "first_logprob")
+    __slots__ = ("first_token", "kv_bytes", "prefill_s", "transfer_s", "chunks", "first_logprob", "drain_s")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_S_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     kv_bytes: int
     prefill_s: float
     transfer_s: float
     chunks: int
     first_logprob: _common_pb2.TokenLogprob
-    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., chunks: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
+    drain_s: float
+    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., chunks: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., drain_s: _Optional[float] = ...) -> None: ...

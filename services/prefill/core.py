@@ -143,14 +143,15 @@ class PrefillNode:
             async for ev in self._alive(finish, run.progress):
                 yield ev
             stats, run.sender = finish.result(), None
+            drain_s = time.monotonic() - t0 - prefill_s
             self.bytes_sent += stats.bytes
             m.kv_bytes.labels(link=job.decode_address).inc(stats.bytes)
             m.kv_transfer_seconds.labels(link=job.decode_address).observe(stats.seconds)
             log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
                      prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
-                     chunks=stats.chunks)
+                     drain_s=round(drain_s, 4), chunks=stats.chunks)
             first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
-            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob)
+            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob, drain_s)
         finally:
             self.running -= running
             # in a task of its own: a second cancellation must not skip the lock's release

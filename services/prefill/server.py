@@ -88,7 +88,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     elif isinstance(ev, Done):
                         done = prefill_pb2.PrefillDone(first_token=ev.first_token, kv_bytes=ev.kv_bytes,
                                                        prefill_s=ev.prefill_s, transfer_s=ev.transfer_s,
-                                                       chunks=ev.chunks)
+                                                       chunks=ev.chunks, drain_s=ev.drain_s)
                         if ev.first_logprob is not None:
                             done.first_logprob.CopyFrom(logprob_to_pb(ev.first_logprob))
                         yield prefill_pb2.PrefillEvent(done=done)

@@ -103,7 +103,7 @@ class GrpcNodeClients:
                 else:
                     d = ev.done
                     first_lp = logprob_from_pb(d.first_logprob) if d.HasField("first_logprob") else None
-                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks, first_lp)
+                    yield Done(d.first_token, d.kv_bytes, d.prefill_s, d.transfer_s, d.chunks, first_lp, d.drain_s)
         except grpc.aio.AioRpcError as e:
             raise RemoteError(code_of(e.code()), e.details() or "") from e
         finally:

@@ -97,13 +97,13 @@ class ControlLoop:
             self.short.record(time.monotonic(), decision.uncached_tokens)
 
     def on_prefill(self, cluster: str, tokens: int, prefill_s: float, kv_bytes: int = 0,
-                   transfer_s: float = 0.0) -> None:
+                   transfer_s: float = 0.0, drain_s: float = 0.0) -> None:
         """A prefill's result; on the PrfaaS route its KV crossed the link (`kv_bytes` in `transfer_s`,
-        the decode node's last acknowledgement included)."""
+        the decode node's last acknowledgement included, `drain_s` of it after the compute ended)."""
         if cluster in self.prefill_times:
             self.prefill_times[cluster].record(tokens, prefill_s)
         if cluster == "prfaas":
-            self.link.record(time.monotonic(), kv_bytes, prefill_s, transfer_s)
+            self.link.record(time.monotonic(), kv_bytes, prefill_s, transfer_s, drain_s)
 
     # --- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -134,8 +134,8 @@ class Router:
         self.draining = False
         self.active = 0  # generate calls in progress, queued or serving
         self.observers: list[Callable[[RouteDecision, int, float], None]] = []  # (decision, prompt, ttft)
-        # (cluster, uncached tokens, prefill_s, kv_bytes, transfer_s): each prefill's result
-        self.prefill_observers: list[Callable[[str, int, float, int, float], None]] = []
+        # (cluster, uncached tokens, prefill_s, kv_bytes, transfer_s, drain_s): each prefill's result
+        self.prefill_observers: list[Callable[[str, int, float, int, float, float], None]] = []
         self.queue_observers: list[Callable[[float], None]] = []  # seconds each request waited
         self._wake = asyncio.Event()
         self._nodes: list[Node] = []
@@ -272,7 +272,7 @@ class Router:
                 self._wake.set()
             if done is not None:
                 for obs in self.prefill_observers:
-                    obs(d.route, d.uncached_tokens, done.prefill_s, done.kv_bytes, done.transfer_s)
+                    obs(d.route, d.uncached_tokens, done.prefill_s, done.kv_bytes, done.transfer_s, done.drain_s)
 
         lim = self.limits
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,

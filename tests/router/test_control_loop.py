@@ -95,15 +95,15 @@ def test_link_meter_measures_the_link_from_its_transfers():
 
     meter = LinkMeter(1e6, window_s=10.0)
     assert meter.read(0.0).capacity_bytes_per_s == 1e6, "no transfer yet: the configured rate"
-    # a cut link: each 200 KB transfer needs 2 s where its compute took 0.2 s, one after another
+    # a cut link: each 200 KB transfer needs 2 s where its compute took 0.2 s (1.8 s of it after), one after another
     for i in range(4):
-        meter.record(2.0 * (i + 1), 200_000, 0.2, 2.0)
+        meter.record(2.0 * (i + 1), 200_000, 0.2, 2.0, 1.8)
     r = meter.read(8.0)
     assert r.link_bound and r.bound == 4 and abs(r.capacity_bytes_per_s - 1e5) < 1
     assert meter.read(30.0).capacity_bytes_per_s == r.capacity_bytes_per_s, "no news is not a restored link"
     # restored: transfers end with their compute; the estimate goes back toward the configured rate
     for i in range(4):
-        meter.record(31.0 + i, 200_000, 0.5, 0.52)
+        meter.record(31.0 + i, 200_000, 0.5, 0.5, 0.02)
     r = meter.read(35.0)
     assert not r.link_bound and 1e5 < r.capacity_bytes_per_s < 1e6
     for k in range(20):
@@ -111,14 +111,14 @@ def test_link_meter_measures_the_link_from_its_transfers():
     assert r.capacity_bytes_per_s > 0.99e6
     # two transfers sharing the link at once: bytes over the time either was in flight
     both = LinkMeter(1e9)
-    both.record(10.0, 1_000_000, 1.0, 4.0)  # in flight [6, 10]
-    both.record(12.0, 1_000_000, 1.0, 4.0)  # in flight [8, 12]
+    both.record(10.0, 1_000_000, 1.0, 4.0, 3.0)  # in flight [6, 10]
+    both.record(12.0, 1_000_000, 1.0, 4.0, 3.0)  # in flight [8, 12]
     assert abs(both.read(12.0).busy_rate_bytes_per_s - 2e6 / 6.0) < 1
 
 
 async def test_a_cut_link_raises_the_threshold_and_a_restored_one_relaxes_it():
     """The link cut to a tenth: the PrfaaS node's own egress counter still looks idle against the
-    configured rate (what the controller used to compare), but its transfers end long after their
+    configured rate (what the controller used to compare), but its transfers drain long after their
     compute. The measured capacity says the link is full and t goes up; once transfers end with their
     compute again, t comes back to the plan's."""
     policy = PrfaasPolicy(threshold=100)
@@ -134,14 +134,14 @@ async def test_a_cut_link_raises_the_threshold_and_a_restored_one_relaxes_it():
     assert policy.threshold == 100, "an idle link at its configured rate: t holds"
     # the cut: 400 KB transfers one after another, each 4 s (0.1 MB/s) behind 0.4 s of compute
     for end in (-5.0, -1.0, 3.0):
-        loop.link.record(end, 400_000, 0.4, 4.0)
+        loop.link.record(end, 400_000, 0.4, 4.0, 3.6)
     await loop.tick(3.0)
     raised = policy.threshold
     assert raised > 100 and loop.short is not None
     assert abs(loop.link.estimate - 1e5) < 1e4, loop.link.estimate
     # restored: prompt transfers end with their compute
     for k in range(6):
-        loop.link.record(3.5 + 0.1 * k, 400_000, 0.4, 0.41)
+        loop.link.record(3.5 + 0.1 * k, 400_000, 0.4, 0.4, 0.01)
     for k in range(12):
         await loop.tick(4.0 + k)
     assert policy.threshold < raised
