@@ -71,14 +71,16 @@ async def measure(c: LocalCluster, ex, lengths: list[int], reps: int) -> list[di
     async with rpc_channel(c.router_address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         for n in lengths:
-            prompt = torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for _ in range(3):  # warm both paths (connections, kernels)
-                await service_ms(stub, prompt, f"warm-{n}")
-                in_process_ms(ex, prompt)
+            def prompt(i: int, n: int = n) -> list[int]:  # a new one each time: no prefix cache hit on either path
+                return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n * 10_000 + i)).tolist()
+
+            for i in range(3):  # warm both paths (connections, kernels)
+                await service_ms(stub, prompt(reps + i), f"warm-{n}")
+                in_process_ms(ex, prompt(reps + i))
             svc, local = [], []
             for i in range(reps):  # alternated, so that load drifts hit both the same
-                svc.append(await service_ms(stub, prompt, f"b{n}-{i}"))
-                local.append(in_process_ms(ex, prompt))
+                svc.append(await service_ms(stub, prompt(i), f"b{n}-{i}"))
+                local.append(in_process_ms(ex, prompt(i)))
                 print(f"  {n} tokens: {i + 1}/{reps}", end="\r", flush=True)
             print()
             out.append({"tokens": n, "service_ms": statistics.median(svc), "in_process_ms": statistics.median(local)})
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="16,200")
     ap.add_argument("--model", default="builtin:qwen3_next-tiny")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine")
+    ap.add_argument("--node-threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of the cluster's processes (0: torch's default, every core)")
     ap.add_argument("--keep-logs", default="", help="write the cluster's logs here (default: a temporary directory)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -98,7 +102,8 @@ def main() -> None:
     ex, _ = build_executor(a.model)
     with tempfile.TemporaryDirectory() as logs_tmp:
         logs = a.keep_logs or logs_tmp
-        spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1,
+        threads = {"OMP_NUM_THREADS": str(a.node_threads)} if a.node_threads else {}
+        spec = ClusterSpec(prfaas_prefill=1, local_prefill=1, local_decode=1, extra_env=threads,
                            router_env={"PRFAAS_CONTROL_INTERVAL_S": "0"})
         print("[overhead] starting the cluster ...", flush=True)
         with LocalCluster(a.model, spec, log_dir=logs) as c:
