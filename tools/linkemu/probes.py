@@ -71,7 +71,10 @@ class _Pipe:
             self.dst.writelines(data)
         if chunks and chunks[-1] is None:
             if self.dst.can_write_eof() and not self.dst.is_closing():
-                self.dst.write_eof()
+                try:
+                    self.dst.write_eof()
+                except OSError:  # the far side already went (ENOTCONN): nothing left to tell it
+                    pass
             self.drop()
 
     def drop(self) -> None:
