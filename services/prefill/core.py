@@ -11,8 +11,9 @@ No gRPC here: the KV sender is handed in as a factory.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Protocol
 
 from prfaas.engine.executor import Executor, LayerKv, SeqState
@@ -174,30 +175,37 @@ class PrefillNode:
         return run.sent, max(run.sent, run.sent + (end - run.sent) // self.send_grid * self.send_grid)
 
     async def _run_part(self, run: _Run, segment: Segment) -> AsyncGenerator[Progress, None]:
-        """Computes one part layer by layer off the event loop, pushing each layer as it finishes
-        (the sender streams while the next layer runs); sets `run.first` when the part ends the
-        prompt."""
+        """Computes one part layer by layer in one worker thread, which hands each layer to the event
+        loop as it finishes and goes on with the next while the loop pushes it (at most `LOOKAHEAD`
+        layers ahead of the push); sets `run.first` when the part ends the prompt."""
         assert run.sender is not None
         a, b = self._send_window(run, segment.end)
         steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b)
+        handoff = _Handoff(asyncio.get_running_loop())
+        run.step = asyncio.ensure_future(asyncio.to_thread(handoff.produce, steps))
         layers = 0
-        while True:
-            run.step = asyncio.ensure_future(asyncio.to_thread(next, steps, _END))
-            async for ev in self._alive(run.step, run.progress, cancel=False):
-                yield ev
-            item, run.step = run.step.result(), None
-            if item is _END:
-                break
-            if isinstance(item, int):
-                run.first = item
-            else:
-                if run.pace is not None:  # every layer computed takes its emulated time, pushed or not
-                    await run.pace.step()
-                if item is not None:
-                    await run.sender.push_layer(item)
-                layers += 1
-                run.layers_done = layers
-                yield run.progress()
+        try:
+            while True:
+                get = asyncio.ensure_future(handoff.ready.get())
+                async for ev in self._alive(get, run.progress):
+                    yield ev
+                item = handoff.take(get.result())
+                if item is _END:
+                    break
+                if isinstance(item, int):
+                    run.first = item
+                else:
+                    if run.pace is not None:  # every layer computed takes its emulated time, pushed or not
+                        await run.pace.step()
+                    if item is not None:
+                        await run.sender.push_layer(item)
+                    layers += 1
+                    run.layers_done = layers
+                    yield run.progress()
+        finally:
+            handoff.stop()  # a part left early: the thread ends after its current layer (close() waits)
+        await run.step  # the thread is done with the blocks
+        run.step = None
         run.sent = b
         self.tokens_computed += segment.end - segment.start
         metrics.current().prompt_computed.inc(segment.end - segment.start)
@@ -304,3 +312,40 @@ class _Hold:
 
 
 _END = object()  # the end of a part's layer steps
+LOOKAHEAD = 1  # layers a prefill computes ahead of the one being pushed
+
+
+class _Handoff:
+    """A part's layer steps from its worker thread to the event loop: each item as it is computed,
+    the thread at most LOOKAHEAD items ahead of the loop's `take`; `stop` ends it after its step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ready: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
+        self._room = threading.Semaphore(LOOKAHEAD)
+        self._stopped = threading.Event()
+
+    def produce(self, steps: Iterator[object]) -> None:  # in the worker thread
+        try:
+            for item in steps:
+                self.loop.call_soon_threadsafe(self.ready.put_nowait, (item, None))
+                while not self._room.acquire(timeout=0.5):
+                    if self._stopped.is_set():
+                        return
+                if self._stopped.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised again on the loop, in take()
+            self.loop.call_soon_threadsafe(self.ready.put_nowait, (_END, e))
+            return
+        self.loop.call_soon_threadsafe(self.ready.put_nowait, (_END, None))
+
+    def take(self, got: tuple[object, BaseException | None]) -> object:
+        item, error = got
+        if error is not None:
+            raise error
+        self._room.release()
+        return item
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._room.release()
