@@ -116,6 +116,16 @@ def test_link_meter_measures_the_link_from_its_transfers():
     assert abs(both.read(12.0).busy_rate_bytes_per_s - 2e6 / 6.0) < 1
 
 
+async def _warmed(loop: ControlLoop, cluster: str) -> None:
+    """Sixty prompts of 100-690 tokens seen (the controller's window) and two quiet ticks."""
+    for i in range(60):
+        n = 100 + 10 * i
+        loop.on_decision(RouteDecision("prfaas", "pf0", "ld0", 0, n, "test"), n, 0.1)
+        loop.on_prefill(cluster, n, 0.001 * n)
+    await loop.tick(1.0)
+    await loop.tick(2.0)
+
+
 async def test_a_cut_link_raises_the_threshold_and_a_restored_one_relaxes_it():
     """The link cut to a tenth: the PrfaaS node's own egress counter still looks idle against the
     configured rate (what the controller used to compare), but its transfers drain long after their
@@ -125,12 +135,7 @@ async def test_a_cut_link_raises_the_threshold_and_a_restored_one_relaxes_it():
     link = 1e6
     directory = _prfaas_cluster(egress=0.05 * link)
     loop = ControlLoop(directory, policy, kv_bytes, link, interval_s=1.0, long_interval_s=1e9)
-    for i in range(60):
-        n = 100 + 10 * i
-        loop.on_decision(RouteDecision("prfaas", "pf0", "ld0", 0, n, "test"), n, 0.1)
-        loop.on_prefill("local", n, 0.001 * n)
-    await loop.tick(1.0)
-    await loop.tick(2.0)
+    await _warmed(loop, "local")
     assert policy.threshold == 100, "an idle link at its configured rate: t holds"
     # the cut: 400 KB transfers one after another, each 4 s (0.1 MB/s) behind 0.4 s of compute
     for end in (-5.0, -1.0, 3.0):
@@ -156,12 +161,7 @@ async def test_the_admission_backlog_counts_as_the_prfaas_queue():
     waiting: list[int] = []
     loop = ControlLoop(_prfaas_cluster(egress=0.6 * link), policy, kv_bytes, link, interval_s=1.0,
                        long_interval_s=1e9, waiting=lambda: waiting)
-    for i in range(60):
-        n = 100 + 10 * i
-        loop.on_decision(RouteDecision("prfaas", "pf0", "ld0", 0, n, "test"), n, 0.1)
-        loop.on_prefill("prfaas", n, 0.001 * n)
-    await loop.tick(1.0)
-    await loop.tick(2.0)
+    await _warmed(loop, "prfaas")
     assert policy.threshold == 100, "no backlog, link at 0.6: t holds"
     waiting += [700] * 20 + [50] * 30  # 20 wait for the PrfaaS cluster (above t), 30 for local prefill
     await loop.tick(3.0)
