@@ -178,9 +178,16 @@ def test_k8s_manifests_shape() -> None:
         assert not missing, f"{name} lacks {sorted(missing)}"
         assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         port = int(next(e["value"] for e in c["env"] if e["name"] == "PRFAAS_LISTEN").rsplit(":", 1)[1])
-        if module == "frontdoor":  # HTTP: ready when the router serves, alive while it answers /metrics
+        if module == "frontdoor":  # HTTPS: ready when the router serves, alive while it answers /metrics
             assert c["readinessProbe"]["httpGet"]["path"] == "/health", name
+            probes = ("startupProbe", "readinessProbe", "livenessProbe")
+            assert all(c[p]["httpGet"]["scheme"] == "HTTPS" for p in probes), name
             assert c["ports"][0]["containerPort"] == port
+            https = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("PRFAAS_HTTPS_")}
+            assert https == {"PRFAAS_HTTPS_CERT": "/https/tls.crt", "PRFAAS_HTTPS_KEY": "/https/tls.key"}, name
+            (vol,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "https"]
+            assert vol["secret"]["secretName"] == "prfaas-frontdoor-https"
+            assert {"name": "https", "mountPath": "/https", "readOnly": True} in c["volumeMounts"]
             continue
         for probe in ("readinessProbe", "livenessProbe"):  # gRPC health over mutual TLS (the kubelet's is plaintext)
             assert c[probe]["exec"]["command"] == ["python", "-m", "prfaas.rpc.probe"], f"{name} {probe}"
