@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from prfaas.dtypes import CACHE_DTYPES
-from prfaas.security.tls import is_loopback
 from prfaas.settings_kv import kv_limit_flags, wire_accept_list
-from prfaas.validators import boolean, host_port, non_negative_float, non_negative_int, positive_float, positive_int
+from prfaas.validators import (
+    boolean,
+    host_port,
+    is_loopback,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 # the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
 DEFAULT_MODEL = "builtin:qwen3_next-small"

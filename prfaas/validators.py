@@ -3,6 +3,19 @@ raises ValueError with a message naming what was wrong."""
 
 from __future__ import annotations
 
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (a listen address nothing off this machine can reach)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 def positive_int(text: str) -> int:
     v = int(text)

@@ -19,7 +19,6 @@ effect when the process restarts (roll the services one by one; docs/security.md
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from prfaas.security.identity import Identity, from_peercert
+from prfaas.validators import is_loopback
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -154,16 +154,6 @@ def resolve(*, tls_dir: str = "", ca: str = "", cert: str = "", key: str = "", i
     if not cert and cfg.identity is not None and cfg.identity.name != name:  # own_identity raised if none
         raise TlsSetupError(f"TLS: {paths['cert']} names {cfg.identity}, not {name}")
     return cfg
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen(listen: str, cfg: TlsConfig, allow_insecure_remote: bool) -> None:
