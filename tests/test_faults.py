@@ -96,8 +96,11 @@ def test_a_stalled_prefill_node_is_detected_and_retried_in_seconds(model_dir, tm
         finally:
             os.kill(victim.pid, signal.SIGCONT)
 
+        seeds = iter(range(3, 1000))
+
         async def back() -> bool:  # once it heartbeats again, it takes long prompts again
-            r = await stream(c.router_address, token_ids=prompt_of(200, seed=3), max_tokens=2)
+            # a new prompt each try: one the local node computed meanwhile would be its prefix hit, short
+            r = await stream(c.router_address, token_ids=prompt_of(200, seed=next(seeds)), max_tokens=2)
             return r.code == "OK" and r.head.prefill_node == "prfaas-p0"
 
         asyncio.run(until(back, 20, "the PrfaaS node back in routing"))

@@ -181,7 +181,7 @@ class PrefillNode:
         assert run.sender is not None
         a, b = self._send_window(run, segment.end)
         steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b)
-        handoff = _Handoff(asyncio.get_running_loop())
+        handoff = run.handoff = _Handoff(asyncio.get_running_loop())
         run.step = asyncio.ensure_future(asyncio.to_thread(handoff.produce, steps))
         layers = 0
         try:
@@ -203,9 +203,10 @@ class PrefillNode:
                     run.layers_done = layers
                     yield run.progress()
         finally:
-            handoff.stop()  # a part left early: the thread ends after its current layer (close() waits)
+            handoff.stop()  # a part left early: the thread ends after its current layer (close() waits;
+            # a request closed mid-part may reach close() first: it stops the thread too)
         await run.step  # the thread is done with the blocks
-        run.step = None
+        run.step = run.handoff = None
         run.sent = b
         self.tokens_computed += segment.end - segment.start
         metrics.current().prompt_computed.inc(segment.end - segment.start)
@@ -278,7 +279,8 @@ class _Run:
     def __init__(self, seq: SeqState) -> None:
         self.seq = seq
         self.sender: KvPush | None = None
-        self.step: asyncio.Future[LayerKv | int | object | None] | None = None
+        self.step: asyncio.Future[None] | None = None  # the part's worker thread (see _Handoff)
+        self.handoff: _Handoff | None = None
         self.first: int | None = None
         self.pace: PrefillPace | None = None
         self.tokens_done = self.layers_done = 0
@@ -288,6 +290,8 @@ class _Run:
         return Progress(self.tokens_done, self.layers_done)
 
     async def close(self, executor: Executor) -> None:
+        if self.handoff is not None:  # the thread stops after its current layer (it may be waiting for room)
+            self.handoff.stop()
         if self.step is not None:  # shielded from cancellation: the thread still uses the blocks
             await asyncio.shield(asyncio.gather(self.step, return_exceptions=True))
         if self.sender is not None:
