@@ -258,12 +258,15 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-logs", type=Path, default=None,
+                    help="write the services' logs here (default: a temporary directory)")
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.hold_s = 40.0, 4.0
     if a.load is None:
         a.load = 2.0 if a.quick else 3.0
-    with tempfile.TemporaryDirectory() as logs:
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = str(a.keep_logs or tmp)
         print("[soak] starting the cluster ...", flush=True)
         with LocalCluster(a.model, SPEC, log_dir=logs) as c:
             from prfaas.security import tls
