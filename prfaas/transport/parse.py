@@ -181,10 +181,19 @@ def _field(h: ChunkHeader, buf: memoryview, i: int, frame_len: int) -> int:
     return i + n
 
 
+# a field's key and length varints take at most this many bytes
+_FIELD_HEAD_MAX = 1 + 10
+
+
 def _scan(buf: memoryview, frame_len: int) -> ChunkHeader:
     h, i = ChunkHeader(), 0
     bulk_bytes = 0
+    prefix = len(buf) < frame_len
     while i < len(buf):
+        if prefix and h.bulk and len(buf) - i < _FIELD_HEAD_MAX:
+            # the header is behind us (it precedes scales and payload); the next field may straddle
+            # the prefix's end (int8 scales ending just short of it): the whole frame's parse checks it
+            break
         i = _field(h, buf, i, frame_len)
         bulk_bytes = sum(n for _, n in h.bulk.values())
         if i - bulk_bytes > HEADER_READ_BYTES:
