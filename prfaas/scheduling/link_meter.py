@@ -24,6 +24,7 @@ Plain Python, no I/O; the router's control loop reads it once a tick.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -56,8 +57,12 @@ class LinkMeter:
         self._done: deque[tuple[float, float, int, bool]] = deque()  # (end, transfer_s, bytes, bound)
 
     def record(self, now: float, kv_bytes: int, prefill_s: float, transfer_s: float, drain_s: float) -> None:
-        """One transfer across the link, acknowledged at `now`."""
-        if kv_bytes <= 0 or transfer_s <= 0:
+        """One transfer across the link, acknowledged at `now`. The figures come from a prefill node
+        over the network: one that is not finite, or out of range, is dropped (never an estimate)."""
+        figures = (kv_bytes, prefill_s, transfer_s, drain_s)
+        if not all(math.isfinite(x) for x in figures) or kv_bytes <= 0 or transfer_s <= 0:
+            return
+        if prefill_s < 0 or drain_s < 0:
             return
         bound = drain_s > max(self.min_tail_s, self.tail_fraction * max(prefill_s, 0.0))
         self._done.append((now, transfer_s, kv_bytes, bound))

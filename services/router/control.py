@@ -61,7 +61,7 @@ class ControlLoop:
         link_meter: LinkMeter | None = None,
     ) -> None:
         self.directory, self.policy, self.set_role = directory, policy, set_role
-        self.link_bytes_per_s, self.interval_s, self.long_interval_s = link_bytes_per_s, interval_s, long_interval_s
+        self.interval_s, self.long_interval_s = interval_s, long_interval_s
         self.prefill_times = {"prfaas": OnlinePrefillProfile(), "local": OnlinePrefillProfile()}
         self.kv_profile = Profile.from_callable(lambda x: float(kv_bytes(int(x))), KV_GRID)
         # uncached lengths of the requests waiting in the router's admission queue (the backlog)

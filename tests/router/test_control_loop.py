@@ -184,3 +184,19 @@ async def test_a_local_backlog_in_the_router_converts_a_decode_node():
     for t in range(1, 14):
         await loop.tick(float(t))
     assert changes == [("ld1", "prefill")]
+
+
+def test_link_meter_drops_figures_a_node_should_never_send():
+    """kv_bytes, prefill_s, transfer_s and drain_s arrive from prefill nodes (PrefillDone): NaN,
+    infinite, negative or zero figures leave the estimate as it was, finite and positive."""
+    from prfaas.scheduling.link_meter import LinkMeter
+
+    meter = LinkMeter(1e6, window_s=10.0)
+    nan, inf = float("nan"), float("inf")
+    for bad in [(nan, 0.2, 2.0, 1.8), (200_000, nan, 2.0, 1.8), (200_000, 0.2, inf, 1.8), (200_000, 0.2, 2.0, nan),
+                (200_000, 0.2, 2.0, inf), (200_000, -1.0, 2.0, 1.8), (200_000, 0.2, 2.0, -5.0), (0, 0.2, 2.0, 1.8),
+                (200_000, 0.2, 0.0, 1.8), (-1, 0.2, 2.0, 1.8)]:
+        for k in range(3):
+            meter.record(1.0 + k, *bad)
+    r = meter.read(5.0)
+    assert r.transfers == 0 and r.capacity_bytes_per_s == 1e6
