@@ -31,7 +31,7 @@ from prfaas.messages import SamplingParams  # noqa: E402
 from prfaas.rpc import channel as rpc_channel  # noqa: E402
 from prfaas.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
-MARKS = ("queue_ms", "reserved_ms", "prefill_started_ms", "prefill_done_ms", "first_ms", "ttft_ms")
+MARKS = ("queue_ms", "reserved_ms", "prefill_started_ms", "sampled_ms", "prefill_done_ms", "first_ms", "ttft_ms")
 
 
 def in_process_ms(ex, prompt: list[int]) -> float:  # type: ignore[no-untyped-def]
@@ -43,10 +43,10 @@ def in_process_ms(ex, prompt: list[int]) -> float:  # type: ignore[no-untyped-de
     return dt
 
 
-async def service_ms(stub: router_pb2_grpc.RouterStub, prompt: list[int], rid: str) -> float:
+async def service_ms(stub: router_pb2_grpc.RouterStub, prompt: list[int], rid: str, max_tokens: int) -> float:
     t0 = time.perf_counter()
-    call = stub.Generate(router_pb2.GenerateRequest(request_id=rid, token_ids=prompt, max_tokens=1,
-                                                    route=common_pb2.LOCAL))
+    call = stub.Generate(router_pb2.GenerateRequest(request_id=rid, token_ids=prompt, max_tokens=max_tokens,
+                                                    ignore_eos=True, route=common_pb2.LOCAL))
     async for _ in call:
         break
     dt = (time.perf_counter() - t0) * 1000
@@ -66,7 +66,8 @@ def breakdown(log: Path, prefix: str) -> dict[str, float]:
     return {m: statistics.median(r[m] for r in rows if m in r) for m in MARKS if any(m in r for r in rows)}
 
 
-async def measure(c: LocalCluster, ex, lengths: list[int], reps: int) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+async def measure(c: LocalCluster, ex, lengths: list[int], reps: int,  # type: ignore[no-untyped-def]
+                  max_tokens: int) -> list[dict[str, float]]:
     out = []
     async with rpc_channel(c.router_address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
@@ -75,11 +76,11 @@ async def measure(c: LocalCluster, ex, lengths: list[int], reps: int) -> list[di
                 return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n * 10_000 + i)).tolist()
 
             for i in range(3):  # warm both paths (connections, kernels)
-                await service_ms(stub, prompt(reps + i), f"warm-{n}")
+                await service_ms(stub, prompt(reps + i), f"warm-{n}", max_tokens)
                 in_process_ms(ex, prompt(reps + i))
             svc, local = [], []
             for i in range(reps):  # alternated, so that load drifts hit both the same
-                svc.append(await service_ms(stub, prompt(i), f"b{n}-{i}"))
+                svc.append(await service_ms(stub, prompt(i), f"b{n}-{i}", max_tokens))
                 local.append(in_process_ms(ex, prompt(i)))
                 print(f"  {n} tokens: {i + 1}/{reps}", end="\r", flush=True)
             print()
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine")
     ap.add_argument("--node-threads", type=int, default=0,
                     help="OMP_NUM_THREADS of the cluster's processes (0: torch's default, every core)")
+    ap.add_argument("--max-tokens", type=int, default=4,
+                    help="tokens each request asks for (1: the first token ends it, and comes from the decode node)")
     ap.add_argument("--keep-logs", default="", help="write the cluster's logs here (default: a temporary directory)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -110,7 +113,7 @@ def main() -> None:
             from prfaas.security import tls
 
             tls.install(c.tls_as("admin"))  # mutual TLS, as every cluster runs by default
-            rows = asyncio.run(measure(c, ex, lengths, a.reps))
+            rows = asyncio.run(measure(c, ex, lengths, a.reps, a.max_tokens))
             time.sleep(0.5)
             parts = {n: breakdown(Path(logs) / "router.log", f"b{n}-") for n in lengths}
     print("\n| prompt | through the services (ms) | in one process (ms) | ratio | difference (ms) |")

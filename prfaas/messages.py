@@ -75,12 +75,21 @@ class PrefillJob:
     deadline_unix_s: float = 0.0  # the transfer's deadline
     skip_tokens: int = 0          # prompt KV the decode node already holds (its prefix hit): not sent
     decode_node: str = ""         # the decode node's id: it must be a member, its certificate must name it
+    forced_first_token: int | None = None  # a retry whose first token the client already has: send that one
 
 
 @dataclass(frozen=True)
 class Started:
     node_id: str
     queue_wait_ms: int
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The first token, as soon as the prefill node has it (its KV may still be draining)."""
+    token_id: int
+    finish_reason: str | None = None  # set when this token ends the request
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)

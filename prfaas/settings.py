@@ -247,6 +247,7 @@ class RouterSettings(TlsFlags):
     token_listen: str = ""  # a second port, server-only TLS, for clients with a bearer token
     client_tokens: str = ""  # the token file; empty = certificates only
     max_client_requests: int = 64  # per client identity at once; 0 = no limit
+    first_token: str = "prefill"  # the client's first token from the prefill node (before the KV drains) or decode
 
 
 def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
@@ -291,6 +292,8 @@ def parse_router_settings(argv: list[str] | None = None) -> RouterSettings:
            "file of client bearer tokens (one a line, optionally name:token), re-read when it changes")
     p.flag("--max-client-requests", "MAX_CLIENT_REQUESTS", 64, non_negative_int,
            "requests one client identity may hold at once (RESOURCE_EXHAUSTED past it); 0 = no limit")
+    p.flag("--first-token", "FIRST_TOKEN", "prefill", str, "where the client's first token comes from: the prefill "
+           "node as it samples it, or the decode node once the KV has landed", choices=["prefill", "decode"])
     a = p.parse_args(argv)
     if not a.cachepool:
         p.error("--cachepool (or PRFAAS_CACHEPOOL) is required")

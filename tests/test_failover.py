@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from prfaas.engine.llm import LLM, build_executor
+from prfaas.errors import InvalidRequest
 from prfaas.kv.prefill_plan import PrefillPlanner
-from prfaas.messages import SamplingParams
+from prfaas.messages import Done, PrefillJob, Sampled, SamplingParams
 from prfaas.model.presets import write_preset
 from prfaas.scheduling.policy import PrfaasPolicy
 from prfaas.transport.chunks import tokens_per_chunk
@@ -24,7 +25,7 @@ from prfaas.transport.receiver import KvReceiver
 from services.decode.core import DecodeNode
 from services.prefill.core import PrefillNode
 from services.router.core import GenerateInput, Node, Router
-from tests.support import MAX_CHUNK, Directory, MemoryClients, MemoryPush
+from tests.support import MAX_CHUNK, Directory, MemoryClients, MemoryPush, PushStats
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,16 @@ def model_dir(tmp_path_factory):
     return str(write_preset(tmp_path_factory.mktemp("qwen"), "qwen3_next", "tiny", seed=1))
 
 
-async def test_stalled_transfer_times_out_and_router_retries(model_dir):
+async def _serve_once(model_dir, params, *, stall: bool, early: bool = True):
+    """One request through router, prefill and decode cores; the PrfaaS node's transfer stalls
+    when `stall`. Returns the outputs, the router and the executors (for their accounting)."""
     decode_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
     receiver = KvReceiver()
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=0.5)
     decode.start()
     stalled_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
     healthy_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
-    stalled = PrefillNode("p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=True))
+    stalled = PrefillNode("p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=stall))
     healthy = PrefillNode("p-ok", healthy_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout))
     nodes = [
         Node("p-stalled", "prfaas", "prefill", "p-stalled"),
@@ -51,21 +54,81 @@ async def test_stalled_transfer_times_out_and_router_retries(model_dir):
         MemoryClients(decode, {"p-stalled": stalled, "p-ok": healthy}),
         PrfaasPolicy(threshold=16),
         transfer_timeout_s=0.5,
+        early_first_token=early,
     )
     prompt = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
     try:
         outs = [o async for o in router.generate(GenerateInput("r1", "", prompt, params, "auto"))]
     finally:
         await decode.stop()
-    assert outs[0].prefill_node == "p-ok" and outs[0].route == "local", "retried on the healthy node"
+    for ex in (decode_ex, stalled_ex, healthy_ex):
+        assert ex.blocks.num_free == ex.blocks.num_blocks and ex.slots.num_free == ex.slots.num_slots
+    assert len(receiver) == 0
+    return outs, router, prompt
+
+
+async def test_stalled_transfer_times_out_and_router_retries(model_dir):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs, router, prompt = await _serve_once(model_dir, params, stall=True)
+    # the first token came from the stalled node as it sampled it (its KV never drained); the retry on
+    # the healthy node forced that token and names itself on its first message
+    served = [o for o in outs if o.prefill_node]
+    assert [o.prefill_node for o in served] == ["p-stalled", "p-ok"] and served[-1].route == "local"
     assert router.stats.retries == 1
     tokens = [t for o in outs for t in o.token_ids]
     expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
     assert tokens == expected
-    for ex in (decode_ex, stalled_ex, healthy_ex):
-        assert ex.blocks.num_free == ex.blocks.num_blocks and ex.slots.num_free == ex.slots.num_slots
-    assert len(receiver) == 0
+
+
+@pytest.mark.parametrize("seed", [7, None])
+async def test_a_retry_after_the_first_token_continues_a_sampled_request(model_dir, seed):
+    """Temperature sampling: the retry forces the first token the client already has (unseeded, a
+    new sample would differ and the router would refuse the decode node's first token); seeded, the
+    whole stream is what an unbroken run gives."""
+    params = SamplingParams(max_tokens=8, temperature=2.0, seed=seed, ignore_eos=True)
+    broken, router, _ = await _serve_once(model_dir, params, stall=True)
+    assert router.stats.retries == 1 and router.stats.failures == 0
+    assert len(broken[0].token_ids) == 1 and sum(len(o.token_ids) for o in broken) == 8
+    if seed is not None:
+        whole, _, _ = await _serve_once(model_dir, params, stall=False)
+        assert [t for o in broken for t in o.token_ids] == [t for o in whole for t in o.token_ids]
+
+
+async def test_first_token_from_the_decode_node_when_asked(model_dir):
+    """`--first-token decode`: the client's first token waits for the KV, so a stalled transfer is
+    retried before the client hears anything."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    outs, router, prompt = await _serve_once(model_dir, params, stall=True, early=False)
+    assert [o.prefill_node for o in outs if o.prefill_node] == ["p-ok"] and router.stats.retries == 1
+    expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
+    assert [t for o in outs for t in o.token_ids] == expected
+
+
+async def test_a_prefill_node_sends_a_forced_first_token_and_judges_its_finish(model_dir):
+    """A retry's `forced_first_token`: checked against the vocabulary, sent instead of a sample
+    (to the decode node and in `Sampled`), and its finish judged anew (here a stop token)."""
+    ex, _ = build_executor(model_dir, num_blocks=64, num_slots=2)
+    sent: list[int] = []
+
+    class Push(MemoryPush):
+        async def finish(self, first_token: int):  # type: ignore[no-untyped-def]
+            sent.append(first_token)
+            return PushStats(self.bytes, self.seq, 0.0)
+
+    node = PrefillNode("p", ex, lambda job: Push(KvReceiver(), job, ex.layout, stall=True))
+    prompt = list(range(1, 40))
+    params = SamplingParams(max_tokens=5, stop_token_ids=(3,))
+    vocab = ex.config.vocab_size
+    with pytest.raises(InvalidRequest, match=f"forced_first_token {vocab} is outside the vocabulary"):
+        [ev async for ev in node.prefill(PrefillJob("r", "t", prompt, params, "mem", forced_first_token=vocab))]
+    plain = [ev async for ev in node.prefill(PrefillJob("r", "t1", prompt, params, "mem"))]
+    forced = 3 if plain[-1].first_token != 3 else 4
+    events = [ev async for ev in node.prefill(PrefillJob("r", "t2", prompt, params, "mem", forced_first_token=forced))]
+    sampled = [ev for ev in events if isinstance(ev, Sampled)]
+    done = events[-1]
+    assert sampled == [Sampled(forced, "stop" if forced == 3 else None, None)]
+    assert isinstance(done, Done) and done.first_token == forced and sent[-1] == forced
+    assert ex.blocks.num_free == ex.blocks.num_blocks
 
 
 @pytest.mark.slow

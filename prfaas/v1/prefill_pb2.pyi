@@ -76,7 +76,7 @@ class ExportPrefixDone(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "token_ids", "sampling", "decode_address", "num_connections", "wire_dtype", "deadline_unix_s", "skip_tokens", "decode_node")
+    __slots__ = ("request_id", "transfer_id", "token_ids", "sampling", "decode_address", "num_connections", "wire_dtype", "deadline_unix_s", "skip_tokens", "decode_node", "forced_first_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class PrefillRequest(_message.Message):
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -97,17 +98,30 @@ class PrefillRequest(_message.Message):
     deadline_unix_s: float
     skip_tokens: int
     decode_node: str
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., skip_tokens: _Optional[int] = ..., decode_node: _Optional[str] = ...) -> None: ...
+    forced_first_token: int
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., num_connections: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., skip_tokens: _Optional[int] = ..., decode_node: _Optional[str] = ..., forced_first_token: _Optional[int] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
-    __slots__ = ("started", "done", "progress")
+    __slots__ = ("started", "done", "progress", "sampled")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
     started: PrefillStarted
     done: PrefillDone
     progress: PrefillProgress
-    def __init__(self, started: _Optional[_Union[PrefillStarted, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., progress: _Optional[_Union[PrefillProgress, _Mapping]] = ...) -> None: ...
+    sampled: PrefillSampled
+    def __init__(self, started: _Optional[_Union[PrefillStarted, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., progress: _Optional[_Union[PrefillProgress, _Mapping]] = ..., sampled: _Optional[_Union[PrefillSampled, _Mapping]] = ...) -> None: ...
+
+class PrefillSampled(_message.Message):
+    __slots__ = ("token_id", "logprob", "finish_reason")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: _common_pb2.TokenLogprob
+    finish_reason: str
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class PrefillProgress(_message.Message):
     __slots__ = ("tokens_done", "layers_done", "queued")

@@ -23,7 +23,7 @@ from prfaas.kv.prefill_plan import PrefillPlan, PrefillPlanner, Segment
 from prfaas.kv.prefix import block_hashes
 from prfaas.kv.prefix_cache import PrefixCache
 from prfaas.kv.prefix_index import CacheEvent
-from prfaas.messages import Done, PrefillJob, Progress, Started
+from prfaas.messages import Done, PrefillJob, Progress, Sampled, Started
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.transport.chunks import chunk_grid
@@ -92,16 +92,12 @@ class PrefillNode:
         self.running = 0
         self.bytes_sent = 0
 
-    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Progress | Done, None]:
+    async def prefill(self, job: PrefillJob) -> AsyncGenerator[Started | Progress | Sampled | Done, None]:
         """The request's events: `Started`, `Progress` at least every `alive_interval_s` (also while
-        it waits for the compute lock or for its KV to drain), then `Done`."""
-        if self.draining:
-            raise Draining(f"prefill node {self.node_id} is draining")
-        self.executor.validate(job.prompt, job.params)
-        if not 0 <= job.num_connections <= MAX_KV_CONNECTIONS:
-            raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
-        if not 0 <= job.skip_tokens < len(job.prompt) or job.skip_tokens % self.executor.layout.block_size:
-            raise InvalidRequest(f"skip_tokens {job.skip_tokens} must be a block boundary before the prompt's end")
+        it waits for the compute lock or for its KV to drain), `Sampled` as soon as the first token
+        is known, then `Done` once its KV has drained."""
+        self._validate(job)
+        forced = job.forced_first_token
         t_arrive = time.monotonic()
         hold = _Hold(self._compute)
         run: _Run | None = None
@@ -140,6 +136,8 @@ class PrefillNode:
                 await run.pace.done()  # the emulated accelerator is still computing until then
             prefill_s = time.monotonic() - t0
             hold.release()  # the next prompt may compute while this KV drains
+            sampled = self._sampled(run, forced)
+            yield sampled
             finish = asyncio.ensure_future(run.sender.finish(run.first))
             async for ev in self._alive(finish, run.progress):
                 yield ev
@@ -151,12 +149,35 @@ class PrefillNode:
             log.info("prefill_done", prompt_tokens=len(job.prompt), cached_tokens=plan.hit,
                      prefill_s=round(prefill_s, 4), kv_bytes=stats.bytes, transfer_s=round(stats.seconds, 4),
                      drain_s=round(drain_s, 4), chunks=stats.chunks)
-            first_logprob = run.seq.logprobs[0] if run.seq.logprobs else None
-            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, first_logprob, drain_s)
+            yield Done(run.first, stats.bytes, prefill_s, stats.seconds, stats.chunks, sampled.logprob, drain_s)
         finally:
             self.running -= running
             # in a task of its own: a second cancellation must not skip the lock's release
             await asyncio.shield(asyncio.ensure_future(self._release(run, hold)))
+
+    def _validate(self, job: PrefillJob) -> None:
+        if self.draining:
+            raise Draining(f"prefill node {self.node_id} is draining")
+        self.executor.validate(job.prompt, job.params)
+        if not 0 <= job.num_connections <= MAX_KV_CONNECTIONS:
+            raise InvalidRequest(f"num_connections must be in [0, {MAX_KV_CONNECTIONS}], got {job.num_connections}")
+        if not 0 <= job.skip_tokens < len(job.prompt) or job.skip_tokens % self.executor.layout.block_size:
+            raise InvalidRequest(f"skip_tokens {job.skip_tokens} must be a block boundary before the prompt's end")
+        forced, vocab = job.forced_first_token, self.executor.config.vocab_size
+        if forced is not None and not 0 <= forced < vocab:
+            raise InvalidRequest(f"forced_first_token {forced} is outside the vocabulary [0, {vocab})")
+
+    def _sampled(self, run: _Run, forced: int | None) -> Sampled:
+        """The first token, before the KV drains; a forced one (a retry whose client already has
+        its first token) replaces the sample, and its finish is judged anew."""
+        seq = run.seq
+        if forced is not None:
+            seq.output.pop()
+            seq.finish_reason = None
+            self.executor.append_token(seq, forced)
+            run.first = forced
+        logprob = seq.logprobs[0] if seq.logprobs and forced is None else None
+        return Sampled(run.first, seq.finish_reason, logprob)
 
     async def _release(self, run: _Run | None, hold: _Hold) -> None:
         try:

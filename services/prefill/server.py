@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from structlog.contextvars import bind_contextvars
 
-from prfaas.messages import Done, PrefillJob, PrefixMoved, Progress
+from prfaas.messages import Done, PrefillJob, PrefixMoved, Progress, Sampled
 from prfaas.rpc.convert import logprob_to_pb, sampling_from_pb
 from prfaas.rpc.status import grpc_errors
 from prfaas.v1 import prefill_pb2, prefill_pb2_grpc
@@ -76,6 +76,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.deadline_unix_s,
                 request.skip_tokens,
                 request.decode_node,
+                request.forced_first_token if request.HasField("forced_first_token") else None,
             )
             if self.check_destination is not None:
                 await self.check_destination(job)  # NotPermitted: PERMISSION_DENIED, before any work
@@ -92,6 +93,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                         if ev.first_logprob is not None:
                             done.first_logprob.CopyFrom(logprob_to_pb(ev.first_logprob))
                         yield prefill_pb2.PrefillEvent(done=done)
+                    elif isinstance(ev, Sampled):
+                        sampled = prefill_pb2.PrefillSampled(token_id=ev.token_id, finish_reason=ev.finish_reason or "")
+                        if ev.logprob is not None:
+                            sampled.logprob.CopyFrom(logprob_to_pb(ev.logprob))
+                        yield prefill_pb2.PrefillEvent(sampled=sampled)
                     else:
                         started = prefill_pb2.PrefillStarted(node_id=ev.node_id, queue_wait_ms=ev.queue_wait_ms)
                         yield prefill_pb2.PrefillEvent(started=started)

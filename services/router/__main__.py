@@ -50,6 +50,7 @@ def limits(s: RouterSettings, config: ModelConfig) -> RouterLimits:
         transfer_timeout_s=s.transfer_timeout_s, stall_timeout_s=s.stall_timeout_s, num_connections=s.kv_connections,
         prefill_inflight=s.prefill_inflight, max_queue=s.max_queue, max_queue_tokens=s.max_queue_tokens,
         max_head_wait_s=s.max_head_wait_s, max_queue_wait_s=s.max_queue_wait_s, stale_after_s=s.stale_after_s,
+        early_first_token=s.first_token == "prefill",
     )
 
 

@@ -3,9 +3,14 @@ stream the tokens back, and tell the router what went wrong if anything did.
 
 Both node streams speak at least every second (`Progress`, `Alive`); a stream quiet for
 `stall_timeout_s` is a stalled node. A failure is an `AttemptFailed` naming the node to blame and
-whether the request may be retried: before its first token reached the client, a failure of the
+whether the request may be retried: before the decode node's first token, a failure of the
 network or of a node is retried elsewhere; a refusal of the request itself (invalid, the model's
-fault) is not; after the first token nothing is retried and the client gets a clear status.
+fault) is not; after it nothing is retried and the client gets a clear status.
+
+The first token goes to the client as soon as the prefill node has sampled it (`Sampled`), while
+its KV is still draining to the decode node, whose own first token (the same) is then dropped. If
+the attempt fails in between, the retry forces that token (`forced_first_token`): the client never
+sees a first token twice or two different ones.
 
 No gRPC here: the node clients are handed in; their calls fail with `RemoteError` (a code).
 """
@@ -26,6 +31,7 @@ from prfaas.messages import (
     PrefillJob,
     Progress,
     Reserved,
+    Sampled,
     SamplingParams,
     Started,
     TokenBatch,
@@ -53,7 +59,7 @@ class NodeClients(Protocol):
         ...
 
     def prefill(self, address: str, job: PrefillJob,
-                node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]: ...
+                node_id: str = "") -> AsyncGenerator[Started | Progress | Sampled | Done, None]: ...
 
 
 @dataclass
@@ -62,8 +68,9 @@ class AttemptFailed(Exception):
     side: str  # "prefill" or "decode"
     code: Code
     message: str
-    tokens_sent: int = 0
+    tokens_sent: int = 0  # by the decode node
     requeue: bool = False  # the node was full, nobody failed: wait for capacity again
+    first_out: int | None = None  # the first token the client already has (a retry must force it)
 
     @property
     def retryable(self) -> bool:
@@ -101,6 +108,8 @@ class Attempt:
         deadline_unix_s: float,
         on_prefill_done: Callable[[Done], None],
         wire_dtype: str = "",
+        forced_first: int | None = None,
+        early_first: bool = True,
     ) -> None:
         self.clients, self.request_id, self.prompt, self.params = clients, request_id, prompt, params
         self.p, self.transfer_timeout_s, self.stall_timeout_s = placement, transfer_timeout_s, stall_timeout_s
@@ -108,13 +117,24 @@ class Attempt:
         self.on_prefill_done = on_prefill_done
         self.wire_dtype = wire_dtype  # the router's choice (wire.py); the decode node confirms it in Reserved
         self.sent = 0
+        self.forced_first, self.early_first = forced_first, early_first
+        self.first_out = forced_first  # the first token the client has, once it has it
+        self._sampled: asyncio.Future[Sampled] = asyncio.get_running_loop().create_future()
         self.skip_tokens = 0  # prompt KV the decode node held (not transferred)
-        self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, prefill_done, first
+        self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, sampled, prefill_done, first
 
     def _mark(self, what: str) -> None:
         self.marks.setdefault(what, time.monotonic())
 
     async def tokens(self) -> AsyncGenerator[TokenBatch, None]:
+        try:
+            async for batch in self._tokens():
+                yield batch
+        except AttemptFailed as f:
+            f.first_out = self.first_out
+            raise
+
+    async def _tokens(self) -> AsyncGenerator[TokenBatch, None]:
         d = self.p.decision
         admit = self.clients.admit(self.p.decode.address, self.request_id, self.prompt, self.params,
                                    self.transfer_timeout_s, wire_dtypes=(self.wire_dtype,),
@@ -127,22 +147,21 @@ class Attempt:
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
                              reserved.kv_address or self.p.decode.address, self.num_connections,
                              reserved.wire_dtype, self.deadline_unix_s, reserved.skip_tokens,
-                             decode_node=d.decode_node)
+                             decode_node=d.decode_node, forced_first_token=self.forced_first)
             self.skip_tokens = reserved.skip_tokens
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
-                first = await self._first(admit, prefill)
-                self._mark("first")
-                if self.params.logprobs is not None:  # the first token's is the prefill node's (it sampled it)
-                    first = TokenBatch(first.token_ids, first.finish_reason, await self._first_logprob(prefill))
-                yield first
-                while first.finish_reason is None:
+                finished = False
+                async for batch in self._first(admit, prefill):
+                    self._mark("first")
+                    finished = batch.finish_reason is not None
+                    yield batch
+                while not finished:
                     batch = await self._decode_event(admit)
                     if not isinstance(batch, TokenBatch):
                         raise AttemptFailed(d.decode_node, "decode", Code.INTERNAL, "a second reservation")
                     yield batch
-                    if batch.finish_reason is not None:
-                        break
+                    finished = batch.finish_reason is not None
             finally:
                 if not prefill.done():
                     prefill.cancel()
@@ -188,6 +207,10 @@ class Attempt:
                                         requeue=code == Code.RESOURCE_EXHAUSTED) from e
                 if isinstance(ev, Started):
                     self._mark("prefill_started")
+                elif isinstance(ev, Sampled):
+                    self._mark("sampled")
+                    if not self._sampled.done():
+                        self._sampled.set_result(ev)
                 elif isinstance(ev, Done):
                     self._mark("prefill_done")
                     done = ev
@@ -197,40 +220,75 @@ class Attempt:
         return done
 
     async def _first_logprob(self, prefill: asyncio.Future[Done]) -> list[TokenLogprob]:
-        """From the prefill node's Done, which follows the first token by about a round trip."""
-        done = await prefill
-        if done.first_logprob is None:
+        """The prefill node's (it sampled the first token), from its `Sampled` or its `Done`."""
+        await asyncio.wait({self._sampled, prefill}, return_when=asyncio.FIRST_COMPLETED)
+        lp = self._sampled.result().logprob if self._sampled.done() else (await prefill).first_logprob
+        if lp is None:
             raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.INTERNAL, "no logprob in its result")
-        return [done.first_logprob]
+        return [lp]
+
+    async def _early(self, first: asyncio.Future[Reserved | TokenBatch],
+                     prefill: asyncio.Future[Done]) -> TokenBatch | None:
+        """The prefill node's first token, if it comes before the decode node's and does not end
+        the request (a last token comes from the decode node, with its finish)."""
+        if not self.early_first or self.first_out is not None:
+            return None
+        await asyncio.wait({first, prefill, self._sampled}, return_when=asyncio.FIRST_COMPLETED)
+        if first.done() or not self._sampled.done():
+            return None
+        s = self._sampled.result()
+        if s.finish_reason is not None:
+            return None
+        self.first_out = s.token_id
+        return TokenBatch([s.token_id], None, [s.logprob] if s.logprob is not None else [])
 
     async def _first(self, admit: AsyncIterator[Reserved | TokenBatch | Alive],
-                     prefill: asyncio.Future[Done]) -> TokenBatch:
-        """The decode node's first tokens, watching the prefill: if the prefill fails first, the
-        attempt fails at once instead of at the transfer deadline."""
+                     prefill: asyncio.Future[Done]) -> AsyncGenerator[TokenBatch, None]:
+        """The first token (the prefill node's if it comes first), then the decode node's first
+        batch less what the client already has, watching the prefill: if the prefill fails first,
+        the attempt fails at once instead of at the transfer deadline."""
         first = asyncio.ensure_future(self._decode_event(admit))
         try:
+            early = await self._early(first, prefill)
+            if early is not None:
+                yield early
             await asyncio.wait({first, prefill}, return_when=asyncio.FIRST_COMPLETED)
             if not first.done():
                 prefill.result()  # raises the prefill's failure
                 await asyncio.wait({first})
             out = first.result()
         except AttemptFailed as f:
-            if f.side == "decode" and not prefill.done():
-                # the decode side often hears of a failed prefill first (its KV connection breaks): the
-                # prefill node's own verdict follows within a round trip and says more (a final INTERNAL)
-                await asyncio.wait({prefill}, timeout=PREFILL_VERDICT_GRACE_S)
-            if f.side == "decode" and prefill.done() and prefill.exception() is not None:
-                raise prefill.exception() from None  # type: ignore[misc]  # the KV never came: the prefill's fault
-            if f.side == "decode" and f.code != Code.UNAVAILABLE:
-                # the decode node is up and says the transfer failed (deadline, bad or missing chunks):
-                # the sender is to blame, and another prefill node may well succeed
-                raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.UNAVAILABLE,
-                                    f"the KV transfer failed ({f.code.value}): {f.message}") from None
-            raise
+            raise await self._blame(f, prefill) from None
         finally:
             if not first.done():
                 first.cancel()
                 await asyncio.gather(first, return_exceptions=True)
         if not isinstance(out, TokenBatch):
             raise AttemptFailed(self.p.decision.decode_node, "decode", Code.INTERNAL, "a second reservation")
-        return out
+        if self.first_out is None:
+            if self.params.logprobs is not None:
+                out = TokenBatch(out.token_ids, out.finish_reason, await self._first_logprob(prefill))
+            yield out
+            return
+        if out.token_ids != [self.first_out]:
+            raise AttemptFailed(self.p.decision.decode_node, "decode", Code.INTERNAL,
+                                f"its first token {out.token_ids} is not the prefill node's [{self.first_out}]")
+        if out.finish_reason is not None:  # the client has the token: only the finish is news
+            yield TokenBatch([], out.finish_reason, [])
+
+    async def _blame(self, f: AttemptFailed, prefill: asyncio.Future[Done]) -> AttemptFailed:
+        """Who failed, when the decode node's first token did not come."""
+        if f.side == "decode" and not prefill.done():
+            # the decode side often hears of a failed prefill first (its KV connection breaks): the
+            # prefill node's own verdict follows within a round trip and says more (a final INTERNAL)
+            await asyncio.wait({prefill}, timeout=PREFILL_VERDICT_GRACE_S)
+        if f.side == "decode" and prefill.done() and not prefill.cancelled() and prefill.exception() is not None:
+            e = prefill.exception()
+            if isinstance(e, AttemptFailed):
+                return e  # the KV never came: the prefill's fault
+        if f.side == "decode" and f.code != Code.UNAVAILABLE:
+            # the decode node is up and says the transfer failed (deadline, bad or missing chunks):
+            # the sender is to blame, and another prefill node may well succeed
+            return AttemptFailed(self.p.decision.prefill_node, "prefill", Code.UNAVAILABLE,
+                                 f"the KV transfer failed ({f.code.value}): {f.message}")
+        return f

@@ -16,6 +16,7 @@ from prfaas.messages import (
     PrefixReserved,
     Progress,
     Reserved,
+    Sampled,
     SamplingParams,
     Started,
     TokenBatch,
@@ -76,7 +77,7 @@ class GrpcNodeClients:
             call.cancel()
 
     async def prefill(self, address: str, job: PrefillJob,
-                      node_id: str = "") -> AsyncGenerator[Started | Progress | Done, None]:
+                      node_id: str = "") -> AsyncGenerator[Started | Progress | Sampled | Done, None]:
         stub = prefill_pb2_grpc.PrefillStub(self._channel(address, node_id))
         call = stub.Prefill(
             prefill_pb2.PrefillRequest(
@@ -90,6 +91,7 @@ class GrpcNodeClients:
                 deadline_unix_s=job.deadline_unix_s,
                 skip_tokens=job.skip_tokens,
                 decode_node=job.decode_node,
+                forced_first_token=job.forced_first_token,
             )
         )
         try:
@@ -100,6 +102,10 @@ class GrpcNodeClients:
                 elif which == "progress":
                     p = ev.progress
                     yield Progress(p.tokens_done, p.layers_done, p.queued)
+                elif which == "sampled":
+                    sm = ev.sampled
+                    lp = logprob_from_pb(sm.logprob) if sm.HasField("logprob") else None
+                    yield Sampled(sm.token_id, sm.finish_reason or None, lp)
                 else:
                     d = ev.done
                     first_lp = logprob_from_pb(d.first_logprob) if d.HasField("first_logprob") else None

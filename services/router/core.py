@@ -101,6 +101,7 @@ class RouterLimits:
     max_queue_wait_s: float = 120.0  # a request nobody could take for this long fails UNAVAILABLE
     stale_after_s: float = 10.0  # a node whose last heartbeat is older is out of routing
     max_prompt_chars: int = 1 << 24
+    early_first_token: bool = True  # the prefill node's first token to the client before the KV drains
 
 
 @dataclass
@@ -212,15 +213,17 @@ class Router:
     ) -> AsyncGenerator[GenerateOutput, None]:
         last: AttemptFailed | None = None
         attempt = 0
+        first_out: int | None = None  # the first token the client has: a retry forces it
         while attempt < self.limits.max_attempts:
             placement = await self._placed(ask, front=last is not None)
             attempt_t0 = time.monotonic()
             try:
-                async for out in self._run(request_id, prompt, params, placement, t0, attempt_t0, ask):
+                async for out in self._run(request_id, prompt, params, placement, t0, attempt_t0, ask, first_out):
                     yield out
                 return
             except AttemptFailed as f:
                 last = f
+                first_out = f.first_out
                 log.warning("attempt_failed", request_id=request_id, attempt=attempt, side=f.side, node=f.node_id,
                             code=f.code.value, error=f.message, tokens_sent=f.tokens_sent)
                 if f.requeue:
@@ -256,7 +259,7 @@ class Router:
 
     async def _run(
         self, request_id: str, prompt: list[int], params: SamplingParams, p: Placement, t0: float, attempt_t0: float,
-        ask: Ask,
+        ask: Ask, first_out: int | None = None,
     ) -> AsyncGenerator[GenerateOutput, None]:
         d = p.decision
         wire = self.wire.wire_for(p.prefill, p.decode) or ""
@@ -278,8 +281,10 @@ class Router:
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
                           stall_timeout_s=lim.stall_timeout_s, num_connections=lim.num_connections,
                           deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over,
-                          wire_dtype=wire)
-        first, text = True, _Text(self.tokenizer)
+                          wire_dtype=wire, forced_first=first_out, early_first=lim.early_first_token)
+        first, described, text = first_out is None, False, _Text(self.tokenizer)
+        if first_out is not None:
+            text.push([first_out], None)  # the client has its text: decode the rest after it
         try:
             if hasattr(self.clients, "import_prefix"):  # a longer prefix in the other cluster: move or recompute
                 await settle_prefix(self.clients, request_id, prompt, p, ask, self._nodes,  # type: ignore[arg-type]
@@ -296,6 +301,8 @@ class Router:
                                  queue_ms=round((attempt_t0 - t0) * 1000, 2), **marks)
                         for obs in self.observers:
                             obs(d, len(prompt), ttft)
+                    if not described:  # each attempt's first message names its nodes: the last one served
+                        described = True
                         out.route, out.prefill_node, out.decode_node = d.route, d.prefill_node, d.decode_node
                         out.request_id, out.cached_tokens = request_id, d.cached_tokens
                     yield out
