@@ -33,16 +33,26 @@ def model_dir(tmp_path_factory):
     return str(write_preset(tmp_path_factory.mktemp("qwen"), "qwen3_next", "tiny", seed=1))
 
 
-async def _serve_once(model_dir, params, *, stall: bool, early: bool = True):
+class _Lying(PrefillNode):
+    """A prefill node that reports a first token outside the vocabulary (its KV is fine)."""
+
+    async def prefill(self, job):  # type: ignore[no-untyped-def,override]
+        async for ev in super().prefill(job):
+            yield Sampled(self.executor.config.vocab_size + 5) if isinstance(ev, Sampled) else ev
+
+
+async def _serve_once(model_dir, params, *, stall: bool, early: bool = True, lie: bool = False):
     """One request through router, prefill and decode cores; the PrfaaS node's transfer stalls
-    when `stall`. Returns the outputs, the router and the executors (for their accounting)."""
+    when `stall`, its first token is out of the vocabulary when `lie`. Returns the outputs, the
+    router and the prompt (after checking every node's accounting is back to idle)."""
     decode_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
     receiver = KvReceiver()
     decode = DecodeNode("d0", decode_ex, receiver, transfer_timeout_s=0.5)
     decode.start()
     stalled_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
     healthy_ex, _ = build_executor(model_dir, num_blocks=256, num_slots=8)
-    stalled = PrefillNode("p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=stall))
+    stalled = (_Lying if lie else PrefillNode)(
+        "p-stalled", stalled_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout, stall=stall))
     healthy = PrefillNode("p-ok", healthy_ex, lambda job: MemoryPush(receiver, job, decode_ex.layout))
     nodes = [
         Node("p-stalled", "prfaas", "prefill", "p-stalled"),
@@ -55,6 +65,7 @@ async def _serve_once(model_dir, params, *, stall: bool, early: bool = True):
         PrfaasPolicy(threshold=16),
         transfer_timeout_s=0.5,
         early_first_token=early,
+        vocab_size=decode_ex.config.vocab_size,
     )
     prompt = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     try:
@@ -92,6 +103,16 @@ async def test_a_retry_after_the_first_token_continues_a_sampled_request(model_d
     if seed is not None:
         whole, _, _ = await _serve_once(model_dir, params, stall=False)
         assert [t for o in broken for t in o.token_ids] == [t for o in whole for t in o.token_ids]
+
+
+async def test_a_first_token_outside_the_vocabulary_never_reaches_the_client(model_dir):
+    """A prefill node whose early first token is nonsense: the attempt fails on it (blamed, out
+    of routing) before the client hears anything, and the retry elsewhere serves the request."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    outs, router, prompt = await _serve_once(model_dir, params, stall=False, lie=True)
+    assert [o.prefill_node for o in outs if o.prefill_node] == ["p-ok"] and router.stats.retries == 1
+    expected = LLM(build_executor(model_dir)[0]).generate([prompt], params)[0]
+    assert [t for o in outs for t in o.token_ids] == expected
 
 
 async def test_first_token_from_the_decode_node_when_asked(model_dir):

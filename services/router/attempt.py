@@ -110,6 +110,7 @@ class Attempt:
         wire_dtype: str = "",
         forced_first: int | None = None,
         early_first: bool = True,
+        vocab_size: int = 0,
     ) -> None:
         self.clients, self.request_id, self.prompt, self.params = clients, request_id, prompt, params
         self.p, self.transfer_timeout_s, self.stall_timeout_s = placement, transfer_timeout_s, stall_timeout_s
@@ -117,8 +118,9 @@ class Attempt:
         self.on_prefill_done = on_prefill_done
         self.wire_dtype = wire_dtype  # the router's choice (wire.py); the decode node confirms it in Reserved
         self.sent = 0
-        self.forced_first, self.early_first = forced_first, early_first
-        self.first_out = forced_first  # the first token the client has, once it has it
+        self.early_first = early_first
+        self.vocab_size = vocab_size  # a prefill node's early token is checked against it (0: unchecked)
+        self.first_out = forced_first  # the first token the client has, once it has it (a retry's: forced)
         self._sampled: asyncio.Future[Sampled] = asyncio.get_running_loop().create_future()
         self.skip_tokens = 0  # prompt KV the decode node held (not transferred)
         self.marks: dict[str, float] = {}  # monotonic times: reserved, prefill_started, sampled, prefill_done, first
@@ -147,7 +149,7 @@ class Attempt:
             job = PrefillJob(self.request_id, reserved.transfer_id, self.prompt, self.params,
                              reserved.kv_address or self.p.decode.address, self.num_connections,
                              reserved.wire_dtype, self.deadline_unix_s, reserved.skip_tokens,
-                             decode_node=d.decode_node, forced_first_token=self.forced_first)
+                             decode_node=d.decode_node, forced_first_token=self.first_out)
             self.skip_tokens = reserved.skip_tokens
             prefill = asyncio.ensure_future(self._prefill(job))
             try:
@@ -239,6 +241,9 @@ class Attempt:
         s = self._sampled.result()
         if s.finish_reason is not None:
             return None
+        if self.vocab_size and not 0 <= s.token_id < self.vocab_size:  # never pass a node's nonsense on
+            raise AttemptFailed(self.p.decision.prefill_node, "prefill", Code.UNAVAILABLE,
+                                f"its first token {s.token_id} is outside the vocabulary [0, {self.vocab_size})")
         self.first_out = s.token_id
         return TokenBatch([s.token_id], None, [s.logprob] if s.logprob is not None else [])
 

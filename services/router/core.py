@@ -281,7 +281,8 @@ class Router:
         attempt = Attempt(self.clients, request_id, prompt, params, p, transfer_timeout_s=lim.transfer_timeout_s,
                           stall_timeout_s=lim.stall_timeout_s, num_connections=lim.num_connections,
                           deadline_unix_s=time.time() + lim.transfer_timeout_s, on_prefill_done=prefill_over,
-                          wire_dtype=wire, forced_first=first_out, early_first=lim.early_first_token)
+                          wire_dtype=wire, forced_first=first_out, early_first=lim.early_first_token,
+                          vocab_size=lim.vocab_size)
         first, described, text = first_out is None, False, _Text(self.tokenizer)
         if first_out is not None:
             text.push([first_out], None)  # the client has its text: decode the rest after it

@@ -219,14 +219,58 @@ def _admit(c: LocalCluster, prefill_node: str):  # type: ignore[no-untyped-def]
     return ch, call
 
 
-def _prefill(c: LocalCluster, transfer_id: str, address: str, node: str):  # type: ignore[no-untyped-def]
+def _prefill(c: LocalCluster, transfer_id: str, address: str, node: str, **fields: int):  # type: ignore[no-untyped-def]
     from prfaas.messages import SamplingParams
 
     ch = channel(c.address_of("prfaas-p0"), "prfaas-p0", tls=c.tls_as("router"))
     call = prefill_pb2_grpc.PrefillStub(ch).Prefill(prefill_pb2.PrefillRequest(
         request_id="sec-1", transfer_id=transfer_id, token_ids=PROMPT, decode_node=node, decode_address=address,
-        sampling=sampling_to_pb(SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))))
+        sampling=sampling_to_pb(SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)), **fields))
     return ch, call
+
+
+def test_a_forced_first_token_over_grpc(secured):  # type: ignore[no-untyped-def]
+    """`forced_first_token` (a retry after the client has its first token) on the real services: a
+    value outside the vocabulary is refused before any work; a good one is what the prefill node
+    reports in `sampled` (before `done`) and what the decode node streams first."""
+    c, _ = secured
+    _, reference = asyncio.run(generate(lambda: channel(c.router_address, "router", tls=c.tls_as("client"))))
+    forced = (reference[0] + 1) % 1000  # the tiny preset's vocabulary: 1,000 ids
+
+    async def run(value: int) -> tuple[str, str, list[str], list[int]]:
+        ch, admit = _admit(c, "prfaas-p0")
+        events = aiter(admit)
+        reserved = (await anext(events)).reserved
+        pch, prefill = _prefill(c, reserved.transfer_id, reserved.kv_address, "local-d0", forced_first_token=value)
+        seen: list[str] = []
+        code, details = "OK", ""
+        try:
+            async for ev in prefill:
+                which = ev.WhichOneof("event")
+                seen.append(f"{which}:{ev.sampled.token_id}" if which == "sampled" else
+                            f"done:{ev.done.first_token}" if which == "done" else which)
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code().name, e.details() or ""
+        tokens: list[int] = []
+        if code == "OK":
+            async for ev in events:
+                if ev.WhichOneof("event") == "tokens":
+                    tokens += ev.tokens.token_ids
+                    if ev.tokens.finish_reason:
+                        break
+        admit.cancel()
+        await ch.close()
+        await pch.close()
+        return code, details, seen, tokens
+
+    for hostile in (-1, 1000, 2**31 - 1):
+        code, details, seen, _ = asyncio.run(run(hostile))
+        assert code == "INVALID_ARGUMENT" and f"forced_first_token {hostile}" in details, (hostile, details)
+        assert not any(s.startswith(("sampled", "done")) for s in seen)
+    code, _, seen, tokens = asyncio.run(run(forced))
+    assert code == "OK" and [s for s in seen if s.startswith(("sampled", "done"))] == [
+        f"sampled:{forced}", f"done:{forced}"]
+    assert tokens[0] == forced and len(tokens) == MAX_TOKENS
 
 
 def test_kv_only_from_the_named_prefill_node(secured, tmp_path):  # type: ignore[no-untyped-def]
