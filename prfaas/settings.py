@@ -22,6 +22,7 @@ from prfaas.validators import (
     non_negative_int,
     positive_float,
     positive_int,
+    power_of_two_or_zero,
 )
 
 # the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
@@ -153,13 +154,8 @@ class NodeSettings(TlsFlags):
     prefix_cache: str = "full"  # "off", "prefill" (prefill nodes only) or "full" (decode nodes too)
     checkpoint_tokens: int = 256  # a linear-state checkpoint every this many tokens (a block multiple)
     prefix_states: int = 0  # state slots the prefix cache may hold; 0 = half the slots
-
-
-def _power_of_two_or_zero(text: str) -> int:
-    v = non_negative_int(text)
-    if v & (v - 1):
-        raise ValueError(f"must be a power of two (or 0), got {text}")
-    return v
+    push_after_tokens: int = 512  # prefill nodes: a prompt computing fewer tokens pushes its KV after the sample
+    threads: int = 0  # torch's intra-op threads; 0 = torch's default (every core)
 
 
 def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSettings:
@@ -177,7 +173,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
     p.flag("--state-slots", "STATE_SLOTS", 64, positive_int, "linear-state slots in the pool")
     p.flag("--kv-connections", "KV_CONNECTIONS", 4, positive_int, "TCP connections per KV transfer")
     p.flag("--max-batch", "MAX_BATCH", 32, positive_int, "decode batch size")
-    p.flag("--prefill-chunk-tokens", "PREFILL_CHUNK_TOKENS", 2048, _power_of_two_or_zero,
+    p.flag("--prefill-chunk-tokens", "PREFILL_CHUNK_TOKENS", 2048, power_of_two_or_zero,
            "prefill longer prompts in chunks of this many tokens (a power of two; 0 = never), streaming as they go")
     p.flag("--transfer-timeout-s", "TRANSFER_TIMEOUT_S", 30.0, positive_float, "KV transfer deadline")
     p.flag("--hardware", "HARDWARE", "cpu", str, "accelerator profile name reported to the cluster")
@@ -208,6 +204,10 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "block size; the last block boundary before a prompt's end always has one)")
     p.flag("--prefix-states", "PREFIX_STATES", 0, non_negative_int,
            "linear-state checkpoints the prefix cache may hold (each one state slot); 0 = half the slots")
+    p.flag("--threads", "THREADS", 0, non_negative_int, "torch intra-op threads of this node; 0 = torch's default "
+           "(every core). Nodes sharing a machine should split its cores (prfaas up does)")
+    p.flag("--push-after-tokens", "PUSH_AFTER_TOKENS", 512, non_negative_int, "prefill nodes: a prompt computing "
+           "fewer tokens pushes its KV once its first token is sampled, not layer by layer; 0 = always layer by layer")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")

@@ -61,3 +61,10 @@ def host_port(text: str) -> str:
     return text
 
 
+
+
+def power_of_two_or_zero(text: str) -> int:
+    v = non_negative_int(text)
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two (or 0), got {text}")
+    return v

@@ -75,8 +75,11 @@ def test_plan_rules():
     assert p.checkpoint_positions(300, hit=288) == []  # nothing new past the hit
     assert p.checkpoint_positions(16) == []  # the last boundary before the end is 0
     plan = p.plan(300, hit=128)
-    assert [(s.start, s.end, s.checkpoint) for s in plan.segments] == [
-        (128, 192, True), (192, 256, True), (256, 288, True), (288, 300, False)]
+    # parts end at chunk boundaries only; a checkpoint inside a part is a snapshot during its pass
+    assert [(s.start, s.end, s.checkpoints) for s in plan.segments] == [(128, 228, (192,)), (228, 300, (256, 288))]
+    assert plan.checkpoints == (192, 256, 288)
+    assert [(s.start, s.end, s.checkpoints) for s in PrefillPlanner(16, grid=64).plan(200).segments] == [
+        (0, 200, (64, 128, 192))]
     assert PrefillPlanner(16, grid=64, chunk_tokens=50).plan(100).segments[0].end == 50
     assert p.max_hit_blocks(300) == 18 and PrefillPlanner(16).max_hit_blocks(300) == 0
     for bad in (dict(grid=24), dict(grid=-16), dict(chunk_tokens=-1), dict(grid=16, max_checkpoints=0)):
@@ -84,3 +87,39 @@ def test_plan_rules():
             PrefillPlanner(16, **bad)
     with pytest.raises(ValueError, match="leave some"):
         p.plan(300, hit=300)
+
+
+def _states(ex, slot: int) -> list[torch.Tensor]:
+    return [ex.pool.tensor(s)[slot].clone() for s in ex.layout.specs if not s.paged]
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["c_kernel", "torch_chunked"])
+def test_snapshots_in_one_pass_equal_a_split_prefill(tmp_path, monkeypatch, family, kernel):
+    """A checkpoint inside a part is the linear layers' states after that many tokens, taken during
+    the part's one pass: the states a prefill stopped there would leave (to rounding: a part of
+    other length runs its projections in other GEMM blocks), and the part's own states and first
+    token unchanged. Wrong offsets (a state taken a token early or late) are far outside this."""
+    from prfaas.model import linear_mixing
+
+    if not kernel:
+        monkeypatch.setattr(linear_mixing.cpu_kernel, "available", lambda: False)
+    elif not linear_mixing.cpu_kernel.available():
+        pytest.skip("the C kernel did not build here")
+    ex, _ = build_executor(write_preset(tmp_path, family, "tiny", seed=5))
+    prompt = torch.randint(3, 900, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    points = (2, 64, 192)  # inside the conv's window too (2 < width - 1)
+    one = ex.add("one", prompt, SamplingParams(max_tokens=1))
+    snaps = [(p, ex.slots.allocate()) for p in points]
+    *_, first = ex.prefill_layerwise(one, read=False, snapshots=snaps)
+    split = ex.add("split", prompt, SamplingParams(max_tokens=1))
+    for p, slot in snaps:
+        list(ex.prefill_layerwise(split, p, read=False))
+        for got, want in zip(_states(ex, slot), _states(ex, split.slot), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"snapshot at {p}")
+    *_, split_first = ex.prefill_layerwise(split, read=False)
+    assert first == split_first
+    for a, b in zip(_states(ex, one.slot), _states(ex, split.slot), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="snapshot positions"):
+        list(ex.prefill_layerwise(ex.add("bad", prompt, SamplingParams(max_tokens=1)), snapshots=[(0, snaps[0][1])]))

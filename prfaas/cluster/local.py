@@ -206,6 +206,14 @@ class LocalCluster:
                 return proc.address
         raise TimeoutError(f"{proc.name} did not start listening within {self.startup_timeout_s:.0f} s")
 
+    def _threads_env(self, nodes: int) -> dict[str, str]:
+        """The nodes share this machine: each gets its share of the cores as torch threads (one
+        node taking every core slows them all), unless the environment already says."""
+        given = {**os.environ, **self.spec.extra_env}
+        if "PRFAAS_THREADS" in given or "OMP_NUM_THREADS" in given:
+            return {}
+        return {"PRFAAS_THREADS": str(max(1, len(os.sched_getaffinity(0)) // max(1, nodes)))}
+
     def start(self) -> str:
         s = self.spec
         cp = self._start("cachepool", "services.cachepool", ["--listen", "127.0.0.1:0"])
@@ -235,7 +243,7 @@ class LocalCluster:
                     c,
                     *(["--convertible"] if c == "local" and s.convertible_local else []),
                 ],
-                s.cluster_env.get(c),
+                {**self._threads_env(len(nodes)), **s.cluster_env.get(c, {})},
             )
             for n, mod, c in nodes
         ]

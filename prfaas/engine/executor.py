@@ -12,7 +12,7 @@ thread, since it only touches the blocks and slots of the sequences it was hande
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -193,7 +193,7 @@ class Executor:
     @torch.inference_mode()
     def prefill_layerwise(
         self, seq: SeqState, end: int | None = None, read: bool = True, read_start: int | None = None,
-        read_end: int | None = None,
+        read_end: int | None = None, snapshots: Sequence[tuple[int, int]] = (),
     ) -> Iterator[LayerKv | int | None]:
         """Runs the next part of the prompt, [num_cached, end) (default: to the prompt's end),
         through layer 0, then layer 1, ...; after each layer yields that layer's LayerKv for the
@@ -201,13 +201,19 @@ class Executor:
         (an int). Chunked prefill is this called once per part. With `read=False` nothing is
         copied out of the pool: each layer yields None. `read_start` / `read_end` make the yielded
         paged KV another range of what the pool holds once the part is computed (a cached prefix
-        that the receiver lacks, or a tail held back for the next part)."""
+        that the receiver lacks, or a tail held back for the next part). `snapshots`: (position,
+        slot) pairs in (start, end], in order: the linear states after that many prompt tokens are
+        copied into the slot during the same pass (prefix-cache checkpoints)."""
         start, n = seq.num_cached, len(seq.prompt)
         end = n if end is None else min(end, n)
         if start >= end:
             raise InvalidRequest(f"request {seq.request_id}: nothing to prefill")
+        points = [p for p, _ in snapshots]
+        if points != sorted(points) or any(not start < p <= end for p in points):
+            raise ValueError(f"snapshot positions {points} must be ordered, in ({start}, {end}]")
         ids = torch.tensor(seq.prompt[start:end], dtype=torch.long, device=self.device)
         meta = self._meta([seq], [end - start], list(range(start, end)))
+        meta.snapshots = [tuple((p - start, slot) for p, slot in snapshots)]
         x = self.model.embed(ids)
         for i in range(self.model.num_layers):
             x = self.model.layer(i, x, meta, self.caches[i])

@@ -9,8 +9,8 @@ Checkpoints (a state copy plus the blocks before it) sit on block boundaries pas
 Each checkpoint costs one state slot (`KvLayout.state_bytes`); `max_checkpoints` bounds how many one
 prompt makes: the tail one always, then the first interval ones past the hit (shared prefixes such
 as system prompts are short; a conversation's next turn hits the tail). A prompt is computed in
-parts of at most `chunk_tokens` (0: in one part), counted from the hit, and a part also ends at
-each checkpoint.
+parts of at most `chunk_tokens` (0: in one part), counted from the hit; a checkpoint inside a part
+is taken during its pass (the linear layers snapshot their states there), not by ending the part.
 
 How the KV of the parts travels is the prefill core's business (its send window keeps the KV
 stream's pieces on the transfer's chunk grid, whatever the parts): checkpoints and chunks here need
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 class Segment:
     start: int
     end: int
-    checkpoint: bool = False  # keep a checkpoint of the prefix [0, end) once computed
+    # keep a checkpoint of the prefix [0, c) for each c here, in (start, end]: the linear layers
+    # snapshot their states at c inside the part's one pass, so a checkpoint costs no extra pass
+    checkpoints: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class PrefillPlan:
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
-        return tuple(s.end for s in self.segments if s.checkpoint)
+        return tuple(c for s in self.segments for c in s.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,10 @@ class PrefillPlanner:
     def plan(self, prompt_tokens: int, hit: int = 0) -> PrefillPlan:
         if not 0 <= hit < prompt_tokens:
             raise ValueError(f"a hit of {hit} tokens must leave some of the {prompt_tokens} to compute")
-        checkpoints = set(self.checkpoint_positions(prompt_tokens, hit))
+        checkpoints = self.checkpoint_positions(prompt_tokens, hit)
         segments, start = [], hit
         while start < prompt_tokens:
             end = min(prompt_tokens, start + self.chunk_tokens) if self.chunk_tokens else prompt_tokens
-            end = min([end, *(c for c in checkpoints if c > start)])
-            segments.append(Segment(start, end, end in checkpoints))
+            segments.append(Segment(start, end, tuple(c for c in checkpoints if start < c <= end)))
             start = end
         return PrefillPlan(hit, tuple(segments))

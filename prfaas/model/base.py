@@ -27,6 +27,9 @@ class ForwardMeta:
     slot_mapping: torch.Tensor       # (T,) int64: flat index block_id * block_size + offset
     state_slots: list[int]           # per sequence: its linear-state slot
     attn: AttentionBackend = field(default_factory=TorchAttention)
+    # prefill: per sequence, (offset in its new tokens, slot) pairs: the linear layers copy their
+    # states as they stand after that many tokens into the slot (a prefix-cache checkpoint)
+    snapshots: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     # training (prfaas/model/train_forward.py): linear layers take an autograd-friendly path from a zero
     # state and leave their cache untouched; every sequence the same length, nothing cached
     differentiable: bool = False

@@ -16,7 +16,7 @@ import torch
 
 from prfaas.model.base import ForwardMeta, LinearStateCache
 from prfaas.model.ops import cpu_kernel
-from prfaas.model.ops.conv import causal_conv1d_step, causal_conv1d_tokens
+from prfaas.model.ops.conv import causal_conv1d_step, causal_conv1d_tokens, conv_state_after
 from prfaas.model.ops.delta_rule import chunk_delta_rule, recurrent_delta_step
 
 HeadsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -48,18 +48,33 @@ def conv_delta_rule(
         slot = meta.state_slots[i]
         y, new_conv = causal_conv1d_tokens(mixed[s:e], conv_weight, cache.conv[slot])  # (L, C) float32
         q, k, v = heads(y)  # (L, Hk | H, K | V), views of y
-        if kernel:  # the recurrent form in our C kernel, on the slot's state in place
-            o_i = cpu_kernel.delta_rule(q, k, v, g[s:e], beta[s:e], scale, cache.recurrent[slot], l2norm_qk=True)
-        else:
-            o, state = chunk_delta_rule(
-                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g[s:e].unsqueeze(0), beta[s:e].unsqueeze(0), scale,
-                initial_state=cache.recurrent[slot : slot + 1], l2norm_qk=True,
-            )
-            cache.recurrent[slot].copy_(state[0])
-            o_i = o[0]
+        snaps = meta.snapshots[i] if meta.snapshots else ()
+        parts, a = [], 0
+        for b, snap in (*snaps, (e - s, None)):  # the delta rule up to each snapshot, then on to the end
+            if b > a or not parts:
+                parts.append(_delta_rule(q[a:b], k[a:b], v[a:b], g[s + a : s + b], beta[s + a : s + b], scale,
+                                         cache.recurrent, slot, kernel))
+            if snap is not None:  # the states as they stand after b tokens: a checkpoint's
+                cache.recurrent[snap].copy_(cache.recurrent[slot])
+                cache.conv[snap].copy_(conv_state_after(mixed[s : s + b], cache.conv[slot], conv_weight.shape[-1]))
+            a = b
         cache.conv[slot].copy_(new_conv)
+        o_i = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         outs.append(o_i.to(mixed.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (T, H, V)
+
+
+def _delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                scale: float, recurrent: torch.Tensor, slot: int, kernel: bool) -> torch.Tensor:
+    """The prefill delta rule of one sequence's tokens, continuing from and back into its slot."""
+    if kernel:  # the recurrent form in our C kernel, on the slot's state in place
+        return cpu_kernel.delta_rule(q, k, v, g, beta, scale, recurrent[slot], l2norm_qk=True)
+    o, state = chunk_delta_rule(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0), beta.unsqueeze(0), scale,
+        initial_state=recurrent[slot : slot + 1], l2norm_qk=True,
+    )
+    recurrent[slot].copy_(state[0])
+    return o[0]
 
 
 def _decode(

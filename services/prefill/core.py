@@ -68,7 +68,11 @@ class PrefillNode:
         cluster: str = "",
         emulator: Emulator | None = None,
         send_grid: int = 0,
+        push_after_tokens: int = 0,
     ) -> None:
+        # a prompt computing fewer tokens than this pushes its KV once its first token is sampled,
+        # not layer by layer: its compute is short, and a push beside it on the same cores slows it
+        self.push_after_tokens = push_after_tokens
         self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
         # the transfer's chunk grid: a pushed piece starts on it (0: the default sender's)
         self.send_grid = send_grid or chunk_grid(executor.layout)
@@ -114,6 +118,7 @@ class PrefillNode:
             run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
             plan, hashes = self._plan(run.seq)
             run.tokens_done, run.sent = plan.hit, job.skip_tokens
+            run.hold_back = len(job.prompt) - plan.hit < self.push_after_tokens
             m = metrics.current()
             m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
@@ -123,10 +128,10 @@ class PrefillNode:
                 run.pace = self.emulator.prefill_pace(len(job.prompt) - plan.hit,
                                                       len(plan.segments) * self.executor.layout.num_layers)
             for segment in plan.segments:
+                run.snaps = self._checkpoint_slots(segment.checkpoints)
                 async for ev in self._run_part(run, segment):
                     yield ev
-                if segment.checkpoint:
-                    self._checkpoint(run.seq, hashes[: segment.end // self.executor.layout.block_size])
+                self._checkpoint(run, hashes)
                 if run.first is None and self.yield_between_chunks:
                     hold.release()
                     async for ev in self._alive(asyncio.ensure_future(hold.acquire()), run.progress):
@@ -138,7 +143,7 @@ class PrefillNode:
             hold.release()  # the next prompt may compute while this KV drains
             sampled = self._sampled(run, forced)
             yield sampled
-            finish = asyncio.ensure_future(run.sender.finish(run.first))
+            finish = asyncio.ensure_future(self._finish(run))
             async for ev in self._alive(finish, run.progress):
                 yield ev
             stats, run.sender = finish.result(), None
@@ -179,6 +184,14 @@ class PrefillNode:
         logprob = seq.logprobs[0] if seq.logprobs and forced is None else None
         return Sampled(run.first, seq.finish_reason, logprob)
 
+    async def _finish(self, run: _Run) -> PushStats:
+        """Pushes the layers held back until the sample (a short prompt's), then ends the transfer."""
+        assert run.sender is not None and run.first is not None
+        held, run.held = run.held, []
+        for layer_kv in held:
+            await run.sender.push_layer(layer_kv)
+        return await run.sender.finish(run.first)
+
     async def _release(self, run: _Run | None, hold: _Hold) -> None:
         try:
             if run is not None:
@@ -201,7 +214,8 @@ class PrefillNode:
         layers ahead of the push); sets `run.first` when the part ends the prompt."""
         assert run.sender is not None
         a, b = self._send_window(run, segment.end)
-        steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b)
+        steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b,
+                                                snapshots=run.snaps)
         handoff = run.handoff = _Handoff(asyncio.get_running_loop())
         run.step = asyncio.ensure_future(asyncio.to_thread(handoff.produce, steps))
         layers = 0
@@ -218,11 +232,15 @@ class PrefillNode:
                 else:
                     if run.pace is not None:  # every layer computed takes its emulated time, pushed or not
                         await run.pace.step()
-                    if item is not None:
+                    if item is not None and run.hold_back:
+                        run.held.append(item)
+                    elif item is not None:
                         await run.sender.push_layer(item)
                     layers += 1
                     run.layers_done = layers
-                    yield run.progress()
+                    if time.monotonic() - run.reported >= PROGRESS_EVERY_S:  # a message per layer would
+                        run.reported = time.monotonic()  # cost the compute more than it tells the router
+                        yield run.progress()
         finally:
             handoff.stop()  # a part left early: the thread ends after its current layer (close() waits;
             # a request closed mid-part may reach close() first: it stops the thread too)
@@ -232,6 +250,9 @@ class PrefillNode:
         self.tokens_computed += segment.end - segment.start
         metrics.current().prompt_computed.inc(segment.end - segment.start)
         run.tokens_done, run.layers_done = segment.end, 0
+        if segment.end < len(run.seq.prompt):  # a part done (the last one's news is the sample)
+            run.reported = time.monotonic()
+            yield run.progress()
 
     async def _alive(
         self, waiting: asyncio.Future[object], event: Callable[[], Progress], cancel: bool = True
@@ -277,17 +298,30 @@ class PrefillNode:
             metrics.current().prefix_hits.labels(route=self.cluster).inc(hit)
         return self.planner.plan(n, hit), hashes
 
-    def _checkpoint(self, seq: SeqState, hashes: list[int]) -> None:
-        assert self.prefix_cache is not None
-        try:
-            slot = self.executor.checkpoint_state(seq)
-        except OutOfCapacity:
-            self.on_cache_events(self.prefix_cache.evict(0, 1))
+    def _checkpoint_slots(self, positions: tuple[int, ...]) -> list[tuple[int, int]]:
+        """A free state slot for each checkpoint of the next part, where one can be had (the cache
+        gives back its least recently used entry first): (position, slot) pairs."""
+        out = []
+        for pos in positions:
+            assert self.prefix_cache is not None
             try:
-                slot = self.executor.checkpoint_state(seq)
+                slot = self.executor.slots.allocate()
             except OutOfCapacity:
-                return  # no slot to spare: this prefix is not cached
-        self.on_cache_events(self.prefix_cache.insert(hashes, seq.block_table[: len(hashes)], slot))
+                self.on_cache_events(self.prefix_cache.evict(0, 1))
+                try:
+                    slot = self.executor.slots.allocate()
+                except OutOfCapacity:
+                    continue  # no slot to spare: this prefix is not cached
+            out.append((pos, slot))
+        return out
+
+    def _checkpoint(self, run: _Run, hashes: list[int]) -> None:
+        """Caches the part's checkpoints: the blocks before each and its state snapshot."""
+        snaps, run.snaps = run.snaps, []
+        for pos, slot in snaps:
+            assert self.prefix_cache is not None
+            n = pos // self.executor.layout.block_size
+            self.on_cache_events(self.prefix_cache.insert(hashes[:n], run.seq.block_table[:n], slot))
 
     def stats(self) -> dict[str, int]:
         return {"queue_depth": self.queue_depth, "running": self.running}
@@ -306,6 +340,10 @@ class _Run:
         self.pace: PrefillPace | None = None
         self.tokens_done = self.layers_done = 0
         self.sent = 0  # paged KV pushed up to here (from the decode side's skip_tokens)
+        self.hold_back = False  # push the layers after the sample (a short prompt), kept in `held` until then
+        self.held: list[LayerKv] = []
+        self.reported = time.monotonic()  # when the last per-layer Progress went out
+        self.snaps: list[tuple[int, int]] = []  # the running part's checkpoints: (position, slot), not yet cached
 
     def progress(self) -> Progress:
         return Progress(self.tokens_done, self.layers_done)
@@ -317,6 +355,9 @@ class _Run:
             await asyncio.shield(asyncio.gather(self.step, return_exceptions=True))
         if self.sender is not None:
             await asyncio.shield(self.sender.abort())
+        for _, slot in self.snaps:  # a part left early: its checkpoints were never cached
+            executor.slots.free(slot)
+        self.snaps = []
         executor.free(self.seq)
 
 
@@ -338,6 +379,7 @@ class _Hold:
 
 _END = object()  # the end of a part's layer steps
 LOOKAHEAD = 1  # layers a prefill computes ahead of the one being pushed
+PROGRESS_EVERY_S = 0.1  # at most this often a Progress after a layer (and one after each part)
 
 
 class _Handoff:

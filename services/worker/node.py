@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import torch
+
 from prfaas.cluster import CachePoolApi, NodeInfo, NodeLoad, Role
 from prfaas.cluster.membership import MembershipAgent
 from prfaas.dtypes import torch_dtype
@@ -43,6 +45,8 @@ log = get_logger(__name__)
 
 
 def build_executor(s: NodeSettings) -> Executor:
+    if s.threads:
+        torch.set_num_threads(s.threads)
     dtype = torch_dtype(s.dtype)
     model = load_model(resolve_model(s.model), dtype=dtype, device=s.device)
     layout = KvLayout(model.config, block_size=s.block_size, dtype=dtype)
@@ -50,7 +54,7 @@ def build_executor(s: NodeSettings) -> Executor:
     # on the CPU the linear layers run our C kernel: built (once per machine) and loaded here, at
     # start, rather than inside the first request
     linear = "c_kernel" if s.device == "cpu" and cpu_kernel.available() else "torch_chunked"
-    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, delta_rule=linear,
+    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, delta_rule=linear, threads=torch.get_num_threads(),
              kv_blocks=s.kv_blocks, state_slots=s.state_slots, **layout.summary())
     return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
@@ -99,6 +103,7 @@ class WorkerNode:
                 yield_between_chunks=self.convertible,
                 cluster=s.cluster,
                 emulator=self.emulator,
+                push_after_tokens=s.push_after_tokens,
             )
         self.receiver = KvReceiver()
         self.mover: PrefixMover | None = None  # cross-cluster prefix moves, on prefill nodes with a cache

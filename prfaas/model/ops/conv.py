@@ -59,13 +59,18 @@ def causal_conv1d_tokens(
             for t in range(min(t1, W - 1)):
                 yb[t] += (sf[:, t:] * weight[:, : W - 1 - t].float()).sum(-1)
         F.silu(yb, inplace=True)
+    return y, conv_state_after(x, conv_state, W)
+
+
+def conv_state_after(x: torch.Tensor, conv_state: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The conv state (C, width - 1) after the tokens x (T, C), from `conv_state` before them (None:
+    zeros), in the state's dtype (x's without one): the last width - 1 inputs."""
+    T, C = x.shape
     dtype = conv_state.dtype if conv_state is not None else x.dtype
-    if T >= W - 1:
-        new_state = x[T - (W - 1) :].T.to(dtype)
-    else:
-        old = conv_state if conv_state is not None else x.new_zeros(C, W - 1)
-        new_state = torch.cat([old[:, T:].to(dtype), x.T.to(dtype)], dim=-1)
-    return y, new_state
+    if T >= width - 1:
+        return x[T - (width - 1) :].T.to(dtype)
+    old = conv_state if conv_state is not None else x.new_zeros(C, width - 1)
+    return torch.cat([old[:, T:].to(dtype), x.T.to(dtype)], dim=-1)
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
