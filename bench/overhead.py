@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:qwen3_next-tiny")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine")
     ap.add_argument("--node-threads", type=int, default=0,
-                    help="OMP_NUM_THREADS of the cluster's processes (0: LocalCluster's default, the cores split among the nodes)")
+                    help="OMP_NUM_THREADS of the cluster's processes (0: LocalCluster's default, the cores "
+                         "split among the nodes)")
     ap.add_argument("--max-tokens", type=int, default=4,
                     help="tokens each request asks for (1: the first token ends it, and comes from the decode node)")
     ap.add_argument("--keep-logs", default="", help="write the cluster's logs here (default: a temporary directory)")

@@ -54,8 +54,8 @@ def build_executor(s: NodeSettings) -> Executor:
     # on the CPU the linear layers run our C kernel: built (once per machine) and loaded here, at
     # start, rather than inside the first request
     linear = "c_kernel" if s.device == "cpu" and cpu_kernel.available() else "torch_chunked"
-    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, delta_rule=linear, threads=torch.get_num_threads(),
-             kv_blocks=s.kv_blocks, state_slots=s.state_slots, **layout.summary())
+    log.info("executor", device=s.device, dtype=s.dtype, attention=attn.name, delta_rule=linear,
+             threads=torch.get_num_threads(), kv_blocks=s.kv_blocks, state_slots=s.state_slots, **layout.summary())
     return Executor(model, layout, num_blocks=s.kv_blocks, num_slots=s.state_slots, attn=attn, device=s.device)
 
 
