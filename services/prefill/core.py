@@ -11,9 +11,8 @@ No gRPC here: the KV sender is handed in as a factory.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from prfaas.engine.executor import Executor, LayerKv, SeqState
@@ -27,6 +26,8 @@ from prfaas.messages import Done, PrefillJob, Progress, Sampled, Started
 from prfaas.obs import metrics
 from prfaas.obs.log import get_logger
 from prfaas.transport.chunks import chunk_grid
+
+from .handoff import END, Handoff, Hold
 
 log = get_logger(__name__)
 
@@ -51,6 +52,9 @@ class KvPush(Protocol):
 
 SenderFactory = Callable[[PrefillJob], KvPush]
 
+
+
+PROGRESS_EVERY_S = 0.1  # at most this often a Progress after a layer (and one after each part)
 
 
 class PrefillNode:
@@ -103,7 +107,7 @@ class PrefillNode:
         self._validate(job)
         forced = job.forced_first_token
         t_arrive = time.monotonic()
-        hold = _Hold(self._compute)
+        hold = Hold(self._compute)
         run: _Run | None = None
         running = False
         try:
@@ -192,7 +196,7 @@ class PrefillNode:
             await run.sender.push_layer(layer_kv)
         return await run.sender.finish(run.first)
 
-    async def _release(self, run: _Run | None, hold: _Hold) -> None:
+    async def _release(self, run: _Run | None, hold: Hold) -> None:
         try:
             if run is not None:
                 await run.close(self.executor)
@@ -216,16 +220,20 @@ class PrefillNode:
         a, b = self._send_window(run, segment.end)
         steps = self.executor.prefill_layerwise(run.seq, segment.end, read=b > a, read_start=a, read_end=b,
                                                 snapshots=run.snaps)
-        handoff = run.handoff = _Handoff(asyncio.get_running_loop())
+        handoff = run.handoff = Handoff(asyncio.get_running_loop(), whole=run.hold_back)
         run.step = asyncio.ensure_future(asyncio.to_thread(handoff.produce, steps))
         layers = 0
         try:
             while True:
-                get = asyncio.ensure_future(handoff.ready.get())
-                async for ev in self._alive(get, run.progress):
-                    yield ev
-                item = handoff.take(get.result())
-                if item is _END:
+                if handoff.ready.empty():
+                    get = asyncio.ensure_future(handoff.ready.get())
+                    async for ev in self._alive(get, run.progress):
+                        yield ev
+                    got = get.result()
+                else:  # already there (a whole part's layers come at once): no wait to set up
+                    got = handoff.ready.get_nowait()
+                item = handoff.take(got)
+                if item is END:
                     break
                 if isinstance(item, int):
                     run.first = item
@@ -334,8 +342,8 @@ class _Run:
     def __init__(self, seq: SeqState) -> None:
         self.seq = seq
         self.sender: KvPush | None = None
-        self.step: asyncio.Future[None] | None = None  # the part's worker thread (see _Handoff)
-        self.handoff: _Handoff | None = None
+        self.step: asyncio.Future[None] | None = None  # the part's worker thread (see Handoff)
+        self.handoff: Handoff | None = None
         self.first: int | None = None
         self.pace: PrefillPace | None = None
         self.tokens_done = self.layers_done = 0
@@ -359,60 +367,3 @@ class _Run:
             executor.slots.free(slot)
         self.snaps = []
         executor.free(self.seq)
-
-
-class _Hold:
-    """One request's hold on the compute lock, released at most once per acquire."""
-
-    def __init__(self, lock: asyncio.Lock) -> None:
-        self.lock, self.held = lock, False
-
-    async def acquire(self) -> None:
-        await self.lock.acquire()
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.lock.release()
-
-
-_END = object()  # the end of a part's layer steps
-LOOKAHEAD = 1  # layers a prefill computes ahead of the one being pushed
-PROGRESS_EVERY_S = 0.1  # at most this often a Progress after a layer (and one after each part)
-
-
-class _Handoff:
-    """A part's layer steps from its worker thread to the event loop: each item as it is computed,
-    the thread at most LOOKAHEAD items ahead of the loop's `take`; `stop` ends it after its step."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.ready: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
-        self._room = threading.Semaphore(LOOKAHEAD)
-        self._stopped = threading.Event()
-
-    def produce(self, steps: Iterator[object]) -> None:  # in the worker thread
-        try:
-            for item in steps:
-                self.loop.call_soon_threadsafe(self.ready.put_nowait, (item, None))
-                while not self._room.acquire(timeout=0.5):
-                    if self._stopped.is_set():
-                        return
-                if self._stopped.is_set():
-                    return
-        except BaseException as e:  # noqa: BLE001 - raised again on the loop, in take()
-            self.loop.call_soon_threadsafe(self.ready.put_nowait, (_END, e))
-            return
-        self.loop.call_soon_threadsafe(self.ready.put_nowait, (_END, None))
-
-    def take(self, got: tuple[object, BaseException | None]) -> object:
-        item, error = got
-        if error is not None:
-            raise error
-        self._room.release()
-        return item
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._room.release()
