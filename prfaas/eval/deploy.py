@@ -28,7 +28,8 @@ from prfaas.scheduling.model import Deployment
 from prfaas.scheduling.profiles import Profile
 
 Topology = LoopbackTopology | NetnsTopology
-NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# every prompt streams its KV layer by layer, as the paper's (and the simulator's) prefill does
+NODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PRFAAS_PUSH_AFTER_TOKENS": "0"}
 # the services' log level (their logs land in the run's directory); INFO logs every request and threshold change
 LOG_LEVEL = os.environ.get("PRFAAS_EVAL_LOG_LEVEL", "WARNING")
 
@@ -181,7 +182,10 @@ class EvalCluster:
                 "--control-interval-s", str(interval), "--role-interval-s", str(self.role_interval_s),
                 "--prefill-inflight", "1", "--stall-timeout-s", "120", "--transfer-timeout-s", "600",
                 "--max-queue", "100000", "--max-queue-tokens", str(1 << 30), "--max-queue-wait-s", "3600",
-                "--max-head-wait-s", "3600", "--metrics-port", metrics_port, "--log-level", LOG_LEVEL]
+                "--max-head-wait-s", "3600", "--metrics-port", metrics_port, "--log-level", LOG_LEVEL,
+                # the paper's TTFT (and the simulator's) ends when the decode side has the KV: the
+                # first token from the decode node, not the prefill node's early one
+                "--first-token", "decode"]
         router = self._start("router", "local", "services.router", args)
         address = self._wait(router)
         self.router_address = ep.advertise or address
