@@ -99,8 +99,10 @@ class Streamed:
     done_at: float = 0.0
 
 
-async def stream(address: str, timeout_s: float = 120.0, **request: object) -> Streamed:
-    """One Generate call; never raises for a status (it is in the result)."""
+async def stream(address: str, timeout_s: float = 120.0, watch: list[Streamed] | None = None,
+                 **request: object) -> Streamed:
+    """One Generate call; never raises for a status (it is in the result). With `watch`, its
+    result is appended there at once and fills as the tokens come (a test can act mid-stream)."""
     import time
 
     import grpc
@@ -110,6 +112,8 @@ async def stream(address: str, timeout_s: float = 120.0, **request: object) -> S
 
     t0 = time.monotonic()
     out = Streamed([], None, "OK")
+    if watch is not None:
+        watch.append(out)
     async with rpc_channel(address) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(**request), timeout=timeout_s)
         try:

@@ -112,8 +112,12 @@ def test_a_killed_decode_node_mid_load(model_dir, tmp_path, reference):
         prompts = [prompt_of(30 + 10 * i, seed=10 + i) for i in range(6)]
 
         async def load_then_kill() -> list[Streamed]:
-            calls = [asyncio.ensure_future(stream(c.router_address, token_ids=p, max_tokens=300)) for p in prompts]
-            await asyncio.sleep(2.0)  # decoding by now
+            live: list[Streamed] = []
+            calls = [asyncio.ensure_future(stream(c.router_address, watch=live, token_ids=p, max_tokens=300))
+                     for p in prompts]
+            while len(live) < len(prompts) or not all(len(s.tokens) >= 5 for s in live):  # all decoding now
+                assert not any(call.done() for call in calls), "a stream ended before the kill"
+                await asyncio.sleep(0.01)
             os.kill(c.proc("local-d0").popen.pid, signal.SIGKILL)
             return await asyncio.gather(*calls)
 
