@@ -105,22 +105,27 @@ static inline int block_panels(int mb) { return mb <= 2 ? 4 : mb == 4 ? 2 : 1; }
 
 static inline int panels_of(const lin_t *w) { return (w->n + PW - 1) / PW; }
 
-/* panels [p0, p1) of one job, every row */
+/* panels [p0, p1) of one job, every row: a group of up to four panels at a time, every row block
+ * over it while it sits in cache (row blocks outermost would stream the whole weight once per
+ * block of 8 rows: twice at batch 16) */
 static void job_panels(const job_t *j, int p0, int p1)
 {
     const lin_t *w = j->w;
-    for (int b0 = 0; b0 < j->rows;) {
-        const int mb = block_rows(j->rows - b0), np_max = block_panels(mb);
-        for (int p = p0; p < p1;) {
-            const int np = p1 - p >= np_max ? np_max : 1;
-            const int c0 = p * PW, ncols = (w->n - c0 < np * PW) ? w->n - c0 : np * PW;
-            float tile[8 * 4 * PW] __attribute__((aligned(64)));
-            micro_dispatch(j->x + b0 * j->ldx, j->ldx, w->w, (size_t)p, w->k, tile, mb, np, w->bf16);
-            store_tile(tile, mb, np * PW, j->y + b0 * j->ldy + c0, j->ldy, ncols, w->bias ? w->bias + c0 : NULL,
-                       j->mode, j->rnd);
-            p += np;
+    for (int g = p0; g < p1; g += 4) {
+        const int ge = p1 - g > 4 ? g + 4 : p1;
+        for (int b0 = 0; b0 < j->rows;) {
+            const int mb = block_rows(j->rows - b0), np_max = block_panels(mb);
+            for (int p = g; p < ge;) {
+                const int np = ge - p >= np_max ? np_max : 1;
+                const int c0 = p * PW, ncols = (w->n - c0 < np * PW) ? w->n - c0 : np * PW;
+                float tile[8 * 4 * PW] __attribute__((aligned(64)));
+                micro_dispatch(j->x + b0 * j->ldx, j->ldx, w->w, (size_t)p, w->k, tile, mb, np, w->bf16);
+                store_tile(tile, mb, np * PW, j->y + b0 * j->ldy + c0, j->ldy, ncols,
+                           w->bias ? w->bias + c0 : NULL, j->mode, j->rnd);
+                p += np;
+            }
+            b0 += mb;
         }
-        b0 += mb;
     }
 }
 
