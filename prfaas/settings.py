@@ -206,8 +206,8 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "linear-state checkpoints the prefix cache may hold (each one state slot); 0 = half the slots")
     p.flag("--threads", "THREADS", 0, non_negative_int, "torch intra-op threads of this node; 0 = torch's default "
            "(every core). Nodes sharing a machine should split its cores (prfaas up does)")
-    p.flag("--push-after-tokens", "PUSH_AFTER_TOKENS", 512, non_negative_int, "prefill nodes: a prompt computing "
-           "fewer tokens pushes its KV once its first token is sampled, not layer by layer; 0 = always layer by layer")
+    p.flag("--push-after-tokens", "PUSH_AFTER_TOKENS", 512, non_negative_int, "local-cluster prefill nodes: a prompt "
+           "computing fewer tokens pushes its KV once its first token is sampled, not layer by layer; 0 = never")
     env_role = os.environ.get("PRFAAS_ROLE")
     if env_role not in (None, "", role):
         p.error(f"PRFAAS_ROLE={env_role!r} but this is a {role} node (python -m services.{role})")

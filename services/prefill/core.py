@@ -74,8 +74,9 @@ class PrefillNode:
         send_grid: int = 0,
         push_after_tokens: int = 0,
     ) -> None:
-        # a prompt computing fewer tokens than this pushes its KV once its first token is sampled,
-        # not layer by layer: its compute is short, and a push beside it on the same cores slows it
+        # on a local-cluster node, a prompt computing fewer tokens than this pushes its KV once its
+        # first token is sampled, not layer by layer: its compute is short, a push beside it on the
+        # same cores slows it, and the transfer stays inside the datacenter
         self.push_after_tokens = push_after_tokens
         self.emulator = emulator  # an emulated accelerator profile (prfaas.eval.emulate); None = real time
         # the transfer's chunk grid: a pushed piece starts on it (0: the default sender's)
@@ -122,7 +123,8 @@ class PrefillNode:
             run = _Run(self._reserve(job))  # holds the request's blocks until the finally below
             plan, hashes = self._plan(run.seq)
             run.tokens_done, run.sent = plan.hit, job.skip_tokens
-            run.hold_back = len(job.prompt) - plan.hit < self.push_after_tokens
+            # a PrfaaS node's KV crosses the datacenter link: it always streams layer by layer
+            run.hold_back = self.cluster != "prfaas" and len(job.prompt) - plan.hit < self.push_after_tokens
             m = metrics.current()
             m.queue_time.observe(time.monotonic() - t_arrive)
             yield Started(self.node_id, int((time.monotonic() - t_arrive) * 1000))
