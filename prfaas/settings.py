@@ -23,6 +23,7 @@ from prfaas.validators import (
     positive_float,
     positive_int,
     power_of_two_or_zero,
+    thread_count,
 )
 
 # the trained Qwen3-Next-style model shipped in the package (docs/models.md); tests use builtin:*-tiny
@@ -154,7 +155,7 @@ class NodeSettings(TlsFlags):
     prefix_cache: str = "full"  # "off", "prefill" (prefill nodes only) or "full" (decode nodes too)
     checkpoint_tokens: int = 256  # a linear-state checkpoint every this many tokens (a block multiple)
     prefix_states: int = 0  # state slots the prefix cache may hold; 0 = half the slots
-    push_after_tokens: int = 512  # prefill nodes: a prompt computing fewer tokens pushes its KV after the sample
+    push_after_tokens: int = 512  # local-cluster prefill nodes: shorter prompts push their KV after the sample
     threads: int = 0  # torch's intra-op threads; 0 = torch's default (every core)
 
 
@@ -204,7 +205,7 @@ def parse_node_settings(role: str, argv: list[str] | None = None) -> NodeSetting
            "block size; the last block boundary before a prompt's end always has one)")
     p.flag("--prefix-states", "PREFIX_STATES", 0, non_negative_int,
            "linear-state checkpoints the prefix cache may hold (each one state slot); 0 = half the slots")
-    p.flag("--threads", "THREADS", 0, non_negative_int, "torch intra-op threads of this node; 0 = torch's default "
+    p.flag("--threads", "THREADS", 0, thread_count, "torch intra-op threads of this node; 0 = torch's default "
            "(every core). Nodes sharing a machine should split its cores (prfaas up does)")
     p.flag("--push-after-tokens", "PUSH_AFTER_TOKENS", 512, non_negative_int, "local-cluster prefill nodes: a prompt "
            "computing fewer tokens pushes its KV once its first token is sampled, not layer by layer; 0 = never")

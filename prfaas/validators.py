@@ -61,10 +61,19 @@ def host_port(text: str) -> str:
     return text
 
 
-
-
 def power_of_two_or_zero(text: str) -> int:
     v = non_negative_int(text)
     if v & (v - 1):
         raise ValueError(f"must be a power of two (or 0), got {text}")
+    return v
+
+
+MAX_THREADS = 1024
+
+
+def thread_count(text: str) -> int:
+    """0 (the library's default) or a thread count up to MAX_THREADS."""
+    v = non_negative_int(text)
+    if v > MAX_THREADS:
+        raise ValueError(f"must be <= {MAX_THREADS}, got {text}")
     return v

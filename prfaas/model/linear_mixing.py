@@ -51,7 +51,7 @@ def conv_delta_rule(
         snaps = meta.snapshots[i] if meta.snapshots else ()
         parts, a = [], 0
         for b, snap in (*snaps, (e - s, None)):  # the delta rule up to each snapshot, then on to the end
-            if b > a or not parts:
+            if b > a:  # (a snapshot at the end has nothing after it)
                 parts.append(_delta_rule(q[a:b], k[a:b], v[a:b], g[s + a : s + b], beta[s + a : s + b], scale,
                                          cache.recurrent, slot, kernel))
             if snap is not None:  # the states as they stand after b tokens: a checkpoint's

@@ -51,9 +51,6 @@ class KvPush(Protocol):
 
 
 SenderFactory = Callable[[PrefillJob], KvPush]
-
-
-
 PROGRESS_EVERY_S = 0.1  # at most this often a Progress after a layer (and one after each part)
 
 
@@ -311,9 +308,9 @@ class PrefillNode:
     def _checkpoint_slots(self, positions: tuple[int, ...]) -> list[tuple[int, int]]:
         """A free state slot for each checkpoint of the next part, where one can be had (the cache
         gives back its least recently used entry first): (position, slot) pairs."""
-        out = []
+        out: list[tuple[int, int]] = []
         for pos in positions:
-            assert self.prefix_cache is not None
+            assert self.prefix_cache is not None  # the planner puts checkpoints only where there is one
             try:
                 slot = self.executor.slots.allocate()
             except OutOfCapacity:
@@ -329,7 +326,7 @@ class PrefillNode:
         """Caches the part's checkpoints: the blocks before each and its state snapshot."""
         snaps, run.snaps = run.snaps, []
         for pos, slot in snaps:
-            assert self.prefix_cache is not None
+            assert self.prefix_cache is not None  # slots were allocated for it
             n = pos // self.executor.layout.block_size
             self.on_cache_events(self.prefix_cache.insert(hashes[:n], run.seq.block_table[:n], slot))
 
