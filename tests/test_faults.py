@@ -209,12 +209,16 @@ def test_health_is_not_serving_until_registered_and_while_draining(model_dir, tm
         prompts = [prompt_of(40 + 3 * i, seed=80 + i) for i in range(6)]
 
         async def drain_mid_load() -> tuple[list[Streamed], int, list[Streamed]]:
-            # long enough to be mid-generation at the SIGTERM however fast decoding is (the fused step)
-            calls = [asyncio.ensure_future(stream(c.router_address, token_ids=p, max_tokens=600, ignore_eos=True))
-                     for p in prompts]
-            await asyncio.sleep(1.5)
+            # the SIGTERM once every stream is decoding (a fixed sleep raced the fast decode step: the
+            # node had drained and exited before the health check), the check right after it
+            live: list[Streamed] = []
+            calls = [asyncio.ensure_future(stream(c.router_address, watch=live, token_ids=p, max_tokens=600,
+                                                  ignore_eos=True)) for p in prompts]
+            while len(live) < len(prompts) or not all(len(s.tokens) >= 5 for s in live):
+                assert not any(call.done() for call in calls), "a stream ended before the SIGTERM"
+                await asyncio.sleep(0.01)
             c.proc("local-d0").popen.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
             status = await health(c.proc("local-d0").address)
             later = [await stream(c.router_address, token_ids=p, max_tokens=4) for p in prompts[:3]]
             return await asyncio.gather(*calls), status, later

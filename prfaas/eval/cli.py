@@ -33,6 +33,13 @@ def _shape(text: str) -> Shape:
     return Shape(a, b, c)
 
 
+def _fraction(text: str) -> float:
+    v = positive_float(text)
+    if v > 1:
+        raise ValueError(f"must be in (0, 1], got {text}")
+    return v
+
+
 def eval_command(argv: list[str]) -> int:
     p = command_parser("prfaas eval", __doc__)
     p.add_argument("case", choices=["steady", "link-cut", "burst", "mix-shift", "quick", "profile"],
@@ -60,6 +67,9 @@ def eval_command(argv: list[str]) -> int:
     p.flag("--slo-ttft-s", "EVAL_SLO_TTFT_S", 30.0, positive_float, "P90 TTFT bound, paper seconds")
     p.flag("--slo-decode-tok-s", "EVAL_SLO_DECODE", 32.0, positive_float, "decode-speed floor, paper tokens/s")
     p.flag("--seed", "EVAL_SEED", 1, int, "workload seed")
+    p.flag("--rate", "EVAL_RATE", 0.0, non_negative_float,
+           "link-cut, burst, mix-shift: offered rate, fraction of Lambda_max (0: the case's own: 0.85, 0.7, 0.9)")
+    p.flag("--cut-fraction", "EVAL_CUT_FRACTION", 0.1, _fraction, "link-cut: the link's rate in the cut, of its own")
     p.flag("--profiles", "EVAL_PROFILES", "", str, "a measured node profile (JSON, from `prfaas eval profile`) "
            "for every node; empty = the case study's H200 / H20")
     p.add_argument("--out", default=".prfaas/eval", help="results, logs and plots go here")
@@ -81,7 +91,7 @@ def eval_command(argv: list[str]) -> int:
     if a.case in ("link-cut", "burst", "mix-shift"):
         from prfaas.eval.dynamic import dynamic_case
 
-        summary = dynamic_case(cfg, a.case, log=log)
+        summary = dynamic_case(cfg, a.case, a.rate or None, a.cut_fraction, log=log)
     else:
         from prfaas.eval.command import steady
 

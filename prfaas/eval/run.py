@@ -23,7 +23,7 @@ from prfaas.eval.deploy import NODE_ENV, EvalCluster
 from prfaas.eval.report import Measured, Slo, summarise
 from prfaas.eval.scale import Setup
 from prfaas.eval.workload import EvalRequest, arrivals
-from prfaas.scheduling.controller import ShortTermController
+from prfaas.scheduling.controller import ShortTermController, SplitGuard
 from prfaas.scheduling.policy import HomogeneousPolicy, NaivePolicy, PrfaasPolicy, RoutingPolicy
 from prfaas.sim.metrics import summarise as sim_summarise
 from prfaas.sim.simulator import SimConfig, Simulator
@@ -108,9 +108,10 @@ def simulate(setup: Setup, kind: str, requests: Sequence[EvalRequest], duration_
     plan = setup.plans[kind]
     policy = policy_for(kind, plan.threshold)
     st = ShortTermController(policy, setup.system, plan.deployment, plan.threshold) if controlled else None  # type: ignore[arg-type]
+    split = SplitGuard(st, setup.system.link_bytes_per_s) if st is not None and kind == "prfaas" else None
     interval = max(1.0, duration_s / 200)
     sim = Simulator(setup.system, plan.deployment, policy, SimConfig(duration_s, sample_interval_s=interval,
-                    control_interval_s=2.0), st, None, link_changes)
+                    control_interval_s=2.0), st, None, link_changes, split=split)
     reqs = sim.run(arrivals(requests))
     return sim_summarise(reqs, sim.samples, *window).as_dict(), sim.samples
 

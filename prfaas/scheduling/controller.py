@@ -18,6 +18,10 @@ the queued work (`queue * mean occupancy / N_prfaas` seconds) to drain within th
 `LongTermController` converts local nodes between prefill and decode roles from per-stage queue depth
 and utilisation averaged over a long window, with hysteresis (separate high and low marks, a cool-down
 after every change) and at least one node per role. PrfaaS nodes stay prefill-only.
+
+`SplitGuard` is the fast path between the two, for a change of the link rather than of the load: it
+lends a decode node to prefill while no threshold fits the link with the local prefill nodes there
+are, and takes it back when one does again.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ class ThresholdChange:
     old: float
     new: float
     reason: str
+
+
+@dataclass(frozen=True)
+class Fit:
+    threshold: float
+    fits: bool     # every load within its target at `threshold`
+    worst: float   # the highest of the link, PrfaaS and local-prefill utilisations there
 
 
 @dataclass(frozen=True)
@@ -92,9 +103,16 @@ class ShortTermController:
     def search(self, capacity: float, queue_depth: int) -> float | None:
         """Smallest threshold >= optimum whose PrfaaS and local-prefill loads fit their targets (or,
         when none does, the one with the smallest worst overload); None without data."""
+        found = self.fit(capacity, queue_depth)
+        return None if found is None else found.threshold
+
+    def fit(self, capacity: float, queue_depth: int, n_p: int | None = None) -> Fit | None:
+        """`search`'s answer with `n_p` local prefill nodes (default: the deployment's); None
+        without data."""
         if len(self.window) < self.config.min_samples:
             return None
-        cfg, n_prfaas, n_p = self.config, self.deployment.n_prfaas, max(self.deployment.n_p, 1)
+        cfg, n_prfaas = self.config, self.deployment.n_prfaas
+        n_p = max(self.deployment.n_p if n_p is None else n_p, 1)
         span = max(self.window[-1][0] - self.window[0][0], 1e-9)
         lengths = sorted(length for _, length in self.window)
         lam, n = len(lengths) / span, len(lengths)
@@ -116,17 +134,17 @@ class ShortTermController:
             return (lam * s_sfx[i] / n / capacity, lam * t_sfx[i] / n / n_prfaas, lam * l_pfx[i] / n / n_p)
 
         start = bisect.bisect_right(lengths, self.optimum)
-        best_i, best = start, max(utils(start))
+        best_i, best, fits = start, max(utils(start)), False
         for i in range(start, n + 1):
             link, compute, local = utils(i)
             if link <= link_limit and compute <= compute_limit and local <= cfg.compute_util:
-                best_i = i
+                best_i, best, fits = i, max(link, compute, local), True
                 break
             if max(link, compute, local) < best:   # nothing fits: balance the real utilisations
                 best_i, best = i, max(link, compute, local)
         if best_i == start:
-            return self.optimum
-        return min(lengths[best_i - 1], cfg.max_threshold)
+            return Fit(self.optimum, fits, best)
+        return Fit(min(lengths[best_i - 1], cfg.max_threshold), fits, best)
 
     def observe(self, obs: LinkObservation) -> ThresholdChange | None:
         cfg, t = self.config, self.target.threshold
@@ -230,3 +248,77 @@ class LongTermController:
         self._last_change = obs.now
         self.window.clear()
         return [rc]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    patience: int = 3              # consecutive observations a condition must hold before acting
+    cooldown_s: float = 20.0       # after every change
+    decode_headroom: float = 0.75  # occupied fraction of slots the remaining decode nodes may reach
+    gain: float = 0.05             # one more prefill node must lower the worst load by this fraction
+    decode_window_s: float = 30.0  # the decodes running are averaged over this window
+    cut_below: float = 0.8         # a link event: the capacity under this fraction of the configured
+
+
+class SplitGuard:
+    """Fast role changes when the link, not the load, changes (a cut). The long-term controller
+    rebalances over minutes; a cut needs local prefill capacity now. While the link's capacity is
+    under `cut_below` of the configured rate, when the short-term search fits no threshold with the
+    local prefill nodes there are, one more would lower the worst load (link, PrfaaS or local
+    prefill) by `gain`, and the other decode nodes could take the decodes running (averaged over
+    `decode_window_s`) within `decode_headroom` of their slots, it lends a decode node to prefill.
+    It takes a lent node back once the search fits at the planned threshold without it (the link
+    restored) and the local prefill queue is under one request a node. It only takes back
+    nodes it lent, so it does not undo the long-term controller's changes. Each decision must hold
+    for `patience` observations in a row, and `cooldown_s` passes between changes.
+
+    `observe` takes the split (a node changing role counts in its new one), the decodes running,
+    the slots of one decode node and the requests waiting for a local prefill; it returns +1 (convert
+    a decode node to prefill), -1 (convert a lent one back) or 0. The caller picks the node and
+    reports it with `lent_node` / `returned_node`."""
+
+    def __init__(self, short: ShortTermController, configured_bytes_per_s: float,
+                 config: SplitConfig | None = None) -> None:
+        self.short, self.config = short, config or SplitConfig()
+        self.configured = configured_bytes_per_s
+        self.lent: list[str] = []
+        self.history: list[tuple[float, int, str]] = []
+        self._want = self._streak = 0
+        self._last_change = float("-inf")
+        self._decode: deque[tuple[float, float]] = deque()
+
+    def observe(self, now: float, capacity: float, queue_depth: int, n_p: int, n_d: int,
+                decode_running: int, slots_per_node: int, local_queue: int = 0) -> int:
+        cfg = self.config
+        self._decode.append((now, float(decode_running)))
+        while self._decode[0][0] < now - cfg.decode_window_s:
+            self._decode.popleft()
+        running = sum(r for _, r in self._decode) / len(self._decode)
+        want = 0
+        here = self.short.fit(capacity, queue_depth, n_p)
+        cut = capacity < cfg.cut_below * self.configured
+        if here is not None and not here.fits and cut and n_d > 1:
+            room = running <= cfg.decode_headroom * (n_d - 1) * max(slots_per_node, 1)
+            more = self.short.fit(capacity, queue_depth, n_p + 1)
+            if room and more is not None and more.worst < here.worst * (1 - cfg.gain):
+                want = 1
+        elif here is not None and here.fits and self.lent and n_p > 1 and local_queue < n_p:
+            fewer = self.short.fit(capacity, queue_depth, n_p - 1)
+            planned = self.short.optimum * (1 + self.short.config.min_change)
+            if fewer is not None and fewer.fits and fewer.threshold <= planned:
+                want = -1
+        self._streak = self._streak + 1 if want and want == self._want else int(bool(want))
+        self._want = want
+        if not want or self._streak < cfg.patience or now - self._last_change < cfg.cooldown_s:
+            return 0
+        self._streak, self._last_change = 0, now
+        return want
+
+    def lent_node(self, now: float, node_id: str) -> None:
+        self.lent.append(node_id)
+        self.history.append((now, 1, node_id))
+
+    def returned_node(self, now: float, node_id: str) -> None:
+        if node_id in self.lent:
+            self.lent.remove(node_id)
+        self.history.append((now, -1, node_id))

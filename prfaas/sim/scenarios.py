@@ -8,7 +8,8 @@
 - `mix-shift`: 2.8 req/s of the case-study mix, then from 400 s 4.3 req/s of short prompts (mu 8.5):
   the decode stage becomes the bottleneck.
 Each dynamic scenario runs twice on the same arrivals: "static" (the planner's threshold, fixed) and
-"controlled" (short-term controller; in mix-shift also the long-term controller).
+"controlled" (short-term controller and the split guard's fast role change; in mix-shift also the
+long-term controller).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prfaas.scheduling.controller import LongTermController, ShortTermController
+from prfaas.scheduling.controller import LongTermController, ShortTermController, SplitGuard
 from prfaas.scheduling.lengths import TruncatedLogNormal
 from prfaas.scheduling.model import GBPS, Throughput
 from prfaas.scheduling.planner import paper_case_study
@@ -48,14 +49,15 @@ def _policy(kind: str, plan: Throughput) -> RoutingPolicy:
 def run_one(label: str, plan: Throughput, policy_kind: str, segments: list[Segment], duration: float,
             window: tuple[float, float], seed: int, controlled: bool = False, long_term: bool = False,
             link_changes: tuple = (), prefix_reuse: float = 0.0, progress: Progress = None,
-            kv_compression: str = "off") -> RunResult:
+            kv_compression: str = "off", split: bool = True) -> RunResult:
     sc = paper_case_study(kv_compression)
     policy = _policy(policy_kind, plan)
-    st = None
+    st = guard = None
     if controlled and isinstance(policy, PrfaasPolicy):
         st = ShortTermController(policy, sc.system, plan.deployment, plan.threshold)
+        guard = SplitGuard(st, sc.system.link_bytes_per_s) if split else None
     lt = LongTermController() if long_term else None
-    sim = Simulator(sc.system, plan.deployment, policy, SimConfig(duration), st, lt, link_changes)
+    sim = Simulator(sc.system, plan.deployment, policy, SimConfig(duration), st, lt, link_changes, split=guard)
     arrivals = generate(segments, seed, prefix_reuse)
     reqs = sim.run(arrivals, (lambda t: progress(label, t)) if progress else None)
     return RunResult(label, summarise(reqs, sim.samples, *window), sim.samples,

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from prfaas.scheduling.controller import (
     LinkObservation,
     LongTermController,
+    RoleChange,
     ShortTermController,
+    SplitGuard,
     StageObservation,
 )
 from prfaas.scheduling.model import Deployment, SystemProfile
@@ -90,8 +92,10 @@ class Simulator:
         self, system: SystemProfile, deployment: Deployment, policy: RoutingPolicy, config: SimConfig,
         short_term: ShortTermController | None = None, long_term: LongTermController | None = None,
         link_changes: Sequence[tuple[float, float]] = (), caches: PrefixCaches | None = None,
+        split: SplitGuard | None = None,
     ) -> None:
         self.sp, self.policy, self.cfg = system, policy, config
+        self.split = split
         self.caches = caches
         self.short_term, self.long_term = short_term, long_term
         self.nodes: dict[str, Node] = {}
@@ -284,6 +288,35 @@ class Simulator:
         self._link_advance(now)
         sent, self.bytes_mark = self.bytes_sent - self.bytes_mark, self.bytes_sent
         self.short_term.observe(LinkObservation(now, sent, self.capacity, self.prfaas_queue()))
+        if self.split is not None:
+            self._split(now)
+
+    def _split(self, now: float) -> None:
+        """The fast role change of a link event (SplitGuard): lend a decode node to prefill, or take
+        one back; the node changes role once it is empty, as in the long-term controller."""
+        assert self.split is not None
+        pre, dec = self._local("prefill"), self._local("decode")
+        local = [n for n in self.nodes.values() if n.cluster == "local"]
+        n_p = sum((n.next_role or n.role) == "prefill" for n in local)
+        running = sum(n.running for n in local)
+        queued = sum(len(n.queue) for n in pre)
+        act = self.split.observe(now, self.capacity, self.prfaas_queue(), n_p, len(local) - n_p, running,
+                                 self.sp.decode_batch, queued)
+        if act > 0 and len(dec) > 1:
+            node = min(dec, key=lambda n: (n.running + n.assigned, n.node_id))
+            node.next_role = "prefill"
+            self.split.lent_node(now, node.node_id)
+        elif act < 0:
+            lent = [n for n in pre if n.node_id in self.split.lent]
+            if not lent:
+                return
+            node = min(lent, key=lambda n: (len(n.queue) + (n.busy is not None), n.node_id))
+            node.next_role = "decode"
+            self.split.returned_node(now, node.node_id)
+        else:
+            return
+        self.role_changes.append(RoleChange(now, node.node_id, node.role, node.next_role, "link split"))  # type: ignore[arg-type]
+        self._maybe_flip(now, node)
 
     def _local(self, role: str) -> list[Node]:
         return [n for n in self.nodes.values() if n.cluster == "local" and n.role == role and n.next_role is None]

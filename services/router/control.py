@@ -12,7 +12,9 @@ learned from the prefill nodes' reported prefill times.
 
 Beside the long-term controller, every tick: when no live local decode node is left (one died or
 stalled), a convertible local prefill node becomes a decode node at once, and goes back to prefill
-once another decode node is live again.
+once another decode node is live again; and when the link, not the load, changed (a cut no threshold
+can fit with the local prefill nodes there are), `SplitGuard` lends a convertible decode node to
+prefill at once and takes it back when the link has room again (its rules: controller.py).
 No gRPC here.
 """
 
@@ -28,6 +30,7 @@ from prfaas.scheduling.controller import (
     LinkObservation,
     LongTermController,
     ShortTermController,
+    SplitGuard,
     StageObservation,
 )
 from prfaas.scheduling.link_meter import LinkMeter
@@ -59,6 +62,7 @@ class ControlLoop:
         congestion_retransmits: int = 50,
         waiting: Callable[[], Sequence[int]] | None = None,
         link_meter: LinkMeter | None = None,
+        split: SplitGuard | None = None,
     ) -> None:
         self.directory, self.policy, self.set_role = directory, policy, set_role
         self.interval_s, self.long_interval_s = interval_s, long_interval_s
@@ -76,6 +80,7 @@ class ControlLoop:
                 optimum=float(policy.threshold),
             )
         self.long = long or LongTermController()
+        self.split = split or (SplitGuard(self.short, link_bytes_per_s) if self.short is not None else None)
         # retransmitted segments on the PrfaaS nodes' KV connections per interval that mean congestion
         self.congestion_retransmits = congestion_retransmits
         self._retransmits: dict[str, int] = {}
@@ -131,6 +136,8 @@ class ControlLoop:
             await self._short_term(now, prfaas, local, waiting)
         if await self._stand_in(local):
             return
+        if self.split is not None:
+            await self._split(now, prfaas, local, waiting)
         if now - self._last_long >= self.long_interval_s:
             self._last_long = now
             await self._long_term(now, local, waiting)
@@ -168,6 +175,30 @@ class ControlLoop:
             m.threshold.set(change.new)
             log.info("threshold_changed", old=round(change.old), new=round(change.new), reason=change.reason,
                      link_capacity=round(capacity), link_bound=link.link_bound, backlog=backlog)
+
+    async def _split(self, now: float, prfaas: Sequence[Node], local: Sequence[Node], waiting: Sequence[int]) -> None:
+        """A link event's fast role change (SplitGuard): lend a convertible decode node to prefill
+        while no threshold fits the link, take it back once one does again."""
+        assert self.split is not None
+        pre = [n for n in local if n.role == "prefill"]
+        dec = [n for n in local if n.role == "decode"]
+        t = float(getattr(self.policy, "threshold", 0.0))
+        act = self.split.observe(
+            now, self.link.estimate, sum(n.queue_depth for n in prfaas) + sum(x > t for x in waiting),
+            len(pre), len(dec), sum(n.running for n in dec), max((n.capacity_slots for n in dec), default=0),
+            sum(n.queue_depth for n in pre) + sum(x <= t for x in waiting))
+        if act > 0:
+            spare = [n for n in dec if n.convertible] if len(dec) > 1 else []
+            node, role = min(spare, key=lambda n: (n.running + n.queue_depth, n.node_id), default=None), "prefill"
+        else:
+            lent = [n for n in pre if n.node_id in self.split.lent] if act < 0 else []
+            node, role = min(lent, key=lambda n: (n.running + n.queue_depth, n.node_id), default=None), "decode"
+        if node is None:
+            return
+        log.info("role_change", node=node.node_id, old=node.role, new=role, reason="link split",
+                 link_capacity=round(self.link.estimate))
+        if await self._convert(node, role):
+            (self.split.lent_node if role == "prefill" else self.split.returned_node)(now, node.node_id)
 
     async def _stand_in(self, local: Sequence[Node]) -> bool:
         """No decode capacity left: a convertible prefill node stands in; back when a decode node is."""

@@ -3,6 +3,8 @@ the threshold; a prefill-bound local cluster converts a decode node to prefill."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prfaas.scheduling.controller import LongTermConfig, LongTermController
 from prfaas.scheduling.policy import PrfaasPolicy, RouteDecision
 from services.router.control import ControlLoop
@@ -200,3 +202,39 @@ def test_link_meter_drops_figures_a_node_should_never_send():
             meter.record(1.0 + k, *bad)
     r = meter.read(5.0)
     assert r.transfers == 0 and r.capacity_bytes_per_s == 1e6
+
+
+async def test_a_deep_cut_lends_a_decode_node_to_prefill_and_takes_it_back():
+    """The link cut so far that no threshold fits with one local prefill node (SplitGuard): after
+    three ticks in a row a convertible decode node becomes a prefill node; once the link has room
+    at the planned threshold again and the local queue is empty, that node goes back to decode."""
+    changes: list[tuple[str, str]] = []
+    directory = Directory([Node("pf0", "prfaas", "prefill", "a"), Node("lp0", "local", "prefill", "b"),
+                           *(Node(f"ld{i}", "local", "decode", "c", running=3, capacity_slots=64, convertible=True)
+                             for i in range(3))])
+
+    async def set_role(node: Node, role: str) -> None:
+        changes.append((node.node_id, role))
+        directory.items = [replace(n, role=role) if n.node_id == node.node_id else n for n in directory.items]
+
+    policy, link = PrfaasPolicy(threshold=100), 1e6
+    loop = ControlLoop(directory, policy, kv_bytes, link, set_role, interval_s=1.0, long_interval_s=1e9)
+    assert loop.short is not None and loop.split is not None
+    for i in range(60):  # one prompt a second of 100-690 tokens; local prefill 4 ms a token, PrfaaS 0.5
+        n = 100 + 10 * i
+        loop.short.record(float(i), n)
+        loop.on_prefill("local", n, 0.004 * n)
+        loop.on_prefill("prfaas", n, 0.0005 * n)
+    for k in range(3):
+        await loop.tick(60.0 + k)
+    assert changes == [], "the configured link carries the plan: nothing to lend"
+    for end in (58.0, 60.0, 62.0):  # the cut: 400 KB transfers 4 s each behind 0.4 s of compute
+        loop.link.record(end, 400_000, 0.4, 4.0, 3.6)
+    for k in range(3):
+        await loop.tick(63.0 + k)
+    assert changes == [("ld0", "prefill")] and loop.split.lent == ["ld0"]
+    for k in range(6):  # restored: transfers end with their compute
+        loop.link.record(90.0 + 0.1 * k, 400_000, 0.4, 0.4, 0.01)
+    for k in range(30):
+        await loop.tick(90.0 + k)
+    assert changes == [("ld0", "prefill"), ("ld0", "decode")] and loop.split.lent == []

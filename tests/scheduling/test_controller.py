@@ -49,3 +49,25 @@ def test_long_term_converts_with_hysteresis_and_min_one():
     one_each = [NodeView("p0", "local", "prefill"), NodeView("d0", "local", "decode")]
     ctl2 = LongTermController(LongTermConfig(window_s=50, cooldown_s=100))
     assert not any(ctl2.observe(StageObservation(t, 0, 0.0, 10, 1.0), one_each) for t in range(0, 60, 10))
+
+
+def test_split_guard_lends_only_in_a_cut_with_decode_room_and_after_patience():
+    from prfaas.scheduling.controller import SplitConfig, SplitGuard
+
+    pol = PrfaasPolicy(19_648)
+    ctl = ShortTermController(pol, SystemProfile(), Deployment(4, 3, 5), 19_648)
+    feed(ctl, rate=0.6 * 3.2)   # 0.6 of the case study's Lambda_max
+    guard = SplitGuard(ctl, 100 * GBPS, SplitConfig(patience=3, cooldown_s=20))
+    slots = 20
+    assert [guard.observe(t, 100 * GBPS, 0, 3, 5, 40, slots) for t in (1, 2, 3, 4)] == [0, 0, 0, 0], "no cut"
+    cut = 5 * GBPS
+    busy = SplitGuard(ctl, 100 * GBPS, SplitConfig(patience=3, cooldown_s=20))
+    assert [busy.observe(t, cut, 0, 3, 5, 90, slots) for t in (1, 2, 3, 4)] == [0, 0, 0, 0], "decode has no room"
+    assert [guard.observe(t, cut, 0, 3, 5, 40, slots) for t in (10, 11, 12)] == [0, 0, 1], "three in a row"
+    guard.lent_node(12, "pd-7")
+    assert guard.observe(13, cut, 0, 4, 4, 40, slots) == 0 and guard.lent == ["pd-7"]
+    # restored, but the local prefill queue is still long: the node stays; once it drains, it returns
+    assert [guard.observe(t, 100 * GBPS, 0, 4, 4, 40, slots, local_queue=9) for t in range(40, 44)] == [0] * 4
+    assert [guard.observe(t, 100 * GBPS, 0, 4, 4, 40, slots, local_queue=0) for t in (44, 45, 46)] == [0, 0, -1]
+    guard.returned_node(46, "pd-7")
+    assert guard.lent == [] and [h[1] for h in guard.history] == [1, -1]
