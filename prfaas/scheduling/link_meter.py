@@ -14,8 +14,10 @@ cut to a tenth: drains of 0.5-1.5 s behind 3-7 s of compute, against ~0 before t
 Over a sliding window of completed transfers:
 - `link_bound`: most of them waited for the link, and at least `min_bound` did;
 - the busy rate: their bytes over the time at least one of them was in flight (the union of their
-  [end - transfer_s, end] intervals). While the link is the bottleneck it is busy whenever a
-  transfer is in flight, so this is its capacity; otherwise it only bounds the capacity from below.
+  [end - transfer_s, end] intervals); from three completions on, the bytes of those after the
+  first over the busy time from the first completion to the last (`_rate`). While the link is the
+  bottleneck it is busy whenever a transfer is in flight, so this is its capacity; otherwise it
+  only bounds the capacity from below.
 `capacity()` is the busy rate while link-bound (never above the configured rate); otherwise it
 moves back toward the configured rate by `relax` of the gap each reading (and never below the busy
 rate). A window with no transfer keeps the last estimate: no news is not a restored link.
@@ -74,7 +76,7 @@ class LinkMeter:
         if not done:
             return LinkReading(self.estimate, 0.0, False, 0, 0)
         bound = sum(b for *_, b in done)
-        rate = sum(n for _, _, n, _ in done) / _busy_s(done)
+        rate = _rate(done)
         link_bound = bound >= self.min_bound and 2 * bound > len(done)
         if link_bound:
             self.estimate = min(rate, self.configured)
@@ -84,9 +86,26 @@ class LinkMeter:
         return LinkReading(self.estimate, rate, link_bound, len(done), bound)
 
 
-def _busy_s(done: list[tuple[float, float, int, bool]]) -> float:
-    """The length of the union of the transfers' [end - transfer_s, end] intervals."""
-    spans = sorted((end - s, end) for end, s, _, _ in done)
+def _rate(done: list[tuple[float, float, int, bool]]) -> float:
+    """Bytes over busy time. From three completions on, the departures' rate: the bytes of those
+    after the first over the busy time between the first completion and the last. Transfers that
+    share a cut link each last several times their own share, so the union of their spans reaches
+    far back beyond the completions counted, and bytes over it read half the capacity of a link four
+    transfers shared; a busy link's completions carry its capacity, whatever the sharing."""
+    if len(done) < 3:
+        return sum(n for _, _, n, _ in done) / _busy_s(done, float("-inf"), float("inf"))
+    first, last = min(end for end, *_ in done), max(end for end, *_ in done)
+    if last == first:
+        return sum(n for _, _, n, _ in done) / _busy_s(done, float("-inf"), float("inf"))
+    return sum(n for end, _, n, _ in done if end > first) / _busy_s(done, first, last)
+
+
+def _busy_s(done: list[tuple[float, float, int, bool]], since: float, until: float) -> float:
+    """The length of the union of the transfers' [end - transfer_s, end] intervals, within [since, until]."""
+    spans = sorted((max(end - s, since), min(end, until)) for end, s, _, _ in done)
+    spans = [(a, b) for a, b in spans if b > a]
+    if not spans:
+        return 1e-9
     total, start, stop = 0.0, spans[0][0], spans[0][1]
     for a, b in spans[1:]:
         if a > stop:

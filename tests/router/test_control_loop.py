@@ -116,6 +116,13 @@ def test_link_meter_measures_the_link_from_its_transfers():
     both.record(10.0, 1_000_000, 1.0, 4.0, 3.0)  # in flight [6, 10]
     both.record(12.0, 1_000_000, 1.0, 4.0, 3.0)  # in flight [8, 12]
     assert abs(both.read(12.0).busy_rate_bytes_per_s - 2e6 / 6.0) < 1
+    # four transfers always sharing a cut link of 100 KB/s: each 400 KB takes 16 s, one ends every
+    # 4 s; their spans reach 16 s back, the window's completions carry 10 s of the link's bytes
+    shared = LinkMeter(1e6, window_s=10.0)
+    for k in range(1, 13):
+        shared.record(4.0 * k, 400_000, 1.0, 16.0, 15.0)
+        r = shared.read(4.0 * k + 2.0)
+    assert r.link_bound and 0.8e5 <= r.capacity_bytes_per_s <= 1.25e5, r
 
 
 async def _warmed(loop: ControlLoop, cluster: str) -> None:
@@ -228,7 +235,7 @@ async def test_a_deep_cut_lends_a_decode_node_to_prefill_and_takes_it_back():
     for k in range(3):
         await loop.tick(60.0 + k)
     assert changes == [], "the configured link carries the plan: nothing to lend"
-    for end in (58.0, 60.0, 62.0):  # the cut: 400 KB transfers 4 s each behind 0.4 s of compute
+    for end in (52.0, 56.0, 60.0):  # the cut: 400 KB transfers 4 s each behind 0.4 s of compute
         loop.link.record(end, 400_000, 0.4, 4.0, 3.6)
     for k in range(3):
         await loop.tick(63.0 + k)
