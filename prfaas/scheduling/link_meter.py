@@ -11,8 +11,12 @@ acknowledgement follows the compute by about a round trip; a transfer whose drai
 `tail_fraction` of its compute and over `min_tail_s`) waited for the link. (Measured in an emulated
 cut to a tenth: drains of 0.5-1.5 s behind 3-7 s of compute, against ~0 before the cut.)
 
-Over a sliding window of completed transfers:
-- `link_bound`: most of them waited for the link, and at least `min_bound` did;
+Over a sliding window of completed transfers (the last `window_s`, stretched back to hold the last
+`min_transfers` of them while they are under `max_age_s` old: a deep cut makes each transfer last
+seconds, and a window of one or two completions flipped between "saturated" and "idle" every few
+seconds in an emulated cut to 5%, so the threshold swung between the plan's and four times it):
+- `link_bound`: most of those of the last `window_s` (all of them when fewer than `min_bound`
+  completed in it) waited for the link, and at least `min_bound` did;
 - the busy rate: their bytes over the time at least one of them was in flight (the union of their
   [end - transfer_s, end] intervals); from three completions on, the bytes of those after the
   first over the busy time from the first completion to the last (`_rate`). While the link is the
@@ -49,12 +53,15 @@ class LinkMeter:
         min_tail_s: float = 0.1,
         min_bound: int = 2,
         relax: float = 0.5,
+        min_transfers: int = 6,
+        max_age_s: float = 60.0,
     ) -> None:
         if configured_bytes_per_s <= 0:
             raise ValueError(f"the configured link rate must be > 0 bytes/s, got {configured_bytes_per_s}")
         self.configured = configured_bytes_per_s
         self.window_s, self.tail_fraction, self.min_tail_s = window_s, tail_fraction, min_tail_s
         self.min_bound, self.relax = min_bound, relax
+        self.min_transfers, self.max_age_s = min_transfers, max(max_age_s, window_s)
         self.estimate = configured_bytes_per_s
         self._done: deque[tuple[float, float, int, bool]] = deque()  # (end, transfer_s, bytes, bound)
 
@@ -70,14 +77,17 @@ class LinkMeter:
         self._done.append((now, transfer_s, kv_bytes, bound))
 
     def read(self, now: float) -> LinkReading:
-        while self._done and self._done[0][0] < now - self.window_s:
+        while self._done and (self._done[0][0] < now - self.max_age_s or (
+                self._done[0][0] < now - self.window_s and len(self._done) > self.min_transfers)):
             self._done.popleft()
         done = list(self._done)
         if not done:
             return LinkReading(self.estimate, 0.0, False, 0, 0)
-        bound = sum(b for *_, b in done)
+        recent = [d for d in done if d[0] >= now - self.window_s]
+        judged = recent if len(recent) >= self.min_bound else done   # bound or not: the latest say
+        bound = sum(b for *_, b in judged)
         rate = _rate(done)
-        link_bound = bound >= self.min_bound and 2 * bound > len(done)
+        link_bound = bound >= self.min_bound and 2 * bound > len(judged)
         if link_bound:
             self.estimate = min(rate, self.configured)
         else:

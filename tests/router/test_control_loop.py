@@ -123,6 +123,15 @@ def test_link_meter_measures_the_link_from_its_transfers():
         shared.record(4.0 * k, 400_000, 1.0, 16.0, 15.0)
         r = shared.read(4.0 * k + 2.0)
     assert r.link_bound and 0.8e5 <= r.capacity_bytes_per_s <= 1.25e5, r
+    # a deep cut: one 800 KB transfer ends every 8 s (100 KB/s), each 7.5 s after its compute; a
+    # 10 s window holds one or two of them, the meter keeps the last six and stays link-bound
+    deep = LinkMeter(1e6, window_s=10.0)
+    readings = []
+    for k in range(1, 16):
+        deep.record(8.0 * k, 800_000, 0.5, 8.0, 7.5)
+        readings += [deep.read(8.0 * k + dt) for dt in (0.0, 2.0, 4.0, 6.0)]
+    assert all(x.link_bound for x in readings[8:]), [x.link_bound for x in readings]
+    assert all(0.8e5 <= x.capacity_bytes_per_s <= 1.25e5 for x in readings[8:])
 
 
 async def _warmed(loop: ControlLoop, cluster: str) -> None:
