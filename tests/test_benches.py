@@ -69,3 +69,14 @@ def test_prefix_bench_on_a_generated_trace(tmp_path):
     assert rows["off"]["computed_tokens"] == rows["off"]["prompt_tokens"]
     assert 0 < rows["full"]["hit_rate"] <= json.loads((tmp_path / "rows.json").read_text())["bound"]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_link_cut_sweep_prints_each_point():
+    """A deep, lasting cut: the controllers lower P90 on both seeds (the figure docs/evaluation.md
+    cites); the short-term controller alone is the --no-split line."""
+    args = ("bench/link_cut_sweep.py", "--durations", "360", "--rates", "0.6", "--cuts", "0.05", "--seeds", "2")
+    both, alone = run(*args), run(*args, "--no-split")
+    for out in (both, alone):
+        assert out.count("cut to 5% for 144 s: P90 lower by") == 1, out
+    least = lambda out: int(out.split("least ")[1].split("%")[0])  # noqa: E731
+    assert least(both) >= 30 and least(both) > least(alone), (both, alone)

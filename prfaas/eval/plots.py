@@ -1,17 +1,19 @@
-"""Figures of an eval run (matplotlib, headless), each labelled preliminary: goodput per deployment
+"""Figures of an eval run (matplotlib, headless), each labelled with its host: goodput per deployment
 measured against predicted, TTFT distributions, and t, local prefill nodes and link utilisation
 over time (measured beside the simulator's run of the same case)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prfaas.sim.plots import PlotsUnavailable
 
-PRELIM = "preliminary (loaded shared 2-core machine)"
+# what every figure says of where it was measured (the machine's load is the run's docs' to state)
+PRELIM = f"emulated accelerators on a {os.cpu_count()}-core host"
 
 
 def _plt() -> Any:

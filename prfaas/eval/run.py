@@ -103,15 +103,17 @@ def policy_for(kind: str, threshold_profile_tokens: float) -> RoutingPolicy:
 
 
 def simulate(setup: Setup, kind: str, requests: Sequence[EvalRequest], duration_s: float, window: tuple[float, float],
-             controlled: bool = False, link_changes: Sequence[tuple[float, float]] = ()) -> tuple[dict, list[dict]]:
-    """The simulator on the same arrivals (profile-token lengths, real seconds), same deployment."""
+             controlled: bool = False, link_changes: Sequence[tuple[float, float]] = (),
+             split: bool = True) -> tuple[dict, list[dict]]:
+    """The simulator on the same arrivals (profile-token lengths, real seconds), same deployment;
+    `controlled`: the short-term controller and (`split`) the split guard, as the router runs them."""
     plan = setup.plans[kind]
     policy = policy_for(kind, plan.threshold)
     st = ShortTermController(policy, setup.system, plan.deployment, plan.threshold) if controlled else None  # type: ignore[arg-type]
-    split = SplitGuard(st, setup.system.link_bytes_per_s) if st is not None and kind == "prfaas" else None
+    guard = SplitGuard(st, setup.system.link_bytes_per_s) if st is not None and split else None
     interval = max(1.0, duration_s / 200)
     sim = Simulator(setup.system, plan.deployment, policy, SimConfig(duration_s, sample_interval_s=interval,
-                    control_interval_s=2.0), st, None, link_changes, split=split)
+                    control_interval_s=2.0), st, None, link_changes, split=guard)
     reqs = sim.run(arrivals(requests))
     return sim_summarise(reqs, sim.samples, *window).as_dict(), sim.samples
 
