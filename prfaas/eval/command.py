@@ -20,6 +20,7 @@ from prfaas.eval.run import PointResult, real_share, run_point
 from prfaas.eval.scale import DEPLOYMENTS, RealModel, Scaling, Setup, Shape, build_setup
 from prfaas.eval.topology import make_topology
 from prfaas.eval.workload import EvalRequest, lognormal, mooncake
+from prfaas.scheduling.model import exact_lambda
 from prfaas.sim.trace import TokenSpace
 from prfaas.sim.workload import Segment
 
@@ -134,6 +135,7 @@ def summarise_steady(cfg: EvalConfig, setup: Setup, results: dict[str, list[Poin
         emu = points[-1].emulation if points else {}
         rows[kind] = {
             "deployment": asdict(plan.deployment), "predicted_lambda": plan.lambda_max,
+            "predicted_lambda_exact": exact_lambda(setup.system, setup.dist, plan),
             "predicted_p": plan.p, "threshold_real_tokens": plan.threshold / cfg.scaling.length_scale
             if math.isfinite(plan.threshold) else None,
             "predicted_egress_bytes_per_s": plan.egress_bytes_per_s, "bottleneck": plan.bottleneck,

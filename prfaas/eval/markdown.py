@@ -22,6 +22,8 @@ def deployments_table(summary: dict[str, Any]) -> str:
             "deployment": kind, "instances (PrfaaS/P/D)": f"{d['n_prfaas']}/{d['n_p']}/{d['n_d']}",
             "predicted Lambda_max": fmt(r["predicted_lambda"]), "measured max throughput": fmt(r["max_throughput"]),
             "measured / predicted": _ratio(r["max_throughput"], r["predicted_lambda"]),
+            "predicted, each stage's mean time": fmt(r.get("predicted_lambda_exact", math.nan)),
+            "measured / that": _ratio(r["max_throughput"], r.get("predicted_lambda_exact", math.nan)),
             "goodput (SLO)": fmt(r["goodput"]), "bottleneck (planner)": r["bottleneck"],
             "real compute share P / D": f"{fmt(share.get('prefill', math.nan), 2)} / "
                                         f"{fmt(share.get('decode', math.nan), 2)}",

@@ -33,9 +33,13 @@ def plot_goodput(data: dict, path: Path) -> None:
     kinds = list(rows)
     x = range(len(kinds))
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar([i - 0.27 for i in x], [rows[k]["predicted_lambda"] for k in kinds], 0.27, label="planner Lambda_max")
-    ax.bar(list(x), [rows[k]["max_throughput"] for k in kinds], 0.27, label="measured throughput (max)")
-    ax.bar([i + 0.27 for i in x], [rows[k]["goodput"] for k in kinds], 0.27, label="measured goodput (SLO)")
+    bars = [("predicted_lambda", "planner Lambda_max (paper's model)"),
+            ("predicted_lambda_exact", "planner, each stage's mean time"),
+            ("max_throughput", "measured throughput (max)"), ("goodput", "measured goodput (SLO)")]
+    bars = [(key, label) for key, label in bars if all(key in rows[k] for k in kinds)]
+    w = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        ax.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [rows[k][key] for k in kinds], w, label=label)
     ax.set_xticks(list(x), kinds)
     ax.set_ylabel("requests/s (real time)")
     ax.set_title(f"Goodput per deployment, {PRELIM}", fontsize=8)

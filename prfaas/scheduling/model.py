@@ -108,3 +108,21 @@ def evaluate(sp: SystemProfile, dist: LengthDistribution, dep: Deployment, thres
     lam = lambda_max(p, tp, tl, td)
     egress = lam * p * sp.kv_bytes(l_long) if p > 0 else 0.0
     return Throughput(dep, threshold, p, l_long, l_short, tp, tl, td, lam, egress)
+
+
+def exact_lambda(sp: SystemProfile, dist: LengthDistribution, plan: Throughput) -> float:
+    """Lambda_max of `plan`'s deployment and threshold with each stage's mean service time taken
+    over the lengths it serves (`E[T_prefill(L) | L > t]`, `E[S_kv(L) | L > t]`, `E[T_local(L) |
+    L <= t]`) instead of the paper's time of the mean length (`T_prefill(E[L | L > t])`). The
+    profiles are convex, so the paper's form is optimistic by the spread of the lengths; this is
+    the prediction a measured cluster is compared with (docs/evaluation.md)."""
+    from prfaas.scheduling.lengths import mean_of
+
+    dep, t, p = plan.deployment, plan.threshold, plan.p   # t is -inf (naive) or inf (homogeneous) at the ends
+    tp = tl = 0.0
+    if p > 0 and dep.n_prfaas:
+        t_pre, s_kv = mean_of(dist, sp.prfaas_prefill_s, t)[0], mean_of(dist, sp.kv_bytes, t)[0]
+        tp = min(dep.n_prfaas / t_pre, sp.link_bytes_per_s / s_kv)
+    if p < 1 and dep.n_p:
+        tl = dep.n_p / mean_of(dist, sp.local_prefill_s, t)[1]
+    return lambda_max(p, tp, tl, theta_pdd(sp, dep.n_d))
