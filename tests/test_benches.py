@@ -80,3 +80,13 @@ def test_link_cut_sweep_prints_each_point():
         assert out.count("cut to 5% for 144 s: P90 lower by") == 1, out
     least = lambda out: int(out.split("least ")[1].split("%")[0])  # noqa: E731
     assert least(both) >= 30 and least(both) > least(alone), (both, alone)
+
+
+def test_capacity_window_bench_converges_on_long_runs():
+    """At 600 s the simulated capacity of every deployment is within 10% of exact_lambda on the
+    first seed (docs/evaluation.md); the 150 s line is printed too."""
+    out = run("bench/capacity_window.py", "--runs", "150:50,600:150", "--seeds", "1")
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("run 150 s") and lines[1].startswith("run 600 s"), out
+    ratios = [float(cell.split()[1]) for cell in lines[1].split(": ", 1)[1].split("  [")[0].split(" | ")]
+    assert len(ratios) == 3 and all(0.9 <= r <= 1.1 for r in ratios), out
